@@ -1,0 +1,99 @@
+"""The NPU's parameters: one frozen dataclass, the single source of hardware numbers.
+
+Every field says where its value comes from. "Journal" is the WAPS-Quant paper
+(`papers/001`), "fit" means fitted to the journal's Table 7 latencies by the
+procedure in `docs/cycle_model.md` (see `benchmarks/latency_table7.py`).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class NPUConfig:
+    """Hardware description shared by the compiler, the simulator and the cycle model."""
+
+    # --- compute ---------------------------------------------------------------------------
+    pe_arrays: int = 4
+    """Number of PE arrays working in parallel. Journal Sec. V-D / Table 7: "four 16x16 PE arrays"."""
+    mac_rows: int = 16
+    """Input channels reduced per cycle by one array (MAC rows). Journal App. A-D: 16 (input channel)."""
+    mac_cols: int = 16
+    """Output channels produced per cycle by one array (MAC columns). Journal App. A-D: 16 (output channel)."""
+    post_lanes: int = 8
+    """Values per cycle through WAPS shift-add, NORM, ACT and QUANT. Journal App. A-D: "8 data in 1 cycle"."""
+    clock_mhz: float = 800.0
+    """Core clock in MHz. Journal Sec. V-D: "synthesized at 800 MHz"."""
+    acc_bits: int = 32
+    """Accumulator (D1/D2) width in bits. Chosen: int32, the usual int8 MAC accumulator (DESIGN numeric contract)."""
+
+    # --- input-channel scale groups (ISG) ----------------------------------------------------
+    isg_group_signs: tuple[int, ...] = (0, -1, 1)
+    """Group g scales by 1 + sign_g * 2**-isg_shift: x1, x(1-2^-4), x(1+2^-4). Journal Eq. 14 ("1.0 +- 2^-n"), DESIGN."""
+    isg_shift: int = 4
+    """n of the fixed shifter (arithmetic right shift of the int32 partial sum). DESIGN: 2^-4."""
+    granularity: int = 16
+    """Channels per group must come in multiples of this. Journal App. A-C; = mac_rows so groups fill whole blocks."""
+
+    # --- memories (not given by the papers: chosen, then fitted) ----------------------------
+    scratchpad_kib: int = 512
+    """Activation scratchpad in KiB. Chosen: a typical edge-NPU SRAM; the fit keeps it (Table 7 needs no spills)."""
+    weight_buf_kib: int = 256
+    """Weight buffer in KiB. Chosen: holds the largest ResNet-50 3x3 filter tile (256 oc x 16 ic x 9) many times over."""
+    acc_buf_kib: int = 64
+    """Accumulator buffer (D1/D2 tiles, int32) in KiB. Chosen: 16 oc x 1024 pixels x 4 B."""
+    dram_bytes_per_cycle: float = 16.0
+    """DRAM bandwidth in bytes per core cycle. Chosen default (12.8 GB/s at 800 MHz, LPDDR4-class); refit in cycle docs."""
+    instr_overhead_cycles: int = 8
+    """Fixed issue/setup cycles per instruction. Chosen default; refit in cycle docs."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "isg_group_signs":
+                if not v or any(s not in (-1, 0, 1) for s in v):
+                    raise ValueError(f"NPUConfig.isg_group_signs must be a non-empty tuple of -1/0/+1, got {v!r}")
+                continue
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v <= 0:
+                raise ValueError(f"NPUConfig.{f.name} must be positive, got {v!r}")
+        if not 1 <= self.isg_shift < self.acc_bits:
+            raise ValueError(f"NPUConfig.isg_shift must be in 1..{self.acc_bits - 1}, got {self.isg_shift}")
+
+    @property
+    def num_groups(self) -> int:
+        """Number of ISG groups (3 by default)."""
+        return len(self.isg_group_signs)
+
+    @property
+    def group_factors(self) -> tuple[float, ...]:
+        """Real scale of each group, e.g. (1.0, 0.9375, 1.0625)."""
+        return tuple(1.0 + s * 2.0 ** -self.isg_shift for s in self.isg_group_signs)
+
+    @property
+    def macs_per_cycle(self) -> int:
+        """Peak int8 MACs per cycle of the whole NPU."""
+        return self.pe_arrays * self.mac_rows * self.mac_cols
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["isg_group_signs"] = list(self.isg_group_signs)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "NPUConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown NPUConfig field(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        d = dict(d)
+        if "isg_group_signs" in d:
+            d["isg_group_signs"] = tuple(int(s) for s in d["isg_group_signs"])
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> "NPUConfig":
+        """A copy with some fields changed (validated)."""
+        return replace(self, **changes)
+
+
+DEFAULT_CONFIG = NPUConfig()

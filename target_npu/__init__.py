@@ -1,0 +1,1 @@
+"""The TVM side of the NPU: patterns, tensor intrinsics, schedules, codegen, runtime, tvmc, tuner."""
