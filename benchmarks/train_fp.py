@@ -135,6 +135,7 @@ def train(name: str, arrays: dict[str, np.ndarray], epochs: int, seed: int, bs: 
         print(json.dumps(rec), file=sys.stderr, flush=True)
     log["final_test_acc"] = log["history"][-1]["test_acc"]
     log["wall_time_s"] = round(time.time() - t0, 1)
+    log["command"] = " ".join(["python", *sys.argv])
     log["machine"] = {"host": platform.node(), "python": platform.python_version(), "torch": torch.__version__,
                       "device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor()
                       or platform.machine()}
