@@ -1,13 +1,18 @@
 """Model zoo: shapes, parameter counts, fx tracing, BN folding equivalence, checkpoints."""
 from __future__ import annotations
 
+import importlib.util
+import json
 import operator
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import fx, nn
 
-from ioso_tvm import models
+from ioso_tvm import datasets, models
+from ioso_tvm.datasets import load_subset, to_model_input
 from ioso_tvm.models import INPUT_SHAPES, MODELS, build_model, fold_bn, load_pretrained
 
 # Parameter counts of the reference implementations (torchvision model cards).
@@ -116,3 +121,60 @@ def test_load_pretrained_roundtrip(name: str) -> None:
     state = torch.load(models.checkpoint_path(name), map_location="cpu", weights_only=True)
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
+
+
+# Targets of the training task (Fashion-MNIST 10k test top-1), see benchmarks/train_fp.py.
+TARGETS = {"resnet20": 0.93, "mobilenetv2_small": 0.92}
+
+
+@pytest.mark.parametrize("name", models.PRETRAINED)
+def test_pretrained_accuracy_and_log(name: str) -> None:
+    if not models.checkpoint_path(name).is_file():
+        pytest.skip(f"checkpoint {name} not shipped yet")
+    log = json.loads(models.checkpoint_path(name).with_suffix(".json").read_text())
+    assert log["model"] == name and log["test_images"] == 10000 and log["train_images"] == 60000
+    assert len(log["history"]) == log["epochs"] and log["final_test_acc"] == log["history"][-1]["test_acc"]
+    assert log["final_test_acc"] >= TARGETS[name]
+    x, y = load_subset("test")
+    xt = torch.from_numpy(to_model_input(x))
+    model = load_pretrained(name)
+    with torch.no_grad():
+        pred = model(xt).argmax(1).numpy()
+        pred_folded = fold_bn(model)(xt).argmax(1).numpy()
+    # shipped 2000-image subset: within ~2 binomial standard errors below the 10k figure
+    assert (pred == y).mean() >= log["final_test_acc"] - 0.012
+    assert (pred_folded == pred).mean() >= 0.999
+
+
+def _load_train_fp():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "train_fp.py"
+    spec = importlib.util.spec_from_file_location("train_fp", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_augment_is_crop_and_flip() -> None:
+    tfp = _load_train_fp()
+    x = torch.randn(32, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    out = tfp.augment(x, torch.Generator().manual_seed(1))
+    bg = (0.0 - datasets.MEAN) / datasets.STD
+    xp = torch.nn.functional.pad(x, (4, 4, 4, 4), value=bg)
+    flips = 0
+    for b in range(len(x)):
+        crops = [xp[b, 0, i:i + 32, j:j + 32] for i in range(9) for j in range(9)]
+        plain = any(torch.equal(c, out[b, 0]) for c in crops)
+        flipped = any(torch.equal(c.flip(-1), out[b, 0]) for c in crops)
+        assert plain or flipped, b
+        flips += flipped and not plain
+    assert 4 <= flips <= 28  # p = 0.5 flips on 32 samples
+
+
+def test_train_fp_tiny_run(tmp_path) -> None:
+    tfp = _load_train_fp()
+    x, y = load_subset("calib")
+    arrays = {"x_train": x[:256], "y_train": y[:256], "x_test": x[256:320], "y_test": y[256:320]}
+    model, log = tfp.train("resnet20", arrays, epochs=1, seed=0, bs=128, lr=0.1, wd=5e-4, device="cpu")
+    assert len(log["history"]) == 1 and log["train_images"] == 256
+    assert 0.0 <= log["final_test_acc"] <= 1.0 and np.isfinite(log["history"][0]["loss"])
+    assert not model.training
