@@ -27,6 +27,7 @@ _FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
+CALIB_SUBSET_SEED = 0  # chosen: fixed seed for a smaller balanced part of the shipped subset
 _SUBSETS = {"calib": "fmnist_calib.npz", "test": "fmnist_test.npz"}
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
                0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
@@ -127,6 +128,25 @@ def load_test_set(root: str | Path | None = None, verbose: bool = True) -> tuple
     if verbose:
         print(f"Fashion-MNIST test set: {source} ({len(labels)} images)", file=sys.stderr)
     return images, labels, source
+
+
+def load_calib_set(n: int = 1024, seed: int | None = None,
+                   root: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Calibration images: ``seed=None`` gives the shipped 1024-image subset (its first ``n``
+    images, n <= 1024); an integer ``seed`` draws ``n`` class-balanced images from the full 60k
+    train split (``balanced_selection``), which needs the Debian package or ``root``.
+    Returns images uint8 (n, 28, 28), labels int64 (n,)."""
+    if seed is None:
+        images, labels = load_subset("calib")
+        if not 0 < n <= len(labels):
+            raise ValueError(f"n must be in 1..{len(labels)} for the shipped calibration subset, got {n}")
+        if n < len(labels):  # keep the class balance: take a balanced part of the shipped subset
+            idx = balanced_selection(labels, n, CALIB_SUBSET_SEED)
+            images, labels = images[idx], labels[idx]
+        return images, labels
+    images, labels = load_fashion_mnist("train", root)
+    idx = balanced_selection(labels, n, seed)
+    return images[idx], labels[idx]
 
 
 def balanced_selection(labels: np.ndarray, n: int, seed: int) -> np.ndarray:

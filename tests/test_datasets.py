@@ -158,3 +158,29 @@ def test_balanced_selection() -> None:
     assert not np.array_equal(idx, balanced_selection(y, 25, 4))
     with pytest.raises(ValueError, match="n must"):
         balanced_selection(y, 301, 0)
+
+
+def test_load_calib_set() -> None:
+    x, y = datasets.load_calib_set()
+    sx, sy = load_subset("calib")
+    assert np.array_equal(x, sx) and np.array_equal(y, sy)
+    x, y = datasets.load_calib_set(n=100)
+    assert x.shape == (100, 28, 28) and np.array_equal(np.bincount(y), [10] * 10)
+    rows = {sx[i].tobytes() for i in range(len(sx))}
+    assert all(x[i].tobytes() in rows for i in range(100))
+    with pytest.raises(ValueError, match="n must"):
+        datasets.load_calib_set(n=2000)
+
+
+@pytest.mark.skipif(not HAVE_PACKAGE, reason="dataset-fashion-mnist not installed")
+def test_load_calib_set_seeded_draws() -> None:
+    a, ya = datasets.load_calib_set(n=200, seed=1)
+    b, yb = datasets.load_calib_set(n=200, seed=2)
+    assert np.array_equal(np.bincount(ya), [20] * 10) and np.array_equal(np.bincount(yb), [20] * 10)
+    assert not np.array_equal(a, b)
+    assert np.array_equal(a, datasets.load_calib_set(n=200, seed=1)[0])
+
+
+def test_load_calib_set_seeded_needs_package(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
+        datasets.load_calib_set(seed=0, root=tmp_path)
