@@ -214,12 +214,13 @@ def mobilenetv2(width_mult: float = 1.0, num_classes: int = 1000, in_channels: i
 
 def resnet20(in_channels: int = 1, num_classes: int = 10) -> ResNet:
     """CIFAR-style ResNet-20 (3 stages x 3 basic blocks, 16/32/64 channels, projection
-    shortcuts), input (N, 1, 32, 32)."""
+    shortcuts, so 272,186 parameters instead of the 0.27 M of option A), input (N, 1, 32, 32)."""
     return ResNet(BasicBlock, [3, 3, 3], num_classes, in_channels, imagenet=False)
 
 
 def mobilenetv2_small(width_mult: float = 0.5, in_channels: int = 1, num_classes: int = 10) -> MobileNetV2:
-    """MobileNetV2 for 32x32 inputs (stem stride 2, last stage 4x4), input (N, 1, 32, 32).
+    """MobileNetV2 for 32x32 inputs (stem stride 2, last stage 4x4), input (N, 1, 32, 32);
+    702,890 parameters at width 0.5.
 
     Channel counts are multiples of 16 (chosen: ``NPUConfig.granularity`` = 16, so every
     layer's channels fill whole ISG groups / MAC-row blocks).
