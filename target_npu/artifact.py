@@ -236,6 +236,27 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         return _check_manifest(f.read(), path)
 
 
+def read_member_json(path: str | Path, name: str) -> dict[str, Any]:
+    """One JSON member (e.g. ``meta.json``) of a checked artifact, without extracting the rest."""
+    path = Path(path)
+    if name not in (CONFIG, META, PROGRAMS, REPORT):
+        raise ValueError(f"read_member_json: {name!r} is not a JSON member of an artifact")
+    with _open_tar(path) as tar:
+        names = {m.name for m in check_members(tar, path)}
+        if MANIFEST not in names:
+            raise ArtifactError(f"{path}: manifest.json missing; not an ioso_npu artifact")
+        manifest = _check_manifest(tar.extractfile(MANIFEST).read(), path)
+        if name not in names:
+            raise ArtifactError(f"{path}: missing member(s) {[name]}")
+        raw = tar.extractfile(name).read()
+    if hashlib.sha256(raw).hexdigest() != manifest["members"].get(name):
+        raise ArtifactError(f"{path}: member {name!r} is corrupt (sha256 does not match the manifest)")
+    obj = _load_json(raw, name, path)
+    if not isinstance(obj, dict):
+        raise ArtifactError(f"{path}: {name} must hold a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def _load_json(data: bytes, name: str, source: Path) -> Any:
     try:
         return json.loads(data)

@@ -1,0 +1,143 @@
+"""``ioso-calibrate``: float model -> calibrated, quantized ONNX (the input of ``tvmc compile``).
+
+::
+
+    ioso-calibrate --model resnet20 --pretrained --data shipped --method ioso --wbits 4 --abits 4 \\
+                   [--iters N] [--seed S] [--num-samples N] -o model.onnx
+
+``--data`` is ``shipped`` (the 1024-image Fashion-MNIST calibration subset shipped with the
+package) or an ``.npz`` holding either ``x`` (float32 model inputs, N x C x H x W) or
+``images`` (uint8 Fashion-MNIST images, N x 28 x 28, turned into model inputs by
+``ioso_tvm.datasets.to_model_input``). Errors are one line ``ioso-calibrate: error: ...``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from target_npu.cli import CLIError, Parser, existing_file, one_line, run_main
+
+METHODS = ("ioso", "brecq", "qdrop", "adaround", "rtn", "qft")
+DEFAULT_SAMPLES = 1024
+"""Calibration images (DESIGN "Calibration methods": the published default of 1024 samples)."""
+
+
+def load_calib_inputs(data: str, num_samples: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Calibration model inputs, float32 (N, C, H, W), N <= ``num_samples``, checked against ``shape`` (C, H, W)."""
+    from ioso_tvm import datasets
+
+    if num_samples <= 0:
+        raise CLIError(f"--num-samples must be positive, got {num_samples}")
+    if data == "shipped":
+        images, _ = datasets.load_calib_set(min(num_samples, DEFAULT_SAMPLES))
+        x = datasets.to_model_input(images)
+    else:
+        path = existing_file(data, "--data file", (".npz",))
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except (ValueError, OSError, zipfile.BadZipFile) as e:
+            raise CLIError(f"--data {data!r} is not a readable npz without pickle ({one_line(e)})") from None
+        if "x" in arrays:
+            x = arrays["x"]
+            if x.dtype.kind != "f":
+                raise CLIError(f"--data {data!r}: 'x' must hold float model inputs, got dtype {x.dtype}")
+            x = x.astype(np.float32)
+        elif "images" in arrays:
+            try:
+                x = datasets.to_model_input(arrays["images"])
+            except (TypeError, ValueError) as e:
+                raise CLIError(f"--data {data!r}: 'images' {one_line(e)}") from None
+        else:
+            raise CLIError(f"--data {data!r} must hold 'x' (float32 N,C,H,W model inputs) or 'images' "
+                           f"(uint8 N,28,28); it holds {sorted(arrays)}")
+        x = x[:num_samples]
+    if x.ndim != 4 or tuple(x.shape[1:]) != tuple(shape):
+        want = ", ".join(map(str, shape))
+        raise CLIError(f"--data {data!r}: inputs have shape {list(x.shape)}, the model expects [N, {want}]")
+    if len(x) == 0:
+        raise CLIError(f"--data {data!r} holds no samples")
+    if not np.isfinite(x).all():
+        raise CLIError(f"--data {data!r} holds NaN or Inf values")
+    return np.ascontiguousarray(x)
+
+
+def _calib_config(calib: Any, args: argparse.Namespace) -> Any:
+    """CalibConfig with the command-line overrides that it has fields for."""
+    cls = getattr(calib, "CalibConfig", None)
+    if cls is None:
+        return None
+    names = {f.name for f in dataclasses.fields(cls)}
+    wanted = {"iters": args.iters, "seed": args.seed}
+    missing = [k for k, v in wanted.items() if v is not None and k not in names]
+    if missing:
+        raise CLIError(f"this calibration engine has no setting for --{' --'.join(missing)}")
+    return cls(**{k: v for k, v in wanted.items() if v is not None})
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Build/load the model, calibrate it on the data, export the quantized ONNX."""
+    for flag in ("wbits", "abits"):
+        if not 2 <= getattr(args, flag) <= 8:
+            raise CLIError(f"--{flag} must be in 2..8, got {getattr(args, flag)}")
+    if args.iters is not None and args.iters < 0:
+        raise CLIError(f"--iters must be >= 0, got {args.iters}")
+    out = Path(args.output)
+    if out.suffix != ".onnx":
+        raise CLIError(f"-o/--output must name an .onnx file, got {args.output!r}")
+    from ioso_tvm import models
+
+    if args.model not in models.MODELS:
+        raise CLIError(f"unknown --model {args.model!r}; known: {', '.join(sorted(models.MODELS))}")
+    if args.pretrained and args.model not in models.PRETRAINED:
+        raise CLIError(f"--pretrained: no shipped checkpoint for {args.model!r}; "
+                       f"available: {', '.join(models.PRETRAINED)}")
+    x = load_calib_inputs(args.data, args.num_samples, models.INPUT_SHAPES[args.model])
+    import torch
+
+    import ioso_tvm
+    from ioso_tvm import calib
+
+    torch.manual_seed(args.seed if args.seed is not None else 0)
+    model = models.load_pretrained(args.model) if args.pretrained else models.build_model(args.model).eval()
+    qmodel = ioso_tvm.calibrate(model, torch.from_numpy(x), method=args.method, wbits=args.wbits, abits=args.abits,
+                                config=_calib_config(calib, args))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ioso_tvm.export_onnx(qmodel, str(out), input_shape=(1, *models.INPUT_SHAPES[args.model]))
+    print(f"calibrated {args.model} ({args.method}, W{args.wbits}A{args.abits}, {len(x)} samples) -> {out}")
+    return 0
+
+
+def build_parser() -> Parser:
+    """The ``ioso-calibrate`` argument parser."""
+    p = Parser(prog="ioso-calibrate", allow_abbrev=False,
+               description="Calibrate a float CNN for the ioso_npu and export it as quantized ONNX.")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging; -vv shows tracebacks")
+    p.add_argument("--model", required=True, help="model name (ioso_tvm.models), e.g. resnet20")
+    p.add_argument("--pretrained", action="store_true", help="load the shipped Fashion-MNIST float checkpoint")
+    p.add_argument("--data", default="shipped", help="'shipped' or an .npz with 'x' or 'images' (default shipped)")
+    p.add_argument("--num-samples", type=int, default=DEFAULT_SAMPLES, help="calibration samples (default 1024)")
+    p.add_argument("--method", choices=METHODS, default="ioso", help="calibration method (default ioso)")
+    p.add_argument("--wbits", type=int, default=4, help="weight bits, 2..8 (default 4)")
+    p.add_argument("--abits", type=int, default=4, help="activation bits, 2..8 (default 4)")
+    p.add_argument("--iters", type=int, help="reconstruction iterations per block (default: the method's)")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("-o", "--output", required=True, help="quantized ONNX file to write")
+    p.set_defaults(func=cmd_calibrate)
+    return p
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse ``ioso-calibrate`` arguments."""
+    return build_parser().parse_args(list(argv))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ioso-calibrate`` console script; returns the exit status."""
+    return run_main("ioso-calibrate", parse_args, argv)

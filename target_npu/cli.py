@@ -1,0 +1,486 @@
+"""``tvmc``: compile, run and tune models for the ioso_npu target, with upstream tvmc's flag names.
+
+::
+
+    tvmc compile model.onnx --target=ioso_npu [-o model.tar] [--input-shapes "input:[1,1,32,32]"]
+                 [--tuning-records records.json] [--target-ioso_npu-<NPUConfig field>=VALUE ...]
+    tvmc run model.tar [--inputs in.npz] [--fill-mode random|zeros|ones] [--outputs out.npz]
+             [--print-top N] [--print-time] [--profile [--profile-json F] [--profile-plot F.png]]
+    tvmc tune model.onnx --target=ioso_npu [--trials N] -o records.json
+
+Every ``NPUConfig`` field is a target option (``--target-ioso_npu-pe_arrays=2``, or inline
+``--target="ioso_npu -pe_arrays=2, llvm"``), parsed by the field's type. ``--target=llvm``
+compiles for the CPU only; ``ioso_npu`` alone means ``"ioso_npu, llvm"`` (what the NPU
+cannot run falls back to the CPU). Every error is one line ``tvmc: error: ...`` on stderr
+and a non-zero exit (2: bad command line, 1: the command failed); ``-vv`` shows tracebacks.
+
+The command line is the top of the stack: the compile and run commands load the
+``ioso_tvm`` compile API lazily, when they run.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import re
+import sys
+import time
+import typing
+import zipfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hw_model.config import NPUConfig
+
+NPU_KIND, CPU_KIND = "ioso_npu", "llvm"
+TARGET_KINDS = (NPU_KIND, CPU_KIND)
+NPU_OPTIONS: dict[str, Any] = typing.get_type_hints(NPUConfig)
+"""Target options of ioso_npu: NPUConfig field name -> type."""
+_OPT_RE = re.compile(r"^--target-([A-Za-z0-9_]+?)-([A-Za-z0-9_-]+)(?:=(.*))?$")
+
+
+class CLIError(Exception):
+    """A bad command line or input file: printed as one line, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """ArgumentParser whose errors raise CLIError (one line, no usage dump) instead of exiting."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise CLIError(f"{message} (see '{self.prog} --help')")
+
+
+# ------------------------------------------------------------------------- parsing helpers
+def parse_option_value(name: str, text: str) -> Any:
+    """Parse the text of NPUConfig option ``name`` by the field's type (int, float, tuple of ints)."""
+    if name not in NPU_OPTIONS:
+        raise CLIError(f"unknown target option {name!r} for {NPU_KIND}; valid options: {', '.join(NPU_OPTIONS)}")
+    typ = NPU_OPTIONS[name]
+    try:
+        if typ is int:
+            return int(text)
+        if typ is float:
+            return float(text)
+        if typing.get_origin(typ) is tuple:
+            items = [s for s in re.split(r"[,\s]+", text.strip().strip("[]()")) if s]
+            if not items:
+                raise ValueError("empty")
+            return tuple(int(s) for s in items)
+    except ValueError:
+        kind = {int: "an integer", float: "a number"}.get(typ, "a comma-separated list of integers")
+        raise CLIError(f"target option {NPU_KIND}-{name} must be {kind}, got {text!r}") from None
+    raise CLIError(f"target option {NPU_KIND}-{name} has unsupported type {typ}")  # pragma: no cover
+
+
+def parse_target(text: str) -> tuple[list[str], dict[str, Any]]:
+    """``"ioso_npu -pe_arrays=2, llvm"`` -> (["ioso_npu", "llvm"], {"pe_arrays": 2}).
+
+    Kinds are ``ioso_npu`` and ``llvm``; inline ``-key=value`` options belong to ioso_npu.
+    """
+    kinds: list[str] = []
+    options: dict[str, Any] = {}
+    for part in [p.strip() for p in text.split(",")]:
+        tokens = part.split()
+        if not tokens:
+            raise CLIError(f"empty target in --target={text!r}; valid kinds: {', '.join(TARGET_KINDS)}")
+        kind = tokens[0]
+        if kind not in TARGET_KINDS:
+            raise CLIError(f"unknown target {kind!r}; valid targets: {', '.join(TARGET_KINDS)} "
+                           f"(e.g. --target=\"{NPU_KIND}, {CPU_KIND}\")")
+        if kind in kinds:
+            raise CLIError(f"target {kind!r} given twice in --target={text!r}")
+        kinds.append(kind)
+        for tok in tokens[1:]:
+            m = re.match(r"^--?([A-Za-z0-9_-]+)=(.*)$", tok)
+            if not m:
+                raise CLIError(f"bad target option {tok!r} in --target={text!r}; write -name=value")
+            if kind != NPU_KIND:
+                raise CLIError(f"target {kind!r} takes no options here, got {tok!r}")
+            name = m.group(1).replace("-", "_")
+            options[name] = parse_option_value(name, m.group(2))
+    return kinds, options
+
+
+def split_target_options(extra: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
+    """Take ``--target-ioso_npu-<field>=VALUE`` (or ``... VALUE``) out of unparsed arguments.
+
+    Returns (options, the arguments left over). Unknown kinds/fields raise CLIError listing
+    the valid ones.
+    """
+    options: dict[str, Any] = {}
+    rest: list[str] = []
+    args = list(extra)
+    i = 0
+    while i < len(args):
+        m = _OPT_RE.match(args[i])
+        if not m:
+            rest.append(args[i])
+            i += 1
+            continue
+        kind, name, value = m.group(1), m.group(2).replace("-", "_"), m.group(3)
+        if kind != NPU_KIND:
+            raise CLIError(f"unknown target option {args[i].split('=')[0]!r}: only {NPU_KIND} has options; "
+                           f"valid: {', '.join(f'--target-{NPU_KIND}-' + n for n in NPU_OPTIONS)}")
+        if name not in NPU_OPTIONS:
+            parse_option_value(name, "")  # raises: unknown option, listing the valid ones
+        if value is None:
+            if i + 1 >= len(args):
+                raise CLIError(f"target option --target-{kind}-{name} needs a value")
+            value, i = args[i + 1], i + 1
+        options[name] = parse_option_value(name, value)
+        i += 1
+    return options, rest
+
+
+def parse_input_shapes(text: str | None) -> dict[str, tuple[int, ...]] | None:
+    """``"input:[1,1,32,32] other:[1,10]"`` -> {"input": (1, 1, 32, 32), "other": (1, 10)}."""
+    if text is None:
+        return None
+    items = re.findall(r"\s*([^\s:\[\]]+)\s*:\s*\[([^\]]*)\]\s*", text)
+    rebuilt = re.sub(r"\s*([^\s:\[\]]+)\s*:\s*\[([^\]]*)\]\s*", "", text)
+    if not items or rebuilt.strip(" ,"):
+        raise CLIError(f"--input-shapes must look like \"input:[1,1,32,32]\" (name:[dims], space separated), "
+                       f"got {text!r}")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, dims in items:
+        try:
+            shape = tuple(int(d) for d in dims.split(",") if d.strip())
+        except ValueError:
+            raise CLIError(f"--input-shapes: dims of {name!r} must be integers, got [{dims}]") from None
+        if not shape or any(d <= 0 for d in shape):
+            raise CLIError(f"--input-shapes: dims of {name!r} must be positive integers, got [{dims}]")
+        if name in shapes:
+            raise CLIError(f"--input-shapes: input {name!r} given twice")
+        shapes[name] = shape
+    return shapes
+
+
+def make_config(options: dict[str, Any]) -> NPUConfig:
+    """NPUConfig from target options; its own validation errors become one CLI line."""
+    try:
+        return NPUConfig(**options)
+    except (TypeError, ValueError) as e:
+        raise CLIError(f"bad target option for {NPU_KIND}: {e}") from None
+
+
+def existing_file(path: str, what: str, suffixes: Sequence[str] = ()) -> Path:
+    """``path`` as a Path if it is an existing file with one of ``suffixes``; else CLIError."""
+    p = Path(path)
+    if not p.exists():
+        raise CLIError(f"{what} {path!r} does not exist")
+    if not p.is_file():
+        raise CLIError(f"{what} {path!r} is not a file")
+    if suffixes and p.suffix.lower() not in suffixes:
+        raise CLIError(f"{what} {path!r} must be a {' or '.join(suffixes)} file")
+    return p
+
+
+# ------------------------------------------------------------------------------- commands
+def _compile_api() -> Any:
+    try:
+        return importlib.import_module("ioso_tvm.compiler")
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("ioso_tvm"):
+            raise CLIError("the compile API (ioso_tvm.compiler) is not available in this installation") from None
+        raise
+
+
+def _target_and_config(args: argparse.Namespace) -> tuple[str, NPUConfig]:
+    kinds, inline = parse_target(args.target)
+    options = {**inline, **args.target_options}
+    if options and NPU_KIND not in kinds:
+        raise CLIError(f"target options {sorted(options)} need the {NPU_KIND} target, but --target={args.target!r}")
+    return (NPU_KIND if NPU_KIND in kinds else CPU_KIND), make_config(options)
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    """``tvmc compile``: ONNX -> compiled-model .tar."""
+    target, config = _target_and_config(args)
+    shapes = parse_input_shapes(args.input_shapes)
+    model = existing_file(args.model, "model file", (".onnx",))
+    records = existing_file(args.tuning_records, "tuning records file") if args.tuning_records else None
+    output = Path(args.output)
+    if output.suffix != ".tar":
+        raise CLIError(f"-o/--output must name a .tar file, got {args.output!r}")
+    compiled = _compile_api().compile(str(model), target=target, input_shapes=shapes, config=config,
+                                      tuning_records=None if records is None else str(records))
+    compiled.export(output)
+    print(f"compiled {model} for {args.target!r} -> {output}")
+    return 0
+
+
+def _input_specs(compiled: Any, path: Path) -> list[tuple[str, tuple[int, ...], str]]:
+    """(name, shape, dtype) of each model input, from the artifact's meta.json."""
+    from target_npu.artifact import META, read_member_json
+
+    specs = read_member_json(path, META).get("inputs")
+    if not isinstance(specs, list) or not specs:
+        raise CLIError(f"{path}: meta.json lists no model inputs; recompile it with tvmc compile")
+    return [(str(s["name"]), tuple(int(d) for d in s["shape"]), str(s["dtype"])) for s in specs]
+
+
+def make_inputs(specs: Sequence[tuple[str, tuple[int, ...], str]], npz: str | None, fill_mode: str,
+                seed: int) -> dict[str, np.ndarray]:
+    """Inputs by name: from ``npz`` (checked against ``specs``), the rest filled by ``fill_mode``.
+
+    random: floats standard normal (chosen: the scale of normalised model inputs), integers
+    uniform over the dtype's range; seeded by ``seed``.
+    """
+    given: dict[str, np.ndarray] = {}
+    if npz is not None:
+        p = existing_file(npz, "--inputs file", (".npz",))
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                given = {k: z[k] for k in z.files}
+        except (ValueError, OSError, zipfile.BadZipFile) as e:
+            raise CLIError(f"--inputs {npz!r} is not a readable npz without pickle ({one_line(e)})") from None
+    names = [s[0] for s in specs]
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise CLIError(f"--inputs {npz!r}: unknown input(s) {unknown}; the model's inputs are {names}")
+    rng = np.random.default_rng(seed)
+    inputs = {}
+    for name, shape, dtype in specs:
+        dt = np.dtype(dtype)
+        if name in given:
+            x = given[name]
+            if x.shape != shape or x.dtype != dt:
+                raise CLIError(f"--inputs {npz!r}: input {name!r} is {x.dtype}{list(x.shape)}, "
+                               f"the model expects {dt}{list(shape)}")
+        elif fill_mode == "zeros":
+            x = np.zeros(shape, dt)
+        elif fill_mode == "ones":
+            x = np.ones(shape, dt)
+        elif dt.kind == "f":
+            x = rng.standard_normal(shape).astype(dt)
+        else:
+            info = np.iinfo(dt)
+            x = rng.integers(info.min, int(info.max) + 1, size=shape, dtype=dt)
+        inputs[name] = x
+    return inputs
+
+
+def format_profile(report: dict[str, Any], clock_mhz: float) -> str:
+    """The per-layer table: layer, NPU/CPU, cycles, us at ``clock_mhz``, MAC utilisation, groups."""
+    rows = [("layer", "on", "cycles", "us", "MAC util", "groups")]
+    total = 0
+    for lay in report.get("layers", []):
+        cyc = lay.get("cycles")
+        total += int(cyc or 0)
+        util = lay.get("mac_utilisation", lay.get("mac_util"))
+        rows.append((str(lay.get("name", "?")), str(lay.get("device", "npu")).upper(),
+                     "-" if cyc is None else str(int(cyc)),
+                     "-" if cyc is None else f"{int(cyc) / clock_mhz:.2f}",
+                     "-" if util is None else f"{100 * float(util):.1f}%", str(lay.get("groups", "-"))))
+    rows.append(("total", "", str(total), f"{total / clock_mhz:.2f}", "", ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     for r in rows)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """``tvmc run``: run a compiled .tar on the NPU simulator (CPU part on the host)."""
+    path = existing_file(args.file, "compiled model", (".tar",))
+    if (args.profile_json or args.profile_plot) and not args.profile:
+        raise CLIError("--profile-json and --profile-plot need --profile")
+    if args.print_top is not None and args.print_top <= 0:
+        raise CLIError(f"--print-top must be positive, got {args.print_top}")
+    if args.repeat <= 0:
+        raise CLIError(f"--repeat must be positive, got {args.repeat}")
+    compiled = _compile_api().load(path)
+    inputs = make_inputs(_input_specs(compiled, path), args.inputs, args.fill_mode, args.seed)
+    times = []
+    for _ in range(args.repeat):
+        t0 = time.perf_counter()
+        outs = compiled.run(inputs, mode="both" if args.profile else "func")
+        times.append(1e3 * (time.perf_counter() - t0))
+    outs = [np.asarray(o) for o in (outs if isinstance(outs, (list, tuple)) else [outs])]
+    if args.outputs:
+        np.savez(args.outputs, **{f"output_{i}": o for i, o in enumerate(outs)})
+        print(f"outputs -> {args.outputs}")
+    if args.print_top:
+        flat = outs[0].reshape(outs[0].shape[0], -1) if outs[0].ndim > 1 else outs[0][None]
+        for b, row in enumerate(flat):
+            top = np.argsort(-row, kind="stable")[: args.print_top]
+            print(f"output_0[{b}] top-{len(top)}: " + ", ".join(f"{int(i)}: {row[i]:.6g}" for i in top))
+    if args.print_time:
+        t = np.array(times)
+        print("Execution time summary (host, ms):\n mean    median  max     min     std\n"
+              f" {t.mean():<7.3f} {np.median(t):<7.3f} {t.max():<7.3f} {t.min():<7.3f} {t.std():<7.3f}")
+    if not (args.outputs or args.print_top or args.print_time or args.profile):
+        print("outputs: " + ", ".join(f"output_{i} {o.dtype}{list(o.shape)}" for i, o in enumerate(outs)))
+    if args.profile:
+        _profile(compiled, args)
+    return 0
+
+
+def _profile(compiled: Any, args: argparse.Namespace) -> None:
+    report = compiled.report()
+    clock = float(getattr(getattr(compiled, "config", None), "clock_mhz", NPUConfig().clock_mhz))
+    print(format_profile(report, clock))
+    if args.profile_json:
+        Path(args.profile_json).write_text(json.dumps(report, indent=1, default=str))
+        print(f"profile -> {args.profile_json}")
+    if args.profile_plot:
+        plot_profile(report, args.profile_plot)
+        print(f"profile plot -> {args.profile_plot}")
+
+
+def plot_profile(report: dict[str, Any], png: str | Path) -> Path:
+    """Bar chart of cycles per layer (NPU and CPU in two colours), saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = report.get("layers", [])
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * len(layers)), 4))
+    colors = ["tab:blue" if str(lay.get("device", "npu")).lower() == "npu" else "tab:gray" for lay in layers]
+    ax.bar(range(len(layers)), [int(lay.get("cycles") or 0) for lay in layers], color=colors)
+    ax.set_xticks(range(len(layers)), [str(lay.get("name", i)) for i, lay in enumerate(layers)], rotation=90)
+    ax.set_ylabel("cycles")
+    ax.set_title("cycles per layer (blue: NPU, grey: CPU)")
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+    return Path(png)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    """``tvmc tune``: search schedule knobs per layer and write tuning records (JSON lines)."""
+    target, config = _target_and_config(args)
+    model = existing_file(args.model, "model file", (".onnx",))
+    if target != NPU_KIND:
+        raise CLIError(f"tvmc tune needs the {NPU_KIND} target (there is nothing to tune for {CPU_KIND})")
+    if args.trials <= 0:
+        raise CLIError(f"--trials must be positive, got {args.trials}")
+    try:
+        tuner = importlib.import_module("target_npu.tuner")
+    except ModuleNotFoundError:
+        tuner = None
+    if tuner is None or not hasattr(tuner, "tune_model"):
+        raise CLIError("tvmc tune is not available: the tuner (target_npu.tuner.tune_model) is not installed")
+    tuner.tune_model(str(model), trials=args.trials, output=args.output, cfg=config, tuner=args.tuner)
+    print(f"tuning records for {model} -> {args.output}")
+    return 0
+
+
+# --------------------------------------------------------------------------------- parser
+def _add_target_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", required=True, help=f'compilation target: "{NPU_KIND}", "{CPU_KIND}" or '
+                   f'"{NPU_KIND}, {CPU_KIND}" (NPU with CPU fallback, the same as "{NPU_KIND}")')
+    g = p.add_argument_group(f"target {NPU_KIND}", "NPUConfig fields (hw_model/config.py documents each)")
+    default = NPUConfig()
+    for name, typ in NPU_OPTIONS.items():
+        shown = getattr(default, name)
+        shown = ",".join(map(str, shown)) if isinstance(shown, tuple) else shown
+        g.add_argument(f"--target-{NPU_KIND}-{name}", metavar={int: "INT", float: "FLOAT"}.get(typ, "INTS"),
+                       dest=f"_opt_{name}", help=f"default {shown}")
+
+
+def build_parser() -> Parser:
+    """The ``tvmc`` argument parser (subcommands compile, run, tune)."""
+    parser = Parser(prog="tvmc", allow_abbrev=False, description="TVM command line for the ioso_npu target.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging; -vv shows tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="{compile,run,tune}")
+
+    c = sub.add_parser("compile", help="compile an ONNX model into a .tar artifact", allow_abbrev=False)
+    c.add_argument("model", metavar="MODEL", help="ONNX file (as written by ioso-calibrate)")
+    c.add_argument("-o", "--output", default="module.tar", help="output .tar (default: module.tar)")
+    c.add_argument("--input-shapes", help='shapes of the inputs, e.g. "input:[1,1,32,32]"')
+    c.add_argument("--tuning-records", metavar="FILE", help="tuning records from tvmc tune (JSON lines)")
+    c.add_argument("--model-format", choices=["onnx"], default="onnx", help="input model format (onnx)")
+    _add_target_args(c)
+    c.set_defaults(func=cmd_compile)
+
+    r = sub.add_parser("run", help="run a compiled .tar on the NPU simulator", allow_abbrev=False)
+    r.add_argument("file", metavar="FILE", help="compiled model .tar from tvmc compile")
+    r.add_argument("--device", choices=["cpu"], default="cpu", help="host device (cpu; the NPU is simulated)")
+    r.add_argument("--inputs", metavar="NPZ", help="input tensors, one npz entry per input name")
+    r.add_argument("--fill-mode", choices=["random", "zeros", "ones"], default="random",
+                   help="fill inputs missing from --inputs (default: random, seeded by --seed)")
+    r.add_argument("--seed", type=int, default=0, help="seed of --fill-mode random (default 0)")
+    r.add_argument("--outputs", metavar="NPZ", help="write outputs as output_0, output_1, ... to this npz")
+    r.add_argument("--print-top", type=int, metavar="N", help="print the top N classes of output 0")
+    r.add_argument("--print-time", action="store_true", help="print host run time statistics (ms)")
+    r.add_argument("--repeat", type=int, default=1, help="runs timed by --print-time (default 1)")
+    r.add_argument("--profile", action="store_true", help="print the per-layer cycle report")
+    r.add_argument("--profile-json", metavar="FILE", help="with --profile: write the report as JSON")
+    r.add_argument("--profile-plot", metavar="PNG", help="with --profile: plot where the cycles go")
+    r.set_defaults(func=cmd_run)
+
+    t = sub.add_parser("tune", help="tune schedule knobs and write tuning records", allow_abbrev=False)
+    t.add_argument("model", metavar="MODEL", help="ONNX file")
+    t.add_argument("-o", "--output", required=True, help="tuning records to write (JSON lines)")
+    t.add_argument("--trials", type=int, default=64, help="measured candidates per layer (default 64)")
+    t.add_argument("--tuner", choices=["xgb", "random", "grid"], default="xgb", help="search (default xgb)")
+    t.add_argument("--input-shapes", help='shapes of the inputs, e.g. "input:[1,1,32,32]"')
+    _add_target_args(t)
+    t.set_defaults(func=cmd_tune)
+    return parser
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse ``tvmc`` arguments, folding every ``--target-ioso_npu-*`` into ``target_options``."""
+    parser = build_parser()
+    ns, extra = parser.parse_known_args(list(argv))
+    if getattr(ns, "command", None) is None:
+        raise CLIError("a command is required: compile, run or tune (see 'tvmc --help')")
+    options, rest = split_target_options(extra)
+    if rest:
+        raise CLIError(f"unrecognized arguments: {' '.join(rest)} (see 'tvmc {ns.command} --help')")
+    for name in NPU_OPTIONS:
+        text = getattr(ns, f"_opt_{name}", None)
+        if text is not None:
+            options[name] = parse_option_value(name, text)
+    ns.target_options = options
+    return ns
+
+
+# ----------------------------------------------------------------------------------- main
+def one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line (the last line of a multi-line TVM error)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    if not lines:
+        return type(err).__name__
+    if lines[0].startswith("Traceback") or len(lines) > 3:
+        return lines[-1]
+    return " ".join(lines)
+
+
+def run_main(prog: str, parse: Callable[[Sequence[str]], argparse.Namespace], argv: Sequence[str] | None) -> int:
+    """Parse and dispatch ``ns.func(ns)``; every error becomes ``<prog>: error: ...`` on one line."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    verbose = sum(a.count("v") for a in argv if re.fullmatch(r"-v+", a)) + argv.count("--verbose")
+    logging.basicConfig(level=logging.WARNING - 10 * min(verbose, 2), format=f"{prog}: %(levelname)s: %(message)s")
+    try:
+        ns = parse(argv)
+        return int(ns.func(ns) or 0)
+    except SystemExit as e:  # --help / --version
+        return int(e.code or 0) if isinstance(e.code, int) or e.code is None else 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except CLIError as e:
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - the top of the program: one line, no traceback
+        if verbose >= 2:
+            raise
+        known = (ValueError, TypeError, OSError, KeyError, NotImplementedError, OverflowError)
+        kind = "" if isinstance(e, known) else f"{type(e).__name__}: "
+        print(f"{prog}: error: {kind}{one_line(e)}", file=sys.stderr)
+        return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``tvmc`` console script; returns the exit status."""
+    return run_main("tvmc", parse_args, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

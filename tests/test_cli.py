@@ -1,0 +1,288 @@
+"""tvmc / ioso-calibrate command lines: flag parsing, target options, one-line errors, inputs, profile."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hw_model.config import NPUConfig
+from ioso_tvm import cli as calib_cli
+from target_npu import cli
+
+ALL_FIELDS = list(NPUConfig().to_dict())
+
+
+def _err(capsys, argv, main=cli.main) -> tuple[int, str]:
+    rc = main(argv)
+    captured = capsys.readouterr()
+    return rc, captured.err
+
+
+def _assert_one_line(err: str, prog: str = "tvmc") -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"{prog}: error: ")
+    assert "Traceback" not in err
+    return lines[0]
+
+
+# ------------------------------------------------------------------------- target options
+def test_every_npuconfig_field_is_a_target_option(tmp_path):
+    assert list(cli.NPU_OPTIONS) == ALL_FIELDS
+    alt = NPUConfig(pe_arrays=2, clock_mhz=1000.0, isg_group_signs=(0, 1), granularity=32)
+    argv = ["compile", "m.onnx", "--target=ioso_npu"]
+    for name, value in alt.to_dict().items():
+        text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+        argv.append(f"--target-ioso_npu-{name}={text}")
+    ns = cli.parse_args(argv)
+    assert cli.make_config(ns.target_options) == alt
+
+
+@settings(max_examples=40, deadline=None)
+@given(pe=st.integers(1, 64), clock=st.floats(1.0, 5000.0, allow_nan=False), shift=st.integers(1, 31),
+       signs=st.lists(st.sampled_from([-1, 0, 1]), min_size=1, max_size=5), spaced=st.booleans())
+def test_option_values_parsed_by_field_type(pe, clock, shift, signs, spaced):
+    sep = " " if spaced else "="
+    argv = ["compile", "m.onnx", "--target", "ioso_npu, llvm", *f"--target-ioso_npu-pe_arrays{sep}{pe}".split(" "),
+            f"--target-ioso_npu-clock_mhz={clock!r}", f"--target-ioso_npu-isg_shift={shift}",
+            f"--target-ioso_npu-isg_group_signs=[{','.join(map(str, signs))}]"]
+    cfg = cli.make_config(cli.parse_args(argv).target_options)
+    assert cfg == NPUConfig(pe_arrays=pe, clock_mhz=clock, isg_shift=shift, isg_group_signs=tuple(signs))
+    assert isinstance(cfg.pe_arrays, int) and isinstance(cfg.clock_mhz, float)
+
+
+def test_inline_target_options_and_composite_targets():
+    kinds, opts = cli.parse_target("ioso_npu -pe_arrays=2 -clock_mhz=400, llvm")
+    assert kinds == ["ioso_npu", "llvm"] and opts == {"pe_arrays": 2, "clock_mhz": 400.0}
+    assert cli.parse_target("llvm") == (["llvm"], {})
+    assert cli.parse_target(" llvm ,ioso_npu ")[0] == ["llvm", "ioso_npu"]
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--target-ioso_npu-foo=1"], r"unknown target option 'foo' for ioso_npu; valid options: pe_arrays, .*clock_mhz"),
+    (["--target-ioso_npu-pe_arrays=two"], r"ioso_npu-pe_arrays must be an integer, got 'two'"),
+    (["--target-ioso_npu-clock_mhz=fast"], r"clock_mhz must be a number"),
+    (["--target-ioso_npu-isg_group_signs=a,b"], r"isg_group_signs must be a comma-separated list of integers"),
+    (["--target-ioso_npu-pe_arrays=0"], r"bad target option for ioso_npu: NPUConfig.pe_arrays must be positive"),
+    (["--target-ioso_npu-isg_group_signs=0,2"], r"isg_group_signs must be a non-empty tuple of -1/0/\+1"),
+    (["--target-llvm-mcpu=skylake"], r"unknown target option '--target-llvm-mcpu': only ioso_npu has options"),
+    (["--target-ioso_npu-pe"], r"unknown target option 'pe'"),
+    (["--bogus"], r"unrecognized arguments: --bogus"),
+])
+def test_bad_target_option_is_one_clear_line(capsys, tmp_path, argv, match):
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"")
+    rc, err = _err(capsys, ["compile", str(model), "--target=ioso_npu", *argv])
+    assert rc == 2
+    assert re.search(match, _assert_one_line(err))
+
+
+@pytest.mark.parametrize("target, match", [
+    ("cuda", r"unknown target 'cuda'; valid targets: ioso_npu, llvm"),
+    ("ioso_npu,", r"empty target"),
+    ("llvm, llvm", r"given twice"),
+    ("llvm -mcpu=x", r"target 'llvm' takes no options"),
+    ("ioso_npu pe_arrays=2", r"bad target option 'pe_arrays=2'"),
+    ("ioso_npu -nope=2", r"unknown target option 'nope'"),
+])
+def test_bad_target_string(capsys, tmp_path, target, match):
+    rc, err = _err(capsys, ["compile", str(tmp_path / "m.onnx"), f"--target={target}"])
+    assert rc == 2
+    assert re.search(match, _assert_one_line(err))
+
+
+def test_target_options_need_the_npu(capsys, tmp_path):
+    rc, err = _err(capsys, ["compile", "m.onnx", "--target=llvm", "--target-ioso_npu-pe_arrays=2"])
+    assert rc == 2 and "need the ioso_npu target" in _assert_one_line(err)
+
+
+# ---------------------------------------------------------------------------- input shapes
+@settings(max_examples=50, deadline=None)
+@given(st.dictionaries(st.from_regex(r"[A-Za-z_][A-Za-z0-9_.]{0,8}", fullmatch=True),
+                       st.lists(st.integers(1, 512), min_size=1, max_size=5), min_size=1, max_size=3))
+def test_input_shapes_round_trip(shapes):
+    text = " ".join(f"{k}:[{','.join(map(str, v))}]" for k, v in shapes.items())
+    assert cli.parse_input_shapes(text) == {k: tuple(v) for k, v in shapes.items()}
+
+
+@pytest.mark.parametrize("text, match", [
+    ("input", "must look like"), ("input:[1,a]", "must be integers"), ("input:[1,0]", "positive"),
+    ("input:[]", "positive"), ("a:[1] a:[2]", "given twice"), ("input:[1,2] junk", "must look like"),
+])
+def test_bad_input_shapes(text, match):
+    with pytest.raises(cli.CLIError, match=match):
+        cli.parse_input_shapes(text)
+
+
+# ------------------------------------------------------------------------ files and errors
+def test_missing_and_wrong_files(capsys, tmp_path):
+    rc, err = _err(capsys, ["compile", str(tmp_path / "nope.onnx"), "--target=ioso_npu"])
+    assert rc == 2 and "model file" in _assert_one_line(err) and "does not exist" in err
+    wrong = tmp_path / "m.pt"
+    wrong.write_bytes(b"x")
+    rc, err = _err(capsys, ["compile", str(wrong), "--target=ioso_npu"])
+    assert rc == 2 and "must be a .onnx file" in _assert_one_line(err)
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"x")
+    rc, err = _err(capsys, ["compile", str(model), "--target=llvm", "--tuning-records", str(tmp_path / "r.json")])
+    assert rc == 2 and "tuning records file" in _assert_one_line(err)
+    rc, err = _err(capsys, ["compile", str(model), "--target=llvm", "-o", str(tmp_path / "out.zip")])
+    assert rc == 2 and "-o/--output must name a .tar" in _assert_one_line(err)
+    rc, err = _err(capsys, ["run", str(tmp_path / "nope.tar")])
+    assert rc == 2 and "compiled model" in _assert_one_line(err)
+    rc, err = _err(capsys, ["run", str(model), "--print-top", "x"])
+    assert rc == 2 and "--print-top: invalid int value" in _assert_one_line(err)
+
+
+@pytest.mark.parametrize("argv, match", [
+    ([], "a command is required"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["compile"], "required: MODEL, --target"),
+    (["run", "x.tar", "--fill-mode", "gauss"], "invalid choice: 'gauss'"),
+    (["tune", "m.onnx", "--target=ioso_npu"], "required: -o/--output"),
+    (["compile", "m.onnx", "--target=ioso_npu", "--target-ioso_npu-pe_ar=3"], "unknown target option 'pe_ar'"),
+])
+def test_usage_errors(capsys, argv, match):
+    rc, err = _err(capsys, argv)
+    assert rc == 2 and match in _assert_one_line(err)
+
+
+def test_help_exits_zero(capsys):
+    for argv in (["--help"], ["compile", "--help"], ["run", "--help"], ["tune", "--help"]):
+        assert cli.main(argv) == 0
+        out = capsys.readouterr().out
+        assert out.startswith("usage: tvmc")
+    assert cli.main(["compile", "--help"]) == 0
+    assert "--target-ioso_npu-isg_group_signs" in capsys.readouterr().out
+
+
+def test_unexpected_errors_are_one_line(capsys, monkeypatch):
+    def boom(ns):
+        raise RuntimeError("first line\nsecond line\nthird\nTVMError: the real reason")
+
+    monkeypatch.setattr(cli, "cmd_compile", boom)
+    monkeypatch.setattr(cli, "parse_args", lambda argv: __import__("argparse").Namespace(func=boom))
+    rc, err = _err(capsys, ["compile"], main=lambda a: cli.run_main("tvmc", cli.parse_args, a))
+    assert rc == 1 and _assert_one_line(err) == "tvmc: error: RuntimeError: TVMError: the real reason"
+    with pytest.raises(RuntimeError):
+        cli.run_main("tvmc", cli.parse_args, ["-vv", "compile"])
+
+
+def test_tune_without_tuner_or_with_wrong_target(capsys, tmp_path, monkeypatch):
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"x")
+    rc, err = _err(capsys, ["tune", str(model), "--target=llvm", "-o", str(tmp_path / "r.json")])
+    assert rc == 2 and "needs the ioso_npu target" in _assert_one_line(err)
+    rc, err = _err(capsys, ["tune", str(model), "--target=ioso_npu", "--trials=0", "-o", "r.json"])
+    assert rc == 2 and "--trials must be positive" in _assert_one_line(err)
+    monkeypatch.setitem(sys.modules, "target_npu.tuner", None)  # as if the tuner were not installed
+    rc, err = _err(capsys, ["tune", str(model), "--target=ioso_npu", "-o", str(tmp_path / "r.json")])
+    assert rc == 2 and "tvmc tune is not available" in _assert_one_line(err)
+
+
+def test_console_scripts_installed():
+    bindir = Path(sys.executable).parent
+    for prog in ("tvmc", "ioso-calibrate"):
+        res = subprocess.run([str(bindir / prog), "--nope"], capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2
+        _assert_one_line(res.stderr, prog)
+
+
+# --------------------------------------------------------------------------- run helpers
+SPECS = [("input", (2, 1, 4, 4), "float32"), ("mask", (2, 3), "int8")]
+
+
+@pytest.mark.parametrize("mode", ["random", "zeros", "ones"])
+def test_fill_modes(mode):
+    a = cli.make_inputs(SPECS, None, mode, seed=3)
+    b = cli.make_inputs(SPECS, None, mode, seed=3)
+    for name, shape, dtype in SPECS:
+        assert a[name].shape == shape and a[name].dtype == np.dtype(dtype)
+        assert np.array_equal(a[name], b[name])
+    if mode == "zeros":
+        assert not any(v.any() for v in a.values())
+    if mode == "ones":
+        assert all((v == 1).all() for v in a.values())
+    if mode == "random":
+        assert a["input"].std() > 0.1 and len(np.unique(a["mask"])) > 1
+
+
+def test_inputs_from_npz(tmp_path):
+    x = np.random.default_rng(0).standard_normal((2, 1, 4, 4)).astype(np.float32)
+    np.savez(tmp_path / "in.npz", input=x)
+    got = cli.make_inputs(SPECS, str(tmp_path / "in.npz"), "zeros", seed=0)
+    assert np.array_equal(got["input"], x) and not got["mask"].any()
+    np.savez(tmp_path / "bad_name.npz", image=x)
+    with pytest.raises(cli.CLIError, match=r"unknown input\(s\) \['image'\]; the model's inputs are \['input'"):
+        cli.make_inputs(SPECS, str(tmp_path / "bad_name.npz"), "zeros", 0)
+    np.savez(tmp_path / "bad_shape.npz", input=x[:1])
+    with pytest.raises(cli.CLIError, match=r"input 'input' is float32\[1, 1, 4, 4\], the model expects float32\[2, 1"):
+        cli.make_inputs(SPECS, str(tmp_path / "bad_shape.npz"), "zeros", 0)
+    np.savez(tmp_path / "bad_dtype.npz", input=x.astype(np.float64))
+    with pytest.raises(cli.CLIError, match="is float64"):
+        cli.make_inputs(SPECS, str(tmp_path / "bad_dtype.npz"), "zeros", 0)
+    np.savez(tmp_path / "pickled.npz", input=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(cli.CLIError, match="not a readable npz without pickle"):
+        cli.make_inputs(SPECS, str(tmp_path / "pickled.npz"), "zeros", 0)
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    with pytest.raises(cli.CLIError, match="not a readable npz"):
+        cli.make_inputs(SPECS, str(tmp_path / "junk.npz"), "zeros", 0)
+
+
+def test_profile_table_and_plot(tmp_path):
+    report = {"layers": [{"name": "conv0", "device": "npu", "cycles": 1600, "mac_utilisation": 0.5, "groups": 3},
+                         {"name": "softmax", "device": "cpu"}]}
+    table = cli.format_profile(report, clock_mhz=800.0).splitlines()
+    assert table[0].split() == ["layer", "on", "cycles", "us", "MAC", "util", "groups"]
+    assert table[1].split() == ["conv0", "NPU", "1600", "2.00", "50.0%", "3"]
+    assert table[2].split() == ["softmax", "CPU", "-", "-", "-", "-"]
+    assert table[3].split() == ["total", "1600", "2.00"]
+    png = cli.plot_profile(report, tmp_path / "p.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------------------- ioso-calibrate
+@pytest.mark.parametrize("argv, match", [
+    (["--model", "nope"], "unknown --model 'nope'; known: "),
+    (["--model", "resnet20", "--wbits", "1"], "--wbits must be in 2..8, got 1"),
+    (["--model", "resnet20", "--abits", "9"], "--abits must be in 2..8, got 9"),
+    (["--model", "resnet18", "--pretrained"], "no shipped checkpoint for 'resnet18'"),
+    (["--model", "resnet20", "--method", "magic"], "invalid choice: 'magic'"),
+    (["--model", "resnet20", "--data", "nope.npz"], "--data file 'nope.npz' does not exist"),
+    (["--model", "resnet20", "--iters", "-1"], "--iters must be >= 0"),
+    (["--model", "resnet20", "--num-samples", "0"], "--num-samples must be positive"),
+])
+def test_calibrate_usage_errors(capsys, tmp_path, argv, match):
+    rc, err = _err(capsys, [*argv, "-o", str(tmp_path / "m.onnx")], main=calib_cli.main)
+    assert rc == 2 and match in _assert_one_line(err, "ioso-calibrate")
+    rc, err = _err(capsys, ["--model", "resnet20", "-o", "m.tar"], main=calib_cli.main)
+    assert rc == 2 and "must name an .onnx file" in err
+
+
+def test_calibration_data_files(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 1, 32, 32)).astype(np.float32)
+    np.savez(tmp_path / "x.npz", x=x)
+    assert np.array_equal(calib_cli.load_calib_inputs(str(tmp_path / "x.npz"), 3, (1, 32, 32)), x[:3])
+    images = rng.integers(0, 256, (4, 28, 28)).astype(np.uint8)
+    np.savez(tmp_path / "img.npz", images=images)
+    from ioso_tvm.datasets import to_model_input
+
+    got = calib_cli.load_calib_inputs(str(tmp_path / "img.npz"), 100, (1, 32, 32))
+    assert np.array_equal(got, to_model_input(images))
+    shipped = calib_cli.load_calib_inputs("shipped", 20, (1, 32, 32))
+    assert shipped.shape == (20, 1, 32, 32) and shipped.dtype == np.float32
+    cases = {"wrong_shape": {"x": x[:, :, :16]}, "no_keys": {"y": x}, "ints": {"x": x.astype(np.int32)},
+             "nan": {"x": np.where(x > 1, np.nan, x).astype(np.float32)}, "empty": {"x": x[:0]}}
+    matches = {"wrong_shape": r"the model expects \[N, 1, 32, 32\]", "no_keys": "must hold 'x'",
+               "ints": "must hold float", "nan": "NaN or Inf", "empty": "no samples"}
+    for name, arrays in cases.items():
+        np.savez(tmp_path / f"{name}.npz", **arrays)
+        with pytest.raises(cli.CLIError, match=matches[name]):
+            calib_cli.load_calib_inputs(str(tmp_path / f"{name}.npz"), 100, (1, 32, 32))
