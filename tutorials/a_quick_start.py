@@ -1,0 +1,76 @@
+"""Tutorial (a): quick start in Python: float ResNet-20 -> IOSO calibration -> NPU -> profile.
+
+Run it from the repository root::
+
+    python tutorials/a_quick_start.py            # full size: 1024 calibration images
+    python tutorials/a_quick_start.py --quick    # a few minutes: 64 images, 20 iterations
+
+It writes into ``--out`` (default ``tutorial_out/a``): the quantized ONNX file, the compiled
+``.tar``, the per-layer profile as JSON and its plot, and ``summary.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import ioso_tvm
+from hw_model import NPUConfig
+from ioso_tvm import datasets, models
+from target_npu.cli import format_profile, plot_profile
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--quick", action="store_true", help="small sizes, for the test suite")
+parser.add_argument("--out", default="tutorial_out/a", help="output folder")
+args = parser.parse_args()
+out = Path(args.out)
+out.mkdir(parents=True, exist_ok=True)
+n_calib, n_test, iters = (64, 16, 20) if args.quick else (1024, 256, None)
+torch.manual_seed(0)
+
+# 1. The float model. The package ships a ResNet-20 trained on Fashion-MNIST (28x28 images
+#    padded to 32x32, one channel, ten classes) and small fixed calibration / test subsets.
+float_model = models.load_pretrained("resnet20")
+calib_images, _ = datasets.load_calib_set(n_calib)
+test_images, test_labels = datasets.load_subset("test")
+x_calib = torch.from_numpy(datasets.to_model_input(calib_images))
+x_test = datasets.to_model_input(test_images[:n_test])
+y_test = test_labels[:n_test]
+
+# 2. Calibrate with IOSO at W4A4: every conv learns, per input channel, one of the NPU's
+#    three scale groups (x1, x(1-2^-4), x(1+2^-4)) and, per output channel, a scale and an
+#    offset folded into the NORM constants. The result is still a torch module.
+config = NPUConfig()  # four 16x16 PE arrays at 800 MHz (hw_model/config.py says where each number comes from)
+calib_config = ioso_tvm.CalibConfig(iters=iters, seed=0) if iters else ioso_tvm.CalibConfig(seed=0)
+qmodel = ioso_tvm.calibrate(float_model, x_calib, method="ioso", wbits=4, abits=4, config=calib_config)
+
+# 3. Export to ONNX (QDQ + IOSO attributes, docs/onnx_format.md) and compile it for the NPU.
+#    Layers the NPU cannot run fall back to the CPU (llvm); the compile report says which.
+onnx_path = out / "resnet20_w4a4.onnx"
+ioso_tvm.export_onnx(qmodel, str(onnx_path), input_shape=(n_test, 1, 32, 32))
+compiled = ioso_tvm.compile(str(onnx_path), target="ioso_npu", input_shapes={"input": (n_test, 1, 32, 32)},
+                            config=config)
+compiled.export(out / "resnet20_w4a4.tar")
+
+# 4. Run the test images on the functional simulator (bit-exact with hw_model/reference.py)
+#    and the cycle model in one go (mode "both"), and compare with the float model.
+logits = np.asarray(compiled.run({"input": x_test}, mode="both"))
+with torch.no_grad():
+    float_logits = float_model(torch.from_numpy(x_test)).numpy()
+acc_npu = float((logits.argmax(1) == y_test).mean())
+acc_float = float((float_logits.argmax(1) == y_test).mean())
+print(f"top-1 on {n_test} test images: float {100 * acc_float:.1f}%, NPU W4A4 {100 * acc_npu:.1f}%")
+
+# 5. The per-layer report: cycles, microseconds at the clock, MAC utilisation, groups, NPU/CPU.
+report = compiled.report()
+print(format_profile(report, config.clock_mhz))
+(out / "profile.json").write_text(json.dumps(report, indent=1, default=str))
+plot_profile(report, out / "profile.png")
+total_cycles = sum(int(layer.get("cycles") or 0) for layer in report.get("layers", []))
+summary = {"images": n_test, "acc_float": acc_float, "acc_npu": acc_npu, "total_cycles": total_cycles,
+           "latency_us": total_cycles / config.clock_mhz}
+(out / "summary.json").write_text(json.dumps(summary, indent=1))
+print(json.dumps(summary))
