@@ -1,6 +1,7 @@
 """tvmc / ioso-calibrate command lines: flag parsing, target options, one-line errors, inputs, profile."""
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -286,3 +287,78 @@ def test_calibration_data_files(tmp_path):
         np.savez(tmp_path / f"{name}.npz", **arrays)
         with pytest.raises(cli.CLIError, match=matches[name]):
             calib_cli.load_calib_inputs(str(tmp_path / f"{name}.npz"), 100, (1, 32, 32))
+
+
+# ------------------------------------------------------------- tvmc run against a stand-in model
+class _StandInModel:
+    """A compiled model stand-in: logits = mean of the input per sample times a fixed matrix."""
+
+    config = NPUConfig(clock_mhz=400.0)
+    W = np.arange(10, dtype=np.float32)
+
+    def __init__(self, path):
+        self.path, self.calls = path, []
+
+    def run(self, inputs, mode="func"):
+        self.calls.append(mode)
+        x = inputs["input"]
+        return x.reshape(x.shape[0], -1).mean(1, keepdims=True) * self.W
+
+    def report(self):
+        return {"layers": [{"name": "conv0", "device": "npu", "cycles": 800, "mac_utilisation": 0.25, "groups": 3},
+                           {"name": "fc", "device": "cpu"}]}
+
+
+@pytest.fixture
+def stand_in(tmp_path, monkeypatch):
+    from target_npu.artifact import save_artifact
+
+    path = save_artifact(tmp_path / "m.tar", config=_StandInModel.config,
+                         meta={"target": "ioso_npu", "inputs": [{"name": "input", "shape": [2, 1, 4, 4],
+                                                                 "dtype": "float32"}]})
+    made = []
+
+    class _API:
+        @staticmethod
+        def load(p):
+            made.append(_StandInModel(p))
+            return made[-1]
+
+    monkeypatch.setattr(cli, "_compile_api", lambda: _API)
+    return path, made
+
+
+def test_run_outputs_top_time_and_profile(stand_in, tmp_path, capsys):
+    path, made = stand_in
+    x = np.stack([np.full((1, 4, 4), 1.0), np.full((1, 4, 4), -1.0)]).astype(np.float32)
+    np.savez(tmp_path / "in.npz", input=x)
+    argv = ["run", str(path), "--inputs", str(tmp_path / "in.npz"), "--outputs", str(tmp_path / "out.npz"),
+            "--print-top", "2", "--print-time", "--repeat", "3", "--profile",
+            "--profile-json", str(tmp_path / "p.json"), "--profile-plot", str(tmp_path / "p.png")]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert made[0].calls == ["both"] * 3
+    with np.load(tmp_path / "out.npz", allow_pickle=False) as z:
+        assert np.array_equal(z["output_0"], _StandInModel(None).run({"input": x}))
+    assert "output_0[0] top-2: 9: 9, 8: 8" in out and "output_0[1] top-2: 0: -0, 1: -1" in out
+    assert "Execution time summary" in out
+    assert "conv0  NPU" in out and " 2.00 " in out  # 800 cycles at 400 MHz
+    assert json.loads((tmp_path / "p.json").read_text()) == _StandInModel(None).report()
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_run_fill_and_errors(stand_in, tmp_path, capsys):
+    path, made = stand_in
+    assert cli.main(["run", str(path), "--fill-mode", "ones"]) == 0
+    assert made[-1].calls == ["func"] and "output_0 float32[2, 10]" in capsys.readouterr().out
+    rc, err = _err(capsys, ["run", str(path), "--profile-json", "p.json"])
+    assert rc == 2 and "need --profile" in _assert_one_line(err)
+    rc, err = _err(capsys, ["run", str(path), "--print-top", "0"])
+    assert rc == 2 and "--print-top must be positive" in _assert_one_line(err)
+    np.savez(tmp_path / "bad.npz", images=np.zeros(3))
+    rc, err = _err(capsys, ["run", str(path), "--inputs", str(tmp_path / "bad.npz")])
+    assert rc == 2 and "unknown input(s) ['images']" in _assert_one_line(err)
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(b"junk" * 200)
+    rc, err = _err(capsys, ["run", str(junk)])
+    assert rc == 1 and "junk.tar is not a compiled-model .tar" in _assert_one_line(err)
