@@ -362,3 +362,31 @@ def test_run_fill_and_errors(stand_in, tmp_path, capsys):
     junk.write_bytes(b"junk" * 200)
     rc, err = _err(capsys, ["run", str(junk)])
     assert rc == 1 and "junk.tar is not a compiled-model .tar" in _assert_one_line(err)
+
+
+@pytest.mark.parametrize("target, kind", [("ioso_npu", "ioso_npu"), ("ioso_npu, llvm", "ioso_npu"),
+                                          ("llvm,ioso_npu -pe_arrays=1", "ioso_npu"), ("llvm", "llvm")])
+def test_compile_passes_target_config_shapes_and_records(tmp_path, monkeypatch, capsys, target, kind):
+    calls = {}
+
+    class _Compiled:
+        def export(self, path):
+            calls["export"] = Path(path)
+
+    class _API:
+        @staticmethod
+        def compile(model, **kw):
+            calls.update(model=model, **kw)
+            return _Compiled()
+
+    monkeypatch.setattr(cli, "_compile_api", lambda: _API)
+    model, records = tmp_path / "m.onnx", tmp_path / "r.json"
+    model.write_bytes(b"x")
+    records.write_text("")
+    opts = ["--target-ioso_npu-clock_mhz=500"] if kind == "ioso_npu" else []
+    argv = ["compile", str(model), f"--target={target}", "-o", str(tmp_path / "o.tar"), "--input-shapes",
+            "input:[1,1,32,32]", "--tuning-records", str(records), *opts]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    expected_cfg = NPUConfig(clock_mhz=500.0, pe_arrays=1 if "pe_arrays" in target else 4) if opts else NPUConfig()
+    assert calls == {"model": str(model), "target": kind, "input_shapes": {"input": (1, 1, 32, 32)},
+                     "config": expected_cfg, "tuning_records": str(records), "export": tmp_path / "o.tar"}
