@@ -102,7 +102,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     import torch
 
     import ioso_tvm
-    from ioso_tvm import calib
+
+    try:
+        from ioso_tvm import calib, export
+    except ImportError as e:
+        raise CLIError(f"calibration is not available in this installation ({one_line(e)})") from None
+    if not (hasattr(calib, "calibrate") and hasattr(export, "export_onnx")):
+        raise CLIError("calibration is not available in this installation (ioso_tvm.calib.calibrate missing)")
 
     torch.manual_seed(args.seed if args.seed is not None else 0)
     model = models.load_pretrained(args.model) if args.pretrained else models.build_model(args.model).eval()

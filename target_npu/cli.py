@@ -314,14 +314,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not (args.outputs or args.print_top or args.print_time or args.profile):
         print("outputs: " + ", ".join(f"output_{i} {o.dtype}{list(o.shape)}" for i, o in enumerate(outs)))
     if args.profile:
-        _profile(compiled, args)
+        _profile(compiled, path, args)
     return 0
 
 
-def _profile(compiled: Any, args: argparse.Namespace) -> None:
+def _profile(compiled: Any, path: Path, args: argparse.Namespace) -> None:
+    from target_npu.artifact import CONFIG, read_member_json
+
     report = compiled.report()
-    clock = float(getattr(getattr(compiled, "config", None), "clock_mhz", NPUConfig().clock_mhz))
-    print(format_profile(report, clock))
+    print(format_profile(report, NPUConfig.from_dict(read_member_json(path, CONFIG)).clock_mhz))
     if args.profile_json:
         Path(args.profile_json).write_text(json.dumps(report, indent=1, default=str))
         print(f"profile -> {args.profile_json}")
