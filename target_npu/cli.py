@@ -361,10 +361,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
         raise CLIError(f"--trials must be positive, got {args.trials}")
     try:
         tuner = importlib.import_module("target_npu.tuner")
-    except ModuleNotFoundError:
-        tuner = None
-    if tuner is None or not hasattr(tuner, "tune_model"):
-        raise CLIError("tvmc tune is not available: the tuner (target_npu.tuner.tune_model) is not installed")
+    except ImportError as e:
+        raise CLIError(f"tvmc tune is not available: the tuner cannot be imported ({one_line(e)})") from None
+    if not hasattr(tuner, "tune_model"):
+        raise CLIError("tvmc tune is not available: the tuner has no tune_model()")
     tuner.tune_model(str(model), trials=args.trials, output=args.output, cfg=config, tuner=args.tuner)
     print(f"tuning records for {model} -> {args.output}")
     return 0
