@@ -1,0 +1,189 @@
+"""Tuners behind one interface: xgboost + simulated annealing, random search, grid search.
+
+``tuner.tune(n_trials)`` measures at most ``n_trials`` distinct valid tilings of one layer
+(invalid points never reach the measurer) and returns a :class:`TuneResult`.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields, replace
+
+import numpy as np
+from tqdm import tqdm
+
+from hw_model.config import NPUConfig
+
+from .cost_model import XGBCostModel
+from .measure import Measurer
+from .space import ConvSpec, Tiling, default_tiling, enumerate_space
+
+SA_CHAINS = 16
+"""Simulated-annealing chains per proposal round. Chosen: AutoTVM's SimulatedAnnealingOptimizer uses 128 on
+spaces of 1e6+; our per-layer spaces have hundreds of points."""
+SA_STEPS = 40
+"""Steps per chain. Chosen: enough to cross every knob's value list a few times."""
+EPS_RANDOM = 0.1
+"""Fraction of each batch drawn at random (exploration). Chosen: AutoTVM's eps-greedy default 0.05, rounded up."""
+
+
+@dataclass
+class TuneResult:
+    """Measured history of one tuning run, in measurement order (cycles are core cycles)."""
+
+    spec: ConvSpec
+    tuner: str
+    history: list[tuple[Tiling, int]] = field(default_factory=list)
+
+    @property
+    def best(self) -> tuple[Tiling, int]:
+        if not self.history:
+            raise ValueError("TuneResult.best: nothing was measured")
+        return min(self.history, key=lambda h: h[1])
+
+    def best_curve(self) -> list[int]:
+        """Best cycles so far after each trial."""
+        return list(np.minimum.accumulate([c for _, c in self.history]))
+
+
+class Tuner:
+    """Base class: subclasses implement :meth:`next_batch`."""
+
+    name = "base"
+
+    def __init__(self, spec: ConvSpec, cfg: NPUConfig, measurer: Measurer | None = None, seed: int = 0,
+                 space: Sequence[Tiling] | None = None) -> None:
+        self.spec, self.cfg = spec, cfg
+        self.measurer = measurer if measurer is not None else Measurer(spec, cfg)
+        self.space = list(space) if space is not None else enumerate_space(spec, cfg)
+        if not self.space:
+            raise ValueError(f"layer {spec} has no valid tiling on this NPUConfig")
+        self.rng = np.random.default_rng(seed)
+        self.seed = seed
+        self.measured: dict[Tiling, int] = {}
+
+    def unmeasured(self) -> list[Tiling]:
+        return [t for t in self.space if t not in self.measured]
+
+    def next_batch(self, k: int) -> list[Tiling]:
+        raise NotImplementedError
+
+    def update(self, tilings: Sequence[Tiling], cycles: Sequence[int]) -> None:
+        self.measured.update(zip(tilings, cycles))
+
+    def tune(self, n_trials: int, batch_size: int | None = None, progress: bool = False,
+             desc: str | None = None) -> TuneResult:
+        """Measure up to ``n_trials`` distinct tilings (fewer if the space is smaller)."""
+        if not isinstance(n_trials, int) or n_trials < 1:
+            raise ValueError(f"n_trials must be a positive int, got {n_trials!r}")
+        n_trials = min(n_trials, len(self.space))
+        bs = batch_size or max(1, min(8, n_trials // 5))
+        res = TuneResult(self.spec, self.name)
+        with tqdm(total=n_trials, desc=desc or self.name, disable=not progress, leave=False) as bar:
+            while len(res.history) < n_trials:
+                batch = [t for t in self.next_batch(min(bs, n_trials - len(res.history))) if t not in self.measured]
+                if not batch:
+                    break
+                cycles = self.measurer(batch)
+                self.update(batch, cycles)
+                res.history.extend(zip(batch, cycles))
+                bar.update(len(batch))
+                bar.set_postfix(best_cycles=res.best[1])
+        return res
+
+
+class RandomTuner(Tuner):
+    """Uniform sampling without replacement."""
+
+    name = "random"
+
+    def next_batch(self, k: int) -> list[Tiling]:
+        todo = self.unmeasured()
+        idx = self.rng.choice(len(todo), size=min(k, len(todo)), replace=False)
+        return [todo[i] for i in idx]
+
+
+class GridTuner(Tuner):
+    """Enumerates the space in its fixed order."""
+
+    name = "grid"
+
+    def next_batch(self, k: int) -> list[Tiling]:
+        return self.unmeasured()[:k]
+
+
+class XGBTuner(Tuner):
+    """xgboost cost model refit after each batch; simulated annealing on its prediction proposes the next one."""
+
+    name = "xgb"
+
+    def __init__(self, *args, **kw) -> None:  # noqa: ANN002, ANN003
+        super().__init__(*args, **kw)
+        self.model = XGBCostModel(self.spec, self.cfg, seed=self.seed)
+        self.valid = set(self.space)
+        self.values = {f.name: sorted({getattr(t, f.name) for t in self.space}, key=str) for f in fields(Tiling)}
+
+    def update(self, tilings: Sequence[Tiling], cycles: Sequence[int]) -> None:
+        super().update(tilings, cycles)
+        ts = list(self.measured)
+        self.model.update(ts, [self.measured[t] for t in ts])
+
+    def _neighbour(self, t: Tiling) -> Tiling:
+        name = list(self.values)[self.rng.integers(len(self.values))]
+        vals = self.values[name]
+        i = vals.index(getattr(t, name)) + int(self.rng.choice((-1, 1)))
+        return replace(t, **{name: vals[i % len(vals)]})
+
+    def _anneal(self) -> dict[Tiling, float]:
+        """Visited valid points -> predicted log2 cycles, from SA chains seeded by the best measured points."""
+        best = sorted(self.measured, key=self.measured.get)[: SA_CHAINS // 2]
+        starts = best + [self.space[i] for i in self.rng.integers(len(self.space), size=SA_CHAINS - len(best))]
+        seen: dict[Tiling, float] = {}
+        cur = list(starts)
+        cur_e = list(self.model.predict(cur))
+        seen.update(zip(cur, cur_e))
+        for step in range(SA_STEPS):
+            temp = max(1e-3, 1.0 - step / SA_STEPS)
+            cand = []
+            for t in cur:
+                n = self._neighbour(t)
+                cand.append(n if n in self.valid else t)
+            new = [c for c in cand if c not in seen]
+            if new:
+                seen.update(zip(new, self.model.predict(new)))
+            for j, c in enumerate(cand):
+                de = seen[c] - cur_e[j]
+                if de <= 0 or self.rng.random() < math.exp(-de / (0.5 * temp)):
+                    cur[j], cur_e[j] = c, seen[c]
+        return seen
+
+    def next_batch(self, k: int) -> list[Tiling]:
+        todo = self.unmeasured()
+        if not self.measured:
+            # The default heuristic is the first candidate: a tuned schedule is never worse than it.
+            first = [default_tiling(self.spec, self.cfg)] if default_tiling(self.spec, self.cfg) in self.valid else []
+            rest = [t for t in todo if t not in first]
+            idx = self.rng.choice(len(rest), size=min(k - len(first), len(rest)), replace=False)
+            return first + [rest[i] for i in idx]
+        if self.model.booster is None:
+            idx = self.rng.choice(len(todo), size=min(k, len(todo)), replace=False)
+            return [todo[i] for i in idx]
+        seen = self._anneal()
+        ranked = [t for t in sorted(seen, key=seen.get) if t not in self.measured]
+        n_rand = int(self.rng.binomial(k, EPS_RANDOM))
+        batch = ranked[: k - n_rand]
+        rest = [t for t in todo if t not in set(batch)]
+        while len(batch) < k and rest:
+            batch.append(rest.pop(int(self.rng.integers(len(rest)))))
+        return batch
+
+
+TUNERS = {"xgb": XGBTuner, "random": RandomTuner, "grid": GridTuner}
+
+
+def make_tuner(kind: str, spec: ConvSpec, cfg: NPUConfig, measurer: Measurer | None = None,
+               seed: int = 0) -> Tuner:
+    """A tuner by name: "xgb", "random" or "grid"."""
+    if kind not in TUNERS:
+        raise ValueError(f"tuner must be one of {sorted(TUNERS)}, got {kind!r}")
+    return TUNERS[kind](spec, cfg, measurer=measurer, seed=seed)
