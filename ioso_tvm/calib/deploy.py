@@ -1,0 +1,208 @@
+"""Integer deploy mode: the calibrated model run as the NPU computes it (``hw_model.reference``).
+
+Activations are int64 torch tensors holding the stored integers. MAC: float64 convolution of
+integer values per ISG group (exact: the bound ``sum|w| * max|x| < 2^53`` is asserted), cast
+to int64; group partial sums combined by the shifter rule ``d + sign * (d >> n)`` (torch
+``>>`` on int64 floors) in the contract's order with int32 overflow checks; NORM in float32
+as two separate ops ``t = acc * m`` then ``t = t + b``; ``torch.round`` (half to even); clip.
+All constants come once from ``hw_model.reference.*_constants`` on the float32 values that
+``QLayer.integer_params`` / ``ActQuantizer.scale32`` give (the export writes the same values).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hw_model import reference as ref
+
+from .qmodules import QAdd, QFlatten, QGlobalAvgPool, QInput, QLayer, QMaxPool
+
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+
+@dataclass
+class QParams:
+    """Quantization of one tensor: float32 scale, zero point, clip bounds, bits, signedness."""
+
+    scale: np.float32
+    zp: int
+    lo: int
+    hi: int
+    bits: int
+    signed: bool
+
+
+def qparams(q) -> QParams:
+    """QParams of an :class:`~ioso_tvm.calib.quantizers.ActQuantizer`."""
+    lo, hi = q.bounds()
+    return QParams(q.scale32(), int(q.zp), lo, hi, q.bits, q.signed)
+
+
+def _check_int32(a: torch.Tensor, what: str) -> torch.Tensor:
+    if a.numel() and (int(a.min()) < INT32_MIN or int(a.max()) > INT32_MAX):
+        raise OverflowError(f"{what} leaves int32 (range {int(a.min())}..{int(a.max())})")
+    return a
+
+
+def _norm_act(acc: torch.Tensor, m: torch.Tensor, b: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """float32 NORM (multiply, then add: two roundings) + round half even + clip -> int64."""
+    t = acc.to(torch.float32) * m
+    t = t + b
+    return torch.clamp(torch.round(t), lo, hi).to(torch.int64)
+
+
+class IntLayer:
+    """Integer conv / linear: MAC per ISG group, shift-add, NORM, ACT + QUANT."""
+
+    def __init__(self, op: QLayer, qin: QParams, qout: QParams) -> None:
+        p = op.integer_params()
+        self.op, self.qin, self.qout, self.p = op, qin, qout, p
+        m, b = ref.norm_constants(qin.scale, p["s_w"], qout.scale, qout.zp, p["bias"], p["oso_scale"],
+                                  p["oso_offset"])
+        shape = (1, -1, 1, 1) if op.kind == "conv" else (1, -1)
+        self.m = torch.from_numpy(m).view(shape)
+        self.b = torch.from_numpy(b).view(shape)
+        self.w = torch.from_numpy(p["w_int"].astype(np.float64))
+        self.groups = torch.from_numpy(p["isg_groups"])
+        self.cfg = op.isg.cfg
+        self.wabs = self.w.abs().reshape(self.w.shape[0], -1).sum(1).max().item()
+
+    def acc(self, x: torch.Tensor) -> torch.Tensor:
+        """int64 D2 accumulator of integer input ``x`` (stored values)."""
+        op, cfg = self.op, self.cfg
+        xo = (x - self.qin.zp).to(torch.float64)
+        if xo.numel() and self.wabs * float(xo.abs().max()) >= 2.0**53:
+            raise OverflowError(f"layer {op.name!r}: MAC bound exceeds 2^53, float64 MAC would not be exact")
+        order = [g for g, s in enumerate(cfg.isg_group_signs) if s != 0] + \
+                [g for g, s in enumerate(cfg.isg_group_signs) if s == 0]
+        d2 = None
+        view = (1, -1, 1, 1) if op.kind == "conv" else (1, -1)
+        for g in order:
+            mask = (self.groups == g)
+            if not bool(mask.any()):
+                continue
+            xg = xo * mask.to(torch.float64).view(view)
+            if op.kind == "conv":
+                d1 = F.conv2d(xg, self.w, None, op.stride, op.padding, op.dilation, op.groups)
+            else:
+                d1 = F.linear(xg, self.w)
+            d1 = _check_int32(d1.round().to(torch.int64), f"layer {op.name!r}: D1 partial sum of group {g}")
+            sign = cfg.isg_group_signs[g]
+            sh = d1 if sign == 0 else d1 + sign * (d1 >> cfg.isg_shift)
+            _check_int32(sh, f"layer {op.name!r}: shifted partial sum of group {g}")
+            d2 = sh if d2 is None else _check_int32(d2 + sh, f"layer {op.name!r}: D2 accumulator")
+        if d2 is None:  # no input channel at all cannot happen; keep shapes right
+            raise ValueError(f"layer {op.name!r} has no input channels")
+        return d2
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return _norm_act(self.acc(x), self.m, self.b, self.qout.lo, self.qout.hi)
+
+
+class IntAdd:
+    """Integer residual add: ``fl(fl(fl(xa*ma) + fl(xb*mb)) + bias)``, ACT + QUANT."""
+
+    def __init__(self, qa: QParams, qb: QParams, qout: QParams) -> None:
+        ma, mb, bias = ref.add_constants(qa.scale, qb.scale, qout.scale, qout.zp)
+        self.qa, self.qb, self.qout = qa, qb, qout
+        self.ma, self.mb, self.bias = (torch.tensor(float(v), dtype=torch.float32) for v in (ma, mb, bias))
+
+    def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        xa = (a - self.qa.zp).to(torch.float32)
+        xb = (b - self.qb.zp).to(torch.float32)
+        t = xa * self.ma
+        u = xb * self.mb
+        t = t + u
+        t = t + self.bias
+        return torch.clamp(torch.round(t), self.qout.lo, self.qout.hi).to(torch.int64)
+
+
+class IntGap:
+    """Integer global average pool: int32 sum of ``x - zp`` over H*W, NORM, ACT + QUANT."""
+
+    def __init__(self, name: str, qin: QParams, qout: QParams, window: int) -> None:
+        m, b = ref.avg_pool_constants(qin.scale, qout.scale, qout.zp, window)
+        self.name, self.qin, self.qout = name, qin, qout
+        self.m, self.b = torch.tensor(float(m), dtype=torch.float32), torch.tensor(float(b), dtype=torch.float32)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        acc = _check_int32((x - self.qin.zp).sum((2, 3), keepdim=True), f"{self.name!r}: average pool sum")
+        return _norm_act(acc, self.m, self.b, self.qout.lo, self.qout.hi)
+
+
+class IntegerModel:
+    """The integer program of a QuantModel. ``__call__(x float32) -> dequantized float32 output``;
+    ``run(x) -> {tensor name: int64 tensor}`` gives every intermediate integer tensor."""
+
+    def __init__(self, qmodel) -> None:
+        self.qmodel = qmodel
+        self.qp: dict[str, QParams] = {}
+        self.fns: list = []
+        h, w = qmodel.input_shape[1:] if len(qmodel.input_shape) == 3 else (1, 1)
+        shapes: dict[str, tuple[int, int]] = {"input": (h, w)}
+        for st in qmodel.program:
+            op = qmodel.ops[st.op]
+            ins = [self.qp.get(t) for t in st.inputs]
+            hw = shapes[st.inputs[0]]
+            if isinstance(op, QInput):
+                self.qp[st.out] = qparams(op.outq)
+                fn = self._input_fn(self.qp[st.out])
+            elif isinstance(op, QLayer):
+                self.qp[st.out] = qparams(op.outq)
+                fn = IntLayer(op, ins[0], self.qp[st.out])
+                if op.kind == "conv":
+                    hw = tuple((hw[i] + 2 * op.padding[i] - op.dilation[i] * (op.weight.shape[2 + i] - 1) - 1)
+                               // op.stride[i] + 1 for i in range(2))
+            elif isinstance(op, QAdd):
+                self.qp[st.out] = qparams(op.outq)
+                fn = IntAdd(ins[0], ins[1], self.qp[st.out])
+            elif isinstance(op, QGlobalAvgPool):
+                self.qp[st.out] = qparams(op.outq)
+                fn = IntGap(op.name, ins[0], self.qp[st.out], hw[0] * hw[1])
+                hw = (1, 1)
+            elif isinstance(op, QMaxPool):
+                self.qp[st.out] = ins[0]
+                fn = self._maxpool_fn(op)
+                hw = tuple((hw[i] + 2 * op.padding[i] - op.kernel[i]) // op.stride[i] + 1 for i in range(2))
+            elif isinstance(op, QFlatten):
+                self.qp[st.out] = ins[0]
+                def fn(x):
+                    return (torch.flatten(x, 1))
+            else:
+                raise TypeError(f"op {st.op!r}: {type(op).__name__} has no integer mode")
+            shapes[st.out] = hw
+            self.fns.append(fn)
+
+    @staticmethod
+    def _input_fn(q: QParams):
+        s = torch.tensor(float(q.scale), dtype=torch.float32)
+
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            t = torch.round(x.to(torch.float32) / s) + q.zp
+            return torch.clamp(t, q.lo, q.hi).to(torch.int64)
+        return fn
+
+    @staticmethod
+    def _maxpool_fn(op: QMaxPool):
+        def fn(x: torch.Tensor) -> torch.Tensor:  # float64 holds the integers exactly; -inf padding never wins
+            return F.max_pool2d(x.to(torch.float64), op.kernel, op.stride, op.padding).to(torch.int64)
+        return fn
+
+    @torch.no_grad()
+    def run(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        env = {"input": x}
+        for st, fn in zip(self.qmodel.program, self.fns):
+            env[st.out] = fn(*[env[t] for t in st.inputs])
+        return env
+
+    def output_qparams(self) -> QParams:
+        return self.qp[self.qmodel.output]
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.run(x)[self.qmodel.output]
+        qp = self.output_qparams()
+        return (q - qp.zp).to(torch.float32) * torch.tensor(float(qp.scale), dtype=torch.float32)
