@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from calib_helpers import TinyRes, randomise, reference_walk
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_calib_helpers import TinyRes, randomise, reference_walk
 
 from ioso_tvm.calib.qmodel import build_qmodel
 from ioso_tvm.models import mobilenetv2_small, resnet20
