@@ -43,6 +43,12 @@ class NPUConfig:
     """Weight buffer in KiB. Chosen: holds the largest ResNet-50 3x3 filter tile (256 oc x 16 ic x 9) many times over."""
     acc_buf_kib: int = 64
     """Accumulator buffer (D1/D2 tiles, int32) in KiB. Chosen: 16 oc x 1024 pixels x 4 B."""
+    const_buf_kib: int = 16
+    """NORM / ALU constant buffer (float32 m, b, ...) in KiB. Chosen: m and b of 2048 channels (ResNet-50 max)."""
+    pixels_per_cycle: int = 4
+    """Output pixels one PE array serves per cycle (each with its own 16x16 MAC slice). Chosen so Table 7 is
+    reachable: ResNet-50 (4.1 GMAC) at 4 arrays x 256 MAC x 800 MHz alone takes ~5 ms > 1762 us; see
+    docs/cycle_model.md. The fit may change it."""
     dram_bytes_per_cycle: float = 16.0
     """DRAM bandwidth in bytes per core cycle. Chosen default (12.8 GB/s at 800 MHz, LPDDR4-class); refit in cycle docs."""
     instr_overhead_cycles: int = 8
