@@ -1,0 +1,283 @@
+"""Fold ``dequantize -> op -> quantize`` chains of an imported QDQ model into integer NPU layers.
+
+The ONNX frontend (TVM 0.27) imports the format of docs/onnx_format.md as float ops between
+``relax.quantize`` / ``relax.dequantize``; a ``Clip`` becomes ``isnan/where`` plus
+``call_tir(maximum|minimum)``. :func:`find_layers` reads every ``relax.quantize`` binding of
+``main`` and walks its producers back to the previous quantized tensors, recovering the
+integers and constants of the contract (``hw_model.reference``):
+
+- conv: int8 weights (DQ initializer), ISG group per input channel (index of the ``Mul(gamma)``
+  value in ``NPUConfig.group_factors``; any other value is a ValueError), NORM m/b from
+  ``reference.norm_constants`` (same call and float32 inputs as deploy mode), clip lo/hi;
+- add: ``reference.add_constants``; global average pool: ``reference.avg_pool_constants``;
+- max pool: kernel/stride/pads (same scale and zero point in and out);
+- the graph input's quantizer (a CPU step: ``reference.quantize``).
+
+Representation: :class:`FoldQDQ` replaces the ``quantize`` of each layer by
+``R.call_dps_packed("<prefix>.<index>", integer inputs)``; the float ops it made dead are
+removed by ``DeadCodeElimination``. The constants live in the :class:`Layer` objects, which
+``target_npu.runtime`` packs once at compile time into the registered global function.
+A chain that is not recognised, or that fails an NPU check, stays a float QDQ chain that
+the Relax VM runs on the CPU (llvm); :func:`find_layers` returns it with the reason.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from hw_model import reference as ref
+from hw_model.config import NPUConfig
+
+MAX_KERNEL = 7
+"""Largest conv kernel side offloaded. Chosen: covers 7x7 stems; larger kernels go to the CPU."""
+
+
+@dataclass
+class Layer:
+    """One folded integer layer: ``kind`` in conv/add/maxpool/gap/input; ``inputs`` are Relax vars."""
+
+    kind: str
+    name: str
+    inputs: list[Any]
+    out_shape: tuple[int, ...]
+    out_dtype: str
+    consts: dict[str, Any] = field(default_factory=dict)
+    quant: Any = None  # the relax.quantize call this layer replaces
+
+    def macs(self) -> int:
+        """Multiply-accumulates of one run (convs only; 0 otherwise)."""
+        if self.kind != "conv":
+            return 0
+        k, cg, kh, kw = self.consts["w"].shape
+        return int(np.prod(self.out_shape)) * cg * kh * kw
+
+
+class NotFoldable(Exception):
+    """A chain that stays on the CPU; the message says why."""
+
+
+def _op(e: Any, name: str) -> bool:
+    return isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == name
+
+
+class _Graph:
+    """Var -> bound value of ``main``'s bindings, with constant readers."""
+
+    def __init__(self, func: relax.Function) -> None:
+        self.bind = {b.var: b.value for blk in func.body.blocks for b in blk.bindings}
+        self.params = set(func.params)
+
+    def prod(self, e: Any) -> Any:
+        while isinstance(e, relax.Var) and e in self.bind:
+            e = self.bind[e]
+        return e
+
+    def const(self, e: Any, what: str) -> np.ndarray:
+        e = self.prod(e)
+        if _op(e, "relax.reshape"):
+            return self.const(e.args[0], what)
+        data = getattr(e, "value", None) if isinstance(e, tvm.ir.GenericConst) else None
+        if data is None:
+            raise NotFoldable(f"{what} is not a constant")
+        return data.numpy()
+
+    def is_const(self, e: Any) -> bool:
+        try:
+            self.const(e, "")
+            return True
+        except NotFoldable:
+            return False
+
+    def dq(self, e: Any, what: str) -> tuple[Any, float, int]:
+        """(integer var, scale, zp) of a per-tensor ``dequantize``."""
+        d = self.prod(e)
+        if not _op(d, "relax.dequantize"):
+            raise NotFoldable(f"{what} is not a dequantized tensor")
+        s, zp = self.const(d.args[1], "scale"), self.const(d.args[2], "zero point")
+        if s.size != 1 or zp.size != 1:
+            raise NotFoldable(f"{what} has a per-channel activation scale")
+        return d.args[0], float(np.float32(s.reshape(()))), int(zp.reshape(()))
+
+    def strip_clip(self, e: Any) -> tuple[Any, float, float]:
+        """Peel relu / clip (maximum, minimum) ops: (inner expr, float lo, float hi)."""
+        lo, hi = -math.inf, math.inf
+        while True:
+            c = self.prod(e)
+            if _op(c, "relax.nn.relu"):
+                lo, e = max(lo, 0.0), c.args[0]
+            elif _op(c, "relax.call_tir") and isinstance(c.args[0], relax.GlobalVar) \
+                    and c.args[0].name_hint.startswith(("maximum", "minimum")):
+                x, bound = c.args[1].fields
+                w = self.prod(bound)
+                v = float(self.const(w.args[2] if _op(w, "relax.where") else bound, "clip bound").reshape(()))
+                if c.args[0].name_hint.startswith("maximum"):
+                    lo = max(lo, v)
+                else:
+                    hi = min(hi, v)
+                e = x
+            else:
+                return e, lo, hi
+
+
+def _int_bounds(lo_f: float, hi_f: float, s: float, zp: int, dtype: str) -> tuple[int, int]:
+    info = np.iinfo(np.dtype(dtype))
+    lo, hi = int(info.min), int(info.max)
+    if lo_f > -math.inf:
+        lo = max(lo, int(np.rint(np.float32(lo_f) / np.float32(s))) + zp)
+    if hi_f < math.inf:
+        hi = min(hi, int(np.rint(np.float32(hi_f) / np.float32(s))) + zp)
+    return lo, hi
+
+
+def _isg_groups(gamma: np.ndarray, c: int, cfg: NPUConfig, name: str) -> np.ndarray:
+    g = np.asarray(gamma, np.float32).reshape(-1)
+    if g.size != c:
+        raise ValueError(f"layer {name}: ISG gamma has {g.size} values for {c} input channels")
+    factors = np.asarray(cfg.group_factors, np.float32)
+    idx = np.argmax(g[:, None] == factors[None, :], axis=1)
+    bad = ~np.any(g[:, None] == factors[None, :], axis=1)
+    if bad.any():
+        raise ValueError(f"layer {name}: ISG gamma value {g[bad][0]!r} is not one of the group factors "
+                         f"{cfg.group_factors}")
+    return idx.astype(np.int64)
+
+
+def _conv(gr: _Graph, body: Any, s_out: float, zp_out: int, cfg: NPUConfig, name: str,
+          wbits: dict[str, int]) -> tuple[list[Any], dict[str, Any]]:
+    chain = []
+    c = gr.prod(body)
+    while (_op(c, "relax.add") or _op(c, "relax.multiply")) and gr.is_const(c.args[1]):
+        chain.append((c.op.name, gr.const(c.args[1], "constant")))
+        c = gr.prod(c.args[0])
+    if not _op(c, "relax.nn.conv2d"):
+        raise NotFoldable("no conv2d under the activation quantizer")
+    chain.reverse()
+    bias = g = phi = None
+    kinds = [k for k, _ in chain]
+    if kinds[:1] == ["relax.add"]:
+        bias = chain.pop(0)[1]
+    if [k for k, _ in chain] == ["relax.multiply", "relax.add"]:
+        g, phi = chain[0][1], chain[1][1]
+    elif chain:
+        raise NotFoldable(f"unsupported ops between conv and quantizer: {[k for k, _ in chain]}")
+    a = c.attrs
+    if a.data_layout != "NCHW" or a.kernel_layout != "OIHW":
+        raise NotFoldable(f"conv layout {a.data_layout}/{a.kernel_layout}")
+    dil = [int(v) for v in a.dilation]
+    if dil != [1, 1]:
+        raise NotFoldable(f"dilation {dil} (the NPU supports 1)")
+    inp, gamma = c.args[0], None
+    m0 = gr.prod(inp)
+    if _op(m0, "relax.multiply") and gr.is_const(m0.args[1]):
+        gamma, inp = gr.const(m0.args[1], "gamma"), m0.args[0]
+    xq, s_x, zp_x = gr.dq(inp, "conv input")
+    wd = gr.prod(c.args[1])
+    if not _op(wd, "relax.dequantize"):
+        raise NotFoldable("conv weight is not a dequantized constant")
+    w = gr.const(wd.args[0], "weight")
+    s_w = gr.const(wd.args[1], "weight scale").astype(np.float32)
+    if w.dtype != np.int8 or np.any(gr.const(wd.args[2], "weight zp") != 0):
+        raise NotFoldable(f"weights must be int8 with zero point 0, got {w.dtype}")
+    k, cg, kh, kw = w.shape
+    if max(kh, kw) > MAX_KERNEL:
+        raise NotFoldable(f"kernel {kh}x{kw} larger than {MAX_KERNEL}")
+    bits = wbits.get(name, wbits.get("*"))
+    if bits is not None and (w.min() < -(2 ** (bits - 1)) or w.max() > 2 ** (bits - 1) - 1):
+        raise ValueError(f"layer {name}: weights leave the declared {bits}-bit range")
+    cin = int(xq.ty.shape[1])
+    gvec = np.zeros(cin, np.int64) if gamma is None else _isg_groups(gamma, cin, cfg, name)
+    m, b = ref.norm_constants(s_x, np.broadcast_to(s_w, (k,)), s_out, zp_out,
+                              None if bias is None else bias.reshape(-1).astype(np.float32),
+                              None if g is None else g.reshape(-1), None if phi is None else phi.reshape(-1))
+    return [xq], {"x_zp": zp_x, "w": w, "m": m, "b": b, "isg_groups": gvec,
+                  "stride": [int(v) for v in a.strides], "pads": [int(v) for v in a.padding],
+                  "groups": int(a.groups)}
+
+
+def _classify(gr: _Graph, q: Any, idx: int, cfg: NPUConfig, wbits: dict[str, int]) -> Layer:
+    s_out = float(np.float32(gr.const(q.args[1], "output scale").reshape(())))
+    zp_out = int(gr.const(q.args[2], "output zero point").reshape(()))
+    dtype = str(q.ty.dtype)
+    body, lo_f, hi_f = gr.strip_clip(q.args[0])
+    lo, hi = _int_bounds(lo_f, hi_f, s_out, zp_out, dtype)
+    out = dict(out_shape=tuple(int(v) for v in q.ty.shape), out_dtype=dtype, quant=q)
+    c = gr.prod(body)
+    clip = {"lo": lo, "hi": hi}
+    if isinstance(body, relax.Var) and body in gr.params:
+        return Layer("input", f"quantize_{body.name}", [body],
+                     consts={"scale": s_out, "zp": zp_out, **clip}, **out)
+    if _op(c, "relax.nn.max_pool2d"):
+        xq, s, zp = gr.dq(c.args[0], "max pool input")
+        a = c.attrs
+        if (s, zp) != (s_out, zp_out) or a.ceil_mode or [int(v) for v in a.dilation] != [1, 1]:
+            raise NotFoldable("max pool with requantization, ceil_mode or dilation")
+        return Layer("maxpool", f"maxpool{idx}", [xq], consts={
+            "kernel": [int(v) for v in a.pool_size], "stride": [int(v) for v in a.strides],
+            "pads": [int(v) for v in a.padding], **clip}, **out)
+    if _op(c, "relax.mean"):
+        axes = sorted(int(v) for v in c.attrs.axis)
+        if axes != [2, 3] or not c.attrs.keepdims:
+            raise NotFoldable(f"mean over axes {axes} is not a global average pool")
+        xq, s, zp = gr.dq(c.args[0], "average pool input")
+        h, w = (int(v) for v in list(xq.ty.shape)[2:])
+        m, b = ref.avg_pool_constants(s, s_out, zp_out, h * w)
+        return Layer("gap", f"gap{idx}", [xq], consts={"x_zp": zp, "m": m, "b": b, **clip}, **out)
+    if _op(c, "relax.add") and _op(gr.prod(c.args[0]), "relax.dequantize") \
+            and _op(gr.prod(c.args[1]), "relax.dequantize"):
+        (aq, sa, za), (bq, sb, zb) = gr.dq(c.args[0], "add input"), gr.dq(c.args[1], "add input")
+        if tuple(aq.ty.shape) != tuple(bq.ty.shape):
+            raise NotFoldable("add with broadcasting")
+        ma, mb, bias = ref.add_constants(sa, sb, s_out, zp_out)
+        return Layer("add", f"add{idx}", [aq, bq], consts={
+            "a_zp": za, "b_zp": zb, "ma": ma, "mb": mb, "bias": bias, **clip}, **out)
+    name = f"conv{idx}"
+    inputs, consts = _conv(gr, body, s_out, zp_out, cfg, name, wbits)
+    return Layer("conv", name, inputs, consts={**consts, **clip}, **out)
+
+
+def find_layers(mod: tvm.IRModule, cfg: NPUConfig, wbits: dict[str, int] | None = None
+                ) -> tuple[list[Layer], list[tuple[str, str]]]:
+    """Foldable layers of ``mod["main"]`` and the CPU fallbacks as (relax var name, reason)."""
+    func = mod["main"]
+    gr = _Graph(func)
+    layers, fallbacks = [], []
+    for var, val in gr.bind.items():
+        if not _op(val, "relax.quantize"):
+            continue
+        try:
+            layers.append(_classify(gr, val, len(layers), cfg, wbits or {}))
+        except NotFoldable as e:
+            fallbacks.append((var.name, str(e)))
+    return layers, fallbacks
+
+
+@mutator
+class FoldQDQ(PyExprMutator):
+    """Replace each layer's ``quantize`` call by ``call_dps_packed(f"{prefix}.{i}", inputs)``."""
+
+    def __init__(self, mod: tvm.IRModule, layers: list[Layer], prefix: str) -> None:
+        super().__init__(mod)
+        self.repl = {ly.quant: (f"{prefix}.{i}", ly) for i, ly in enumerate(layers)}
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: D102
+        hit = self.repl.get(call)
+        if hit is None:
+            return super().visit_call_(call)
+        fname, ly = hit
+        return relax.call_dps_packed(fname, [self.visit_expr(v) for v in ly.inputs],
+                                     relax.TensorType(ly.out_shape, ly.out_dtype))
+
+
+def fold_qdq(mod: tvm.IRModule, layers: list[Layer], prefix: str) -> tvm.IRModule:
+    """``mod`` with ``layers`` replaced by packed calls and dead float ops removed."""
+    m = FoldQDQ(mod, layers, prefix)
+    new = m.visit_expr(mod["main"])
+    out = tvm.IRModule({**{gv: mod[gv] for gv in mod.get_global_vars() if gv.name_hint != "main"}})
+    out["main"] = new
+    return relax.transform.DeadCodeElimination()(out)
