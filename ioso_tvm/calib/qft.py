@@ -194,6 +194,11 @@ def build_qft_net(model: nn.Module, calib: torch.Tensor, wbits: dict[str, int], 
             mod = nn.Flatten(1) if isinstance(mods[node.target], nn.Flatten) else nn.Identity()
             env[node.name] = graph.call_module(add_mod(mod, node.name), (env[src.name],))
             tq[node.name] = tq[src.name]
+        elif node.op == "call_function" and node.target is torch.flatten:
+            if tuple(node.args[1:]) + tuple(node.kwargs.values()) not in ((1,), (1, -1)):
+                raise ValueError(f"flatten {node.name!r}: only torch.flatten(x, 1) is supported")
+            env[node.name] = graph.call_module(add_mod(nn.Flatten(1), node.name), (env[node.args[0].name],))
+            tq[node.name] = tq[node.args[0].name]
         elif _act_of(node, mods) == "relu" or node.op == "call_module" and isinstance(mods[node.target], nn.MaxPool2d):
             src = tq[node.args[0].name]
             if src.vector and _act_of(node, mods) is None:
