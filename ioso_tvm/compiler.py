@@ -1,0 +1,172 @@
+"""Compile API: ``compile(model) -> CompiledModel``; ``CompiledModel.run/report/export``; ``load``.
+
+Pipeline for ``target="ioso_npu"``: ONNX import (``ioso_tvm.frontend``) -> fold the QDQ
+chains into integer layers (``ioso_tvm.passes.fold_qdq``) -> each layer a packed call of a
+registered runtime function (``target_npu.runtime``) -> ``tvm.compile(mod, "llvm")`` for the
+host part -> Relax VM. Chains that cannot be folded stay float QDQ ops run by the VM on the
+CPU; the log (``logging`` name ``ioso_tvm.compiler``) and :meth:`CompiledModel.report` name them
+with the reason.
+
+``target="llvm"``: the imported QDQ graph is compiled as is and runs in float on the CPU
+(TVM's quantize/dequantize); it is the ONNX semantics, not the integer contract, so it may
+differ from ``hw_model.reference`` by rounding.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import tvm
+from tvm import relax
+
+from hw_model.config import NPUConfig
+from ioso_tvm.frontend import import_onnx, load_onnx
+from ioso_tvm.passes.fold_qdq import Layer, find_layers, fold_qdq
+from target_npu import runtime
+
+log = logging.getLogger("ioso_tvm.compiler")
+TARGETS = ("ioso_npu", "llvm")
+
+
+def _to_onnx(model: Any) -> onnx.ModelProto:
+    if isinstance(model, (str, Path, onnx.ModelProto)):
+        return load_onnx(model)
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        torch = None
+    if torch is not None and isinstance(model, torch.nn.Module):
+        try:
+            from ioso_tvm.export import export_onnx
+        except ImportError:
+            raise TypeError("compiling a torch model needs ioso_tvm.export.export_onnx, which is not available; "
+                            "export the model to ONNX first") from None
+        import tempfile
+        with tempfile.TemporaryDirectory() as d:
+            p = Path(d) / "model.onnx"
+            export_onnx(model, p)
+            return onnx.load(str(p))
+    raise TypeError(f"model must be an ONNX path, onnx.ModelProto or a calibrated torch model, "
+                    f"got {type(model).__name__}")
+
+
+class CompiledModel:
+    """A compiled model: a Relax VM whose NPU layers call registered runtime functions."""
+
+    def __init__(self, executable: Any, layers: list[Layer], prefix: str, config: NPUConfig,
+                 inputs: list[dict[str, Any]], target: str, fallbacks: list[tuple[str, str]]) -> None:
+        self.executable, self.layers, self.prefix, self.config = executable, layers, prefix, config
+        self.inputs, self.target, self.fallbacks = inputs, target, fallbacks
+        self.profile = runtime.Profile()
+        for i, ly in enumerate(layers):
+            runtime.register_layer(f"{prefix}.{i}", ly, config, self.profile)
+        self.vm = relax.VirtualMachine(executable, tvm.cpu())
+
+    def run(self, inputs: dict[str, np.ndarray] | np.ndarray, mode: str = "func") -> np.ndarray | list[np.ndarray]:
+        """Run on float32 inputs (by name, or one array for a one-input model); outputs as numpy."""
+        self.profile.reset(mode)
+        names = [s["name"] for s in self.inputs]
+        if isinstance(inputs, np.ndarray):
+            if len(names) != 1:
+                raise ValueError(f"inputs: the model has {len(names)} inputs {names}; pass a dict")
+            inputs = {names[0]: inputs}
+        if not isinstance(inputs, dict) or set(inputs) != set(names):
+            raise ValueError(f"inputs must name exactly the model inputs {names}")
+        args = []
+        for s in self.inputs:
+            x = np.asarray(inputs[s["name"]])
+            if list(x.shape) != list(s["shape"]) or str(x.dtype) != s["dtype"]:
+                raise ValueError(f"input {s['name']!r} is {x.dtype}{list(x.shape)}, expected {s['dtype']}{s['shape']}")
+            args.append(tvm.runtime.tensor(np.ascontiguousarray(x)))
+        out = self.vm["main"](*args)
+        if isinstance(out, tvm.runtime.Tensor):
+            return out.numpy()
+        return [o.numpy() for o in out]
+
+    def report(self) -> dict[str, Any]:
+        """Per-layer device, cycles (last perf/both run, else the static estimate), µs, MAC utilisation."""
+        rows = []
+        for ly in self.layers:
+            cyc = runtime.layer_cycles(ly, self.config)
+            macs = ly.macs()
+            gvec = ly.consts.get("isg_groups")
+            rows.append({"name": ly.name, "kind": ly.kind, "device": "cpu" if ly.kind == "input" else "npu",
+                         "out_shape": list(ly.out_shape), "macs": macs, "cycles": cyc,
+                         "us": cyc / self.config.clock_mhz,
+                         "mac_utilisation": macs / (cyc * self.config.macs_per_cycle) if macs and cyc else 0.0,
+                         "isg_groups_used": 0 if gvec is None else int(len(np.unique(gvec)))})
+        total = sum(r["cycles"] for r in rows)
+        return {"target": self.target, "layers": rows, "total_cycles": total,
+                "total_us": total / self.config.clock_mhz,
+                "fallbacks": [{"tensor": n, "reason": r} for n, r in self.fallbacks],
+                "permutes": {"permutes_needed": 0, "gathered_loads": 0}}
+
+    def export(self, path: str | Path) -> Path:
+        """Write a ``.tar`` (JSON + npz + VM library; see ``target_npu.artifact``)."""
+        from target_npu.artifact import save_artifact
+
+        programs, constants = {}, {}
+        for i, ly in enumerate(self.layers):
+            scal = {}
+            for k, v in ly.consts.items():
+                if isinstance(v, np.ndarray):
+                    constants[f"{i}.{k}"] = v
+                else:
+                    scal[k] = v.item() if isinstance(v, np.generic) else v
+            programs[str(i)] = {"kind": ly.kind, "name": ly.name, "out_shape": list(ly.out_shape),
+                                "out_dtype": ly.out_dtype, "consts": scal}
+        meta = {"inputs": self.inputs, "prefix": self.prefix, "target": self.target,
+                "fallbacks": [list(f) for f in self.fallbacks], "num_layers": len(self.layers)}
+        return save_artifact(path, config=self.config, meta=meta, programs=programs, constants=constants,
+                             report=self.report(), executable=self.executable)
+
+
+def load(path: str | Path) -> CompiledModel:
+    """Read a model written by :meth:`CompiledModel.export` and register its runtime functions."""
+    from target_npu.artifact import load_artifact
+
+    art = load_artifact(path)
+    layers = []
+    for i in range(int(art.meta["num_layers"])):
+        p = art.programs[str(i)]
+        consts = dict(p["consts"])
+        consts.update({k.split(".", 1)[1]: v for k, v in art.constants.items() if k.split(".", 1)[0] == str(i)})
+        layers.append(Layer(p["kind"], p["name"], [], tuple(p["out_shape"]), p["out_dtype"], consts))
+    cm = CompiledModel(art.load_host_module(), layers, art.meta["prefix"], art.config, art.meta["inputs"],
+                       art.meta["target"], [tuple(f) for f in art.meta["fallbacks"]])
+    cm._artifact = art  # keeps the extracted host library alive
+    return cm
+
+
+def compile(model: Any, target: str = "ioso_npu", input_shapes: dict[str, list[int]] | None = None,
+            config: NPUConfig | None = None, tuning_records: str | Path | None = None) -> CompiledModel:
+    """Compile an ONNX path / ModelProto / calibrated torch model for ``target`` (ioso_npu or llvm)."""
+    config = NPUConfig() if config is None else config
+    if not isinstance(config, NPUConfig):
+        raise TypeError(f"config must be an NPUConfig, got {type(config).__name__}")
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    if tuning_records is not None and not Path(tuning_records).is_file():
+        raise FileNotFoundError(f"tuning_records {str(tuning_records)!r} does not exist")
+    proto = _to_onnx(model)
+    mod, meta = import_onnx(proto, config, input_shapes)
+    params = mod["main"].params
+    inputs = [{"name": p.name, "shape": [int(d) for d in p.ty.shape], "dtype": str(p.ty.dtype)} for p in params]
+    layers, fallbacks = [], []
+    if target == "ioso_npu":
+        wbits = {"*": max([v.get("wbits", 8) for v in meta.get("layers", {}).values()], default=8)}
+        layers, fallbacks = find_layers(mod, config, wbits)
+        for name, why in fallbacks:
+            log.info("CPU fallback for %s: %s", name, why)
+        h = hashlib.sha256(proto.SerializeToString() + repr(config.to_dict()).encode()).hexdigest()[:16]
+        prefix = f"ioso_npu.m{h}"
+        mod = fold_qdq(mod, layers, prefix)
+    else:
+        prefix = "ioso_npu.cpu"
+    ex = tvm.compile(mod, target="llvm")
+    log.info("compiled %d NPU layer(s), %d CPU fallback(s)", len(layers), len(fallbacks))
+    return CompiledModel(ex, layers, prefix, config, inputs, target, fallbacks)
