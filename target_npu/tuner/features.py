@@ -20,6 +20,7 @@ FEATURE_NAMES = (
     "log2_n_oc", "log2_n_sp", "log2_n_ic", "log2_tiles",
     "log2_in_bytes", "log2_w_bytes", "log2_dma_bytes", "log2_instructions", "log2_mac_cycles",
     "scratch_frac", "weight_frac", "acc_frac", "array_fill", "log2_dma_over_mac",
+    "log2_in_tile_bytes", "log2_w_tile_bytes", "log2_first_load_bytes",
 )
 
 
@@ -41,5 +42,6 @@ def features(spec: ConvSpec, tilings: Sequence[Tiling], cfg: NPUConfig) -> np.nd
             _l2(s.in_bytes), _l2(s.w_bytes), _l2(dma), _l2(s.instructions), _l2(s.mac_cycles),
             s.scratch_frac, s.weight_frac, s.acc_frac, fill,
             _l2(dma / cfg.dram_bytes_per_cycle) - _l2(s.mac_cycles),
+            _l2(s.in_tile_bytes), _l2(s.w_tile_bytes), _l2(s.in_tile_bytes + s.w_tile_bytes),
         ))
     return np.asarray(rows, dtype=np.float32).reshape(len(rows), len(FEATURE_NAMES))

@@ -171,7 +171,15 @@ class XGBTuner(Tuner):
         seen = self._anneal()
         ranked = [t for t in sorted(seen, key=seen.get) if t not in self.measured]
         n_rand = int(self.rng.binomial(k, EPS_RANDOM))
-        batch = ranked[: k - n_rand]
+        # Diversity: one candidate per predicted value (knobs the model cannot tell apart are tried later).
+        batch, preds = [], set()
+        for t in ranked:
+            if len(batch) == k - n_rand:
+                break
+            p = round(float(seen[t]), 6)
+            if p not in preds:
+                batch.append(t)
+                preds.add(p)
         rest = [t for t in todo if t not in set(batch)]
         while len(batch) < k and rest:
             batch.append(rest.pop(int(self.rng.integers(len(rest)))))
