@@ -143,7 +143,7 @@ def _isg_groups(gamma: np.ndarray, c: int, cfg: NPUConfig, name: str) -> np.ndar
     idx = np.argmax(g[:, None] == factors[None, :], axis=1)
     bad = ~np.any(g[:, None] == factors[None, :], axis=1)
     if bad.any():
-        raise ValueError(f"layer {name}: ISG gamma value {g[bad][0]!r} is not one of the group factors "
+        raise ValueError(f"layer {name}: ISG gamma value {float(g[bad][0])} is not one of the group factors "
                          f"{cfg.group_factors}")
     return idx.astype(np.int64)
 

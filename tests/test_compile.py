@@ -1,0 +1,186 @@
+"""Compiled models equal hw_model.reference bit for bit; API errors, fallbacks, export/load."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import numpy_helper
+from onnx_builders import QDQBuilder
+
+import ioso_tvm
+from hw_model.config import NPUConfig
+
+SETTINGS = settings(max_examples=200, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+conv_args = st.fixed_dictionaries({
+    "c": st.sampled_from([3, 8, 16, 20, 32]),
+    "k": st.sampled_from([4, 16, 24]),
+    "hw": st.integers(3, 9),
+    "kernel": st.sampled_from([1, 3, 5]),
+    "stride": st.sampled_from([1, 2]),
+    "depthwise": st.booleans(),
+    "wbits": st.integers(2, 8),
+    "abits_in": st.integers(2, 8),
+    "abits": st.integers(2, 8),
+    "act": st.sampled_from([None, "relu", "relu6"]),
+    "isg": st.booleans(),
+    "oso": st.booleans(),
+    "signed_in": st.booleans(),
+    "seed": st.integers(0, 2**31 - 1),
+})
+
+
+def _check(b: QDQBuilder, outs, rng) -> None:
+    m = b.model(outs)
+    cm = ioso_tvm.compile(m)
+    x = (rng.standard_normal(b.shape) * 2).astype(np.float32)
+    got = cm.run(x)
+    want = b.run_reference(x, outs)
+    got = [got] if isinstance(got, np.ndarray) else got
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and np.array_equal(g, w)
+    assert not cm.report()["fallbacks"]
+
+
+@SETTINGS
+@given(conv_args)
+def test_single_conv_layer_bit_exact(a):
+    rng = np.random.default_rng(a["seed"])
+    b = QDQBuilder((1, a["c"], a["hw"], a["hw"]), rng, abits=a["abits_in"], signed=a["signed_in"])
+    k, groups = (a["c"], a["c"]) if a["depthwise"] else (a["k"], 1)
+    pad = a["kernel"] // 2
+    y = b.conv(b.input, k, kernel=a["kernel"], stride=a["stride"], pad=pad, groups=groups, wbits=a["wbits"],
+               abits=a["abits"], act=a["act"], isg=a["isg"], oso=a["oso"], signed_out=a["act"] is None)
+    _check(b, [y], rng)
+
+
+two_layer = st.fixed_dictionaries({
+    "c": st.sampled_from([8, 16, 32]),
+    "hw": st.integers(4, 8),
+    "tail": st.sampled_from(["add", "add_relu", "maxpool", "gap", "two_outputs"]),
+    "abits": st.integers(3, 8),
+    "seed": st.integers(0, 2**31 - 1),
+})
+
+
+@settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(two_layer)
+def test_two_layer_fanout_bit_exact(a):
+    """conv -> (conv, identity / conv) fan-out -> add / pool; or one tensor read by two convs."""
+    rng = np.random.default_rng(a["seed"])
+    c = a["c"]
+    b = QDQBuilder((1, c, a["hw"], a["hw"]), rng)
+    x = b.conv(b.input, c, abits=a["abits"])
+    y = b.conv(x, c, kernel=1, pad=0, act=None, signed_out=True, abits=a["abits"])
+    if a["tail"].startswith("add"):
+        outs = [b.add(x, y, act="relu" if a["tail"] == "add_relu" else None)]
+    elif a["tail"] == "maxpool":
+        outs = [b.maxpool(b.add(x, y))]
+    elif a["tail"] == "gap":
+        outs = [b.gap(b.add(x, y))]
+    else:
+        outs = [y, b.conv(x, 16, kernel=3, stride=2, act="relu6")]
+    _check(b, outs, rng)
+
+
+def _small_model(rng, **kw):
+    b = QDQBuilder((1, 16, 5, 5), rng)
+    y = b.conv(b.input, 16, **kw)
+    return b, y
+
+
+def test_export_load_roundtrip(tmp_path):
+    rng = np.random.default_rng(1)
+    b = QDQBuilder((1, 16, 6, 6), rng)
+    x = b.conv(b.input, 16)
+    out = b.gap(b.add(x, b.conv(x, 16, act=None, signed_out=True)))
+    cm = ioso_tvm.compile(b.model([out]))
+    path = cm.export(tmp_path / "m.tar")
+    cm2 = ioso_tvm.load(path)
+    xin = rng.standard_normal((1, 16, 6, 6)).astype(np.float32)
+    assert np.array_equal(cm2.run(xin), b.run_reference(xin, [out])[0])
+    assert cm2.report()["total_cycles"] == cm.report()["total_cycles"] > 0
+
+
+def test_report_and_modes():
+    rng = np.random.default_rng(2)
+    b, y = _small_model(rng)
+    cm = ioso_tvm.compile(b.model([y]))
+    x = rng.standard_normal(b.shape).astype(np.float32)
+    a = cm.run(x, mode="func")
+    assert not cm.profile.cycles
+    assert np.array_equal(cm.run(x, mode="both"), a)
+    rep = cm.report()
+    conv = [r for r in rep["layers"] if r["kind"] == "conv"][0]
+    assert cm.profile.cycles[conv["name"]] == conv["cycles"]
+    assert 0 < conv["mac_utilisation"] <= 1
+    with pytest.raises(ValueError, match="mode"):
+        cm.run(x, mode="fast")
+    with pytest.raises(ValueError, match="input"):
+        cm.run(x[:, :8])
+
+
+def test_unknown_gamma_is_an_error():
+    rng = np.random.default_rng(3)
+    b, y = _small_model(rng)
+    m = b.model([y])
+    for init in m.graph.initializer:
+        if init.name.startswith("gamma"):
+            g = numpy_helper.to_array(init).copy()
+            g.flat[0] = 1.5
+            init.CopyFrom(numpy_helper.from_array(g, init.name))
+    with pytest.raises(ValueError, match="gamma value 1.5"):
+        ioso_tvm.compile(m)
+
+
+def test_unsupported_layer_falls_back_to_cpu(caplog):
+    rng = np.random.default_rng(4)
+    b, y = _small_model(rng)
+    m = b.model([y])
+    for node in m.graph.node:
+        if node.op_type == "Conv":
+            node.attribute.append(onnx.helper.make_attribute("dilations", [2, 2]))
+    caplog.set_level("INFO", logger="ioso_tvm.compiler")
+    cm = ioso_tvm.compile(m)
+    fb = cm.report()["fallbacks"]
+    assert len(fb) == 1 and "dilation" in fb[0]["reason"]
+    assert "dilation" in caplog.text
+    x = rng.standard_normal(b.shape).astype(np.float32)
+    import onnxruntime as ort
+    want = ort.InferenceSession(m.SerializeToString()).run(None, {"input": x})[0]
+    got = cm.run(x)
+    assert got.shape == want.shape == (1, 16, 3, 3)
+    assert np.abs(got - want).max() <= y.scale * 1.0001  # float conv on the CPU: at most one step apart
+
+
+def test_llvm_target_matches_within_one_step():
+    rng = np.random.default_rng(5)
+    b, y = _small_model(rng, act="relu")
+    cm = ioso_tvm.compile(b.model([y]), target="llvm")
+    x = rng.standard_normal(b.shape).astype(np.float32)
+    assert np.abs(cm.run(x) - b.run_reference(x, [y])[0]).max() <= y.scale * 1.0001
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="model"):
+        ioso_tvm.compile(42)
+    with pytest.raises(FileNotFoundError, match="nope.onnx"):
+        ioso_tvm.compile("nope.onnx")
+    rng = np.random.default_rng(6)
+    b, y = _small_model(rng)
+    m = b.model([y])
+    with pytest.raises(ValueError, match="target"):
+        ioso_tvm.compile(m, target="cuda")
+    with pytest.raises(ValueError, match="isg_shift"):
+        ioso_tvm.compile(m, config=NPUConfig(isg_shift=3))
+    meta = json.loads(m.metadata_props[0].value)
+    meta["format_version"] = 9
+    m.metadata_props[0].value = json.dumps(meta)
+    with pytest.raises(ValueError, match="format_version"):
+        ioso_tvm.compile(m)
