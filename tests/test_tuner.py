@@ -7,8 +7,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hw_model.config import NPUConfig
-from target_npu.tuner import (ConvSpec, Measurer, Tiling, default_tiling, enumerate_space, estimate_cycles,
-                              make_tuner, why_invalid)
+from target_npu.tuner import (
+    ConvSpec,
+    Measurer,
+    Tiling,
+    default_tiling,
+    enumerate_space,
+    estimate_cycles,
+    make_tuner,
+    why_invalid,
+)
 from target_npu.tuner.features import FEATURE_NAMES, features
 from target_npu.tuner.space import tile_stats
 

@@ -1,4 +1,4 @@
-"""Tuning records: round trip, and bad records (corrupt, foreign, other version, other NPUConfig) -> warning + default."""
+"""Tuning records: round trip; corrupt, foreign, other-version, other-NPUConfig records warn, default used."""
 from __future__ import annotations
 
 import json
@@ -9,8 +9,19 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from hw_model.config import NPUConfig
-from target_npu.tuner import (ConvSpec, Tiling, best_tiling, default_tiling, enumerate_space, estimate_cycles,
-                              layer_key, load_records, make_tuner, save_records, tune_model)
+from target_npu.tuner import (
+    ConvSpec,
+    Tiling,
+    best_tiling,
+    default_tiling,
+    enumerate_space,
+    estimate_cycles,
+    layer_key,
+    load_records,
+    make_tuner,
+    save_records,
+    tune_model,
+)
 from target_npu.tuner.records import RECORD_VERSION, TuningRecordWarning, make_record
 
 CFG = NPUConfig()
