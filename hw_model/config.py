@@ -87,7 +87,7 @@ class NPUConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "NPUConfig":
+    def from_dict(cls, d: dict[str, Any]) -> NPUConfig:
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -97,7 +97,7 @@ class NPUConfig:
             d["isg_group_signs"] = tuple(int(s) for s in d["isg_group_signs"])
         return cls(**d)
 
-    def replace(self, **changes: Any) -> "NPUConfig":
+    def replace(self, **changes: Any) -> NPUConfig:
         """A copy with some fields changed (validated)."""
         return replace(self, **changes)
 

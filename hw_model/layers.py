@@ -1,0 +1,260 @@
+"""Layer emitters: spec dataclasses, the ``Tiling`` knobs, and ``build_conv`` / ``build_pool`` / ``build_add``.
+
+All emit through :class:`hw_model.builder.ProgramBuilder`. Programs take one DRAM input region
+``x`` (and ``y`` for add) in padded NHWC (see :func:`hw_model.builder.pack_nhwc`) and write ``out``;
+``Program.meta`` records shapes and channel layouts so :func:`run_layer` can pack and unpack.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hw_model.builder import BLOCK, ProgramBuilder, StepTokens, channel_slots, identity_slots
+from hw_model.config import DEFAULT_CONFIG, NPUConfig
+from hw_model.isa import Program, mem_size
+from hw_model.layer_specs import AddSpec, ConvSpec, LinearSpec, PoolSpec, Tiling, conv_geometry, pool_geometry
+
+__all__ = ["ConvSpec", "LinearSpec", "AddSpec", "PoolSpec", "Tiling", "build_conv", "build_linear",
+           "build_pool", "build_add", "build_layer", "default_tiling", "check_tiling"]
+
+
+@dataclass
+class _Plan:
+    """Buffer sizes (elements) of one tiling."""
+
+    in_tile: int
+    w_tile: int
+    c_tile: int
+    out_tile: int
+    acc: int
+    steps: list = field(default_factory=list)
+
+
+def _conv_plan(spec: ConvSpec, t: Tiling, cfg: NPUConfig) -> _Plan:
+    oh, ow, kb, cb = conv_geometry(spec)
+    dw = spec.is_depthwise
+    n_cb = min(t.ob_tile, kb) if dw else min(t.cb_tile, cb)
+    n_ob = min(t.ob_tile, kb)
+    rows = min(t.rows, oh)
+    in_rows = (rows - 1) * spec.stride[0] + spec.dilation[0] * (spec.kh - 1) + 1
+    wp = spec.w + spec.pads[1] + spec.pads[3]
+    w_rows = spec.kh * spec.kw * (1 if dw else n_cb * BLOCK)
+    single = len(set(channel_slots(spec.c, spec.isg_groups, cfg)[1])) == 1 and \
+        cfg.isg_group_signs[channel_slots(spec.c, spec.isg_groups, cfg)[1][0]] == 0
+    p = rows * ow * n_ob * BLOCK
+    return _Plan(in_rows * wp * n_cb * BLOCK, w_rows * n_ob * BLOCK, 2 * n_ob * BLOCK, p, p if single else 2 * p)
+
+
+def check_tiling(spec, tiling: Tiling, cfg: NPUConfig = DEFAULT_CONFIG) -> None:
+    """Raise ValueError if the tiling's buffers (times ``nbuf``) do not fit the on-chip memories."""
+    if not isinstance(tiling, Tiling):
+        raise TypeError(f"tiling must be a Tiling, got {type(tiling).__name__}")
+    tiling.check()
+    if isinstance(spec, LinearSpec):
+        spec = spec.as_conv()
+    if isinstance(spec, ConvSpec):
+        pl = _conv_plan(spec, tiling, cfg)
+        need = {"spad": tiling.nbuf * (pl.in_tile + pl.out_tile), "wbuf": tiling.nbuf * pl.w_tile,
+                "cbuf": tiling.nbuf * pl.c_tile, "acc": pl.acc}
+    elif isinstance(spec, PoolSpec):
+        oh, ow = pool_geometry(spec)
+        kh, kw = spec.window
+        rows, n_cb = min(tiling.rows, oh), min(tiling.ob_tile, -(-spec.c // BLOCK))
+        in_rows = (rows - 1) * spec.stride[0] + kh
+        wp = spec.w + spec.pads[1] + spec.pads[3]
+        out = rows * ow * n_cb * BLOCK
+        need = {"spad": tiling.nbuf * (in_rows * wp * n_cb * BLOCK + (out if spec.kind == "max" else 0))
+                + (tiling.nbuf * out if spec.kind != "max" else 0),
+                "cbuf": tiling.nbuf * 2 * n_cb * BLOCK, "acc": out if spec.kind != "max" else 0}
+    elif isinstance(spec, AddSpec):
+        cp = -(-spec.c // BLOCK) * BLOCK
+        pix = min(tiling.rows, spec.n * spec.h * spec.w)
+        need = {"spad": tiling.nbuf * 3 * pix * cp, "cbuf": 3 * cp}
+    else:
+        raise TypeError(f"unknown layer spec {type(spec).__name__}")
+    for mem, n in need.items():
+        if n > mem_size(mem, cfg):
+            raise ValueError(f"tiling {tiling} overflows {mem}: needs {n} elements, {mem} holds "
+                             f"{mem_size(mem, cfg)}")
+
+
+def default_tiling(spec, cfg: NPUConfig = DEFAULT_CONFIG) -> Tiling:
+    """Largest tiles that fit, double buffered when possible (chosen: greedy, rows first, then out blocks)."""
+    if isinstance(spec, LinearSpec):
+        spec = spec.as_conv()
+    if isinstance(spec, AddSpec):
+        total = spec.n * spec.h * spec.w
+        cands = [Tiling(rows=r, nbuf=nb) for nb in (2, 1) for r in (total, 4096, 1024, 256, 64, 16, 4, 1)]
+    else:
+        oh = conv_geometry(spec)[0] if isinstance(spec, ConvSpec) else pool_geometry(spec)[0]
+        nblk = -(-(spec.k if isinstance(spec, ConvSpec) else spec.c) // BLOCK)
+        cbl = -(-spec.c // BLOCK)
+        cands = [Tiling(ob_tile=ob, rows=r, cb_tile=cb, nbuf=nb)
+                 for nb in (2, 1) for cb in sorted({cbl, 16, 8, 4, 2, 1}, reverse=True)
+                 for ob in sorted({nblk, 8, 4, 2, 1}, reverse=True)
+                 for r in sorted({oh, 64, 32, 16, 8, 4, 2, 1}, reverse=True)]
+        cands.sort(key=lambda t: -(min(t.rows, oh) * min(t.ob_tile, nblk) * min(t.cb_tile, cbl) * t.nbuf))
+    for t in cands:
+        try:
+            check_tiling(spec, t, cfg)
+            return t
+        except ValueError:
+            continue
+    raise ValueError(f"no tiling of {spec.__class__.__name__} fits the on-chip memories of {cfg}")
+
+
+def _steps(n: int, ytiles: int, obtiles: int, cbtiles: int, order: str) -> list[tuple[int, int, int, int]]:
+    if order == "ob_outer":
+        return [(i, ob, y, c) for i in range(n) for ob in range(obtiles) for y in range(ytiles) for c in range(cbtiles)]
+    return [(i, y, ob, c)[:1] + (ob, y, c) for i in range(n) for y in range(ytiles) for ob in range(obtiles)
+            for c in range(cbtiles)]
+
+
+def build_conv(spec: ConvSpec, tiling: Tiling | None = None, cfg: NPUConfig = DEFAULT_CONFIG) -> Program:
+    """Program of one conv layer (MAC + ISG + NORM + ACT + QUANT), DRAM regions x -> out."""
+    spec.check(cfg)
+    tiling = default_tiling(spec, cfg) if tiling is None else tiling
+    check_tiling(spec, tiling, cfg)
+    oh, ow, kb, cbn = conv_geometry(spec)
+    dw = spec.is_depthwise
+    slots_in, bgroups = channel_slots(spec.c, spec.isg_groups, cfg)
+    slots_out = slots_in if dw else identity_slots(spec.k)
+    cp, kp = slots_in.size, slots_out.size
+    cbn = cp // BLOCK
+    pl = _conv_plan(spec, tiling, cfg)
+    n_ob_t, rows_t = min(tiling.ob_tile, kb), min(tiling.rows, oh)
+    n_cb_t = n_ob_t if dw else min(tiling.cb_tile, cbn)
+    (sh, sw), (dh, dwl), (pt, pleft, _pb, pright) = spec.stride, spec.dilation, spec.pads
+    b = ProgramBuilder(cfg)
+    b.alloc("x", spec.in_dtype, spec.n * spec.h * spec.w * cp, "input")
+    b.alloc("out", spec.out_dtype, spec.n * oh * ow * kp, "output")
+    wq = spec.dense_weight()
+    used_in, used_out = slots_in >= 0, slots_out >= 0
+    if dw:
+        wd = np.zeros((spec.kh, spec.kw, cp), np.int8)
+        wd[:, :, used_in] = wq[slots_in[used_in], 0].transpose(1, 2, 0)
+    else:
+        wd = np.zeros((cbn * BLOCK, spec.kh, spec.kw, kp), np.int8)
+        wd[np.ix_(used_in, np.arange(spec.kh), np.arange(spec.kw), used_out)] = \
+            wq[slots_out[used_out]][:, slots_in[used_in]].transpose(1, 2, 3, 0)
+        wd = wd.reshape(cbn, BLOCK, spec.kh, spec.kw, kp).transpose(0, 2, 3, 1, 4)
+    b.const("w", wd, "int8")
+    mb = np.zeros(2 * kp, np.float32)
+    mb[:kp][used_out] = np.asarray(spec.m, np.float32)[slots_out[used_out]]
+    mb[kp:][used_out] = np.asarray(spec.b, np.float32)[slots_out[used_out]]
+    b.const("norm", mb, "float32")
+    order = group_order_blocks(bgroups, cfg)
+    single = len(order) == 1 and cfg.isg_group_signs[order[0][0]] == 0
+    ytiles, obtiles = -(-oh // rows_t), -(-kb // n_ob_t)
+    cbtiles = 1 if dw else -(-cbn // n_cb_t)
+    steps = _steps(spec.n, ytiles, obtiles, cbtiles, tiling.loop_order)
+    nb = tiling.nbuf
+    spad_in = [i * pl.in_tile for i in range(nb)]
+    spad_out = [nb * pl.in_tile + i * pl.out_tile for i in range(nb)]
+    held: dict[tuple[str, int], tuple] = {}
+    loads_of = []
+    for s, (i, ob, y, c) in enumerate(steps):
+        keys = {"in": (i, y, ob if dw else c), "w": (ob, c), "c": (ob,)}
+        need = [k for k, v in keys.items() if held.get((k, s % nb)) != v]
+        for k in need:
+            held[(k, s % nb)] = keys[k]
+        loads_of.append(need)
+    out_steps = [s if st[3] == cbtiles - 1 else None for s, st in enumerate(steps)]
+    tok = StepTokens([bool(x) for x in loads_of], out_steps, nb, nb)
+    u = 0
+    d2 = 0 if single else pl.out_tile
+    for s, (i, ob, y, c) in enumerate(steps):
+        slot = s % nb
+        ob0, ob1 = ob * n_ob_t, min(kb, (ob + 1) * n_ob_t)
+        nob = ob1 - ob0
+        c0, c1 = (ob0, ob1) if dw else (c * n_cb_t, min(cbn, (c + 1) * n_cb_t))
+        y0, y1 = y * rows_t, min(oh, (y + 1) * rows_t)
+        r_lo = y0 * sh - pt
+        r_hi = (y1 - 1) * sh - pt + dh * (spec.kh - 1) + 1
+        a_lo, a_hi = max(r_lo, 0), min(r_hi, spec.h)
+        pix = (c1 - c0) * BLOCK
+        wp = spec.w + pleft + pright
+        wrow = nob * BLOCK
+        cbase = slot * pl.c_tile
+        ld = []
+        for k in loads_of[s]:
+            if k == "in":
+                ld.append(dict(region="x", dram_offset=((i * spec.h + a_lo) * spec.w) * cp + c0 * BLOCK, mem="spad",
+                               sram_addr=spad_in[slot], n0=a_hi - a_lo, n1=spec.w, n2=pix, dram_stride0=spec.w * cp,
+                               dram_stride1=cp, pad=(a_lo - r_lo, pleft, r_hi - a_hi, pright), pad_value=spec.x_zp))
+            elif k == "w" and dw:
+                ld.append(dict(region="w", dram_offset=ob0 * BLOCK, mem="wbuf", sram_addr=slot * pl.w_tile,
+                               n0=spec.kh * spec.kw, n1=1, n2=wrow, dram_stride0=cp, dram_stride1=0))
+            elif k == "w":
+                ld.append(dict(region="w", dram_offset=c0 * spec.kh * spec.kw * BLOCK * kp + ob0 * BLOCK,
+                               mem="wbuf", sram_addr=slot * pl.w_tile, n0=(c1 - c0) * spec.kh * spec.kw * BLOCK,
+                               n1=1, n2=wrow, dram_stride0=kp, dram_stride1=0))
+            else:
+                for off in (0, kp):
+                    ld.append(dict(region="norm", dram_offset=off + ob0 * BLOCK, mem="cbuf",
+                                   sram_addr=cbase + (wrow if off else 0), n0=1, n1=1, n2=wrow,
+                                   dram_stride0=0, dram_stride1=0))
+        for j, kw_ in enumerate(ld):
+            b.load(**kw_, pop_next=j == 0 and tok.load_pop(s), push_next=j == len(ld) - 1)
+        comp = []
+        segs = [(g, max(a, c0), min(e, c1)) for g, a, e in order if max(a, c0) < min(e, c1)]
+        if dw:
+            segs = [(g, a, e) for g, a, e in order if max(a, ob0) < min(e, ob1)]
+            segs = [(g, max(a, ob0), min(e, ob1)) for g, a, e in segs]
+        for g, a, e in segs:
+            first = dw or a == next(st for gg, st, _ in order if gg == g)
+            last = dw or e == next(en for gg, _, en in order if gg == g)
+            lo_off = (a - ob0) if dw else 0
+            comp.append(("gemm", dict(
+                acc_addr=(d2 if single else 0) + lo_off * BLOCK, acc_stride=wrow,
+                in_addr=spad_in[slot] + (a - c0) * BLOCK, in_row_stride=wp * pix, in_pix_stride=pix,
+                w_addr=slot * pl.w_tile + (lo_off * BLOCK if dw else (a - c0) * spec.kh * spec.kw * BLOCK * wrow),
+                w_row_stride=wrow, n_ob=(e - a) if dw else nob, n_cb=e - a, kh=spec.kh, kw=spec.kw,
+                oh=y1 - y0, ow=ow, stride_h=sh, stride_w=sw, dil_h=dh, dil_w=dwl, zp=spec.x_zp,
+                accumulate=not first, depthwise=dw)))
+            if last and not single:
+                comp.append(("gsa", dict(d1_addr=lo_off * BLOCK, d1_stride=wrow, d2_addr=d2 + lo_off * BLOCK,
+                                         d2_stride=wrow, rows=(y1 - y0) * ow, cols=(e - a) * BLOCK if dw else wrow,
+                                         sign=cfg.isg_group_signs[g], init=dw or g == order[0][0])))
+        final = c == cbtiles - 1
+        if final:
+            comp.append(("naq", dict(acc_addr=d2, acc_stride=wrow, out_addr=spad_out[u % nb], out_stride=wrow,
+                                     rows=(y1 - y0) * ow, cols=wrow, m_addr=cbase, b_addr=cbase + wrow,
+                                     lo=spec.lo, hi=spec.hi, out_dtype=spec.out_dtype)))
+        for j, (kind, f) in enumerate(comp):
+            deps = dict(pop_prev=j == 0 and bool(loads_of[s]),
+                        push_prev=j == len(comp) - 1 and tok.compute_push_prev(s),
+                        pop_next=kind == "naq" and tok.out_pop(u), push_next=kind == "naq")
+            {"gemm": b.gemm, "gsa": b.group_shift_add, "naq": b.norm_act_quant}[kind](**f, **deps)
+        if final:
+            b.store(spad_out[u % nb], "out", ((i * oh + y0) * ow) * kp + ob0 * BLOCK, y1 - y0, ow, wrow,
+                    ow * kp, kp, pop_prev=True, push_prev=tok.store_push(u))
+            u += 1
+    meta = {"layer": "conv", "inputs": {"x": {"shape": [spec.n, spec.c, spec.h, spec.w],
+                                              "slots": slots_in.tolist(), "dtype": spec.in_dtype}},
+            "output": {"region": "out", "shape": [spec.n, spec.k, oh, ow], "slots": slots_out.tolist(),
+                       "dtype": spec.out_dtype},
+            "macs": spec.macs(), "groups": len(order), "tiling": tiling.to_dict()}
+    return b.finish(meta)
+
+
+def group_order_blocks(bgroups: list[int], cfg: NPUConfig) -> list[tuple[int, int, int]]:
+    """(group, first block, end block) of each group present, in layout (= contract) order."""
+    out: list[tuple[int, int, int]] = []
+    for j, g in enumerate(bgroups):
+        if out and out[-1][0] == g:
+            out[-1] = (g, out[-1][1], j + 1)
+        else:
+            out.append((g, j, j + 1))
+    return out
+
+
+def build_linear(spec: LinearSpec, tiling: Tiling | None = None, cfg: NPUConfig = DEFAULT_CONFIG) -> Program:
+    """A linear layer as a 1x1 conv whose pixels are the batch rows (x region = (N, Cpad))."""
+    prog = build_conv(spec.as_conv(), tiling, cfg)
+    prog.meta["layer"] = "linear"
+    return prog
+
+
+from hw_model.layers_alu import build_add, build_layer, build_pool  # noqa: E402  (re-export)
