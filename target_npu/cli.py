@@ -272,10 +272,11 @@ def format_profile(report: dict[str, Any], clock_mhz: float) -> str:
         cyc = lay.get("cycles")
         total += int(cyc or 0)
         util = lay.get("mac_utilisation", lay.get("mac_util"))
+        groups = lay.get("isg_groups_used", lay.get("groups", "-"))
         rows.append((str(lay.get("name", "?")), str(lay.get("device", "npu")).upper(),
                      "-" if cyc is None else str(int(cyc)),
                      "-" if cyc is None else f"{int(cyc) / clock_mhz:.2f}",
-                     "-" if util is None else f"{100 * float(util):.1f}%", str(lay.get("groups", "-"))))
+                     "-" if util is None else f"{100 * float(util):.1f}%", str(groups)))
     rows.append(("total", "", str(total), f"{total / clock_mhz:.2f}", "", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))

@@ -390,3 +390,56 @@ def test_compile_passes_target_config_shapes_and_records(tmp_path, monkeypatch, 
     expected_cfg = NPUConfig(clock_mhz=500.0, pe_arrays=1 if "pe_arrays" in target else 4) if opts else NPUConfig()
     assert calls == {"model": str(model), "target": kind, "input_shapes": {"input": (1, 1, 32, 32)},
                      "config": expected_cfg, "tuning_records": str(records), "export": tmp_path / "o.tar"}
+
+
+# ------------------------------------------------- the real pipeline: tvmc compile + tvmc run
+def _qdq_model(tmp_path: Path, seed: int, batch: int = 1):
+    sys.path.insert(0, str(Path(__file__).parent))
+    onnx = pytest.importorskip("onnx")
+    from onnx_builders import QDQBuilder
+
+    rng = np.random.default_rng(seed)
+    b = QDQBuilder((batch, 16, 6, 6), rng)
+    x = b.conv(b.input, 16)
+    out = b.gap(b.add(x, b.conv(x, 16, act=None, signed_out=True)))
+    path = tmp_path / f"m{seed}.onnx"
+    onnx.save(b.model([out]), str(path))
+    return b, out, path, rng
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tvmc_compile_run_is_bit_exact_with_the_contract(tmp_path, capsys, seed):
+    pytest.importorskip("ioso_tvm.compiler")
+    b, out, model, rng = _qdq_model(tmp_path, seed, batch=2)
+    tar = tmp_path / "m.tar"
+    assert cli.main(["compile", str(model), "--target=ioso_npu, llvm", "--input-shapes", "input:[2,16,6,6]",
+                     "-o", str(tar)]) == 0, capsys.readouterr().err
+    x = rng.standard_normal((2, 16, 6, 6)).astype(np.float32)
+    np.savez(tmp_path / "in.npz", input=x)
+    argv = ["run", str(tar), "--inputs", str(tmp_path / "in.npz"), "--outputs", str(tmp_path / "out.npz"),
+            "--profile", "--profile-json", str(tmp_path / "p.json"), "--profile-plot", str(tmp_path / "p.png")]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    with np.load(tmp_path / "out.npz", allow_pickle=False) as z:
+        assert np.array_equal(z["output_0"], b.run_reference(x, [out])[0])
+    report = json.loads((tmp_path / "p.json").read_text())
+    convs = [lay for lay in report["layers"] if lay["kind"] == "conv"]
+    assert len(convs) == 2 and all(lay["cycles"] > 0 for lay in convs)
+    total = sum(lay["cycles"] for lay in report["layers"])
+    total_row = [ln.split() for ln in printed.splitlines() if ln.startswith("total")]
+    assert total_row and total_row[0][1] == str(total)
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tvmc_compile_errors_from_the_compiler_are_one_line(tmp_path, capsys):
+    pytest.importorskip("ioso_tvm.compiler")
+    _, _, model, _ = _qdq_model(tmp_path, 5)
+    # a one-group NPU cannot run a model calibrated with three groups
+    rc, err = _err(capsys, ["compile", str(model), "--target=ioso_npu", "--target-ioso_npu-isg_group_signs=0",
+                            "-o", str(tmp_path / "m.tar")])
+    assert rc == 1 and "isg_group_signs" in _assert_one_line(err)
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07garbage")
+    rc, err = _err(capsys, ["compile", str(bad), "--target=ioso_npu", "-o", str(tmp_path / "b.tar")])
+    assert rc == 1 and "bad.onnx" in _assert_one_line(err)
+    assert not (tmp_path / "b.tar").exists()
