@@ -64,15 +64,18 @@ def test_tiny_qft_trains_and_is_bit_exact(mode):
     assert np.array_equal(online, deploy)
 
 
+@pytest.mark.slow
 def test_calibrate_qft_resnet20_bit_exact():
     x = torch.randn(24, 1, 32, 32, generator=torch.Generator().manual_seed(0))
     cfg = qft.QFTConfig(epochs=1, images_per_epoch=16, calib_batch=24, progress=False)
-    qnet = qft.calibrate_qft(load_pretrained("resnet20"), x, 4, 8, cfg)
+    qnet, student = qft.run_qft(load_pretrained("resnet20"), x, 4, 8, cfg)
     bits = {n: lay.wbits for n, lay in qnet.qft_layers().items()}
     assert bits["conv1"] == 8 and bits["fc"] == 8 and bits["layers.0.0.conv1"] == 4
     vec = [n for n, lay in qnet.qft_layers().items() if lay.t_in.vector]
     assert len(vec) == 9 and all(n.endswith("conv2") for n in vec)
     assert np.array_equal(qnet.deploy(x[:2]).numpy(), qnet.reference(x[:2].numpy()).astype(np.float32))
+    qm = qft.to_quant_model(qnet, student, (1, 32, 32))
+    assert torch.equal(qm.deploy(x[:4]), qnet(x[:4]).detach())
 
 
 def test_layer_bits_and_schedule():
@@ -105,3 +108,21 @@ def test_bad_input():
             return torch.sigmoid(self.c(x))
     with pytest.raises(ValueError, match="sigmoid"):
         qft.calibrate_qft(Sig(), _data(), 4, 8, _cfg("layerwise"))
+
+
+@pytest.mark.parametrize("mode", ["layerwise", "channelwise"])
+def test_quant_model_deploy_equals_qft(mode):
+    """The QuantModel from calibrate_qft: its integer deploy mode == the offline subgraph, bit for bit."""
+    torch.manual_seed(2)
+    model, x = _Tiny().eval(), _data(3)
+    qnet, student = qft.run_qft(model, x, 4, 8, _cfg(mode))
+    qm = qft.to_quant_model(qnet, student, (2, 8, 8))
+    mine = qnet.deploy(x).to(torch.float32) * torch.tensor(float(qnet.t_final.s().detach()), dtype=torch.float32)
+    assert torch.equal(qm.deploy(x), mine)
+    assert torch.equal(qm.deploy(x), qnet(x).detach())
+    qp = qm.integer_model().run(x)
+    for name, lay in qnet.qft_layers().items():  # NORM constants equal those of norm_constants
+        il = qm.integer_model().fns[[s.op for s in qm.program].index(name.replace(".", "/"))]
+        assert np.array_equal(il.m.reshape(-1).numpy(), lay.export()["m"])
+        assert np.array_equal(il.b.reshape(-1).numpy(), lay.export()["b"])
+    assert qp[qm.output].dtype == torch.int64

@@ -135,10 +135,11 @@ def build_qft_net(model: nn.Module, calib: torch.Tensor, wbits: dict[str, int], 
         root.add_module(name, mod)
         return name
 
-    def new_tensor(node: fx.Node, value: fx.Node, channels: int, vector: bool) -> TensorQ:
+    def new_tensor(value: fx.Node, channels: int, vector: bool, act: str | None) -> TensorQ:
+        # chosen: zero point 0, signed unless a ReLU / ReLU6 clip follows (as QuantModel's ActQuantizer)
         lo, hi = rng.ranges[value.name]
-        s, zp = qi.act_qparams(lo, hi, abits)
-        return TensorQ(s, zp, abits, lo < 0, channels, vector)
+        s, zp = qi.act_qparams(lo, hi, abits, signed=act is None, symmetric=True)
+        return TensorQ(s, zp, abits, act is None, channels, vector)
 
     def foldable(value: fx.Node, act: str | None) -> bool:
         users = list(value.users)
@@ -150,7 +151,7 @@ def build_qft_net(model: nn.Module, calib: torch.Tensor, wbits: dict[str, int], 
             env[node.name] = env[node.args[0].name]
             continue
         if node.op == "placeholder":
-            t = new_tensor(node, node, calib.shape[1], False)
+            t = new_tensor(node, calib.shape[1], False, None)
             x = graph.placeholder(node.name)
             env[node.name], tq[node.name] = graph.call_module(add_mod(InputQuant(t), "input"), (x,)), t
         elif node.op == "output":
@@ -167,7 +168,7 @@ def build_qft_net(model: nn.Module, calib: torch.Tensor, wbits: dict[str, int], 
             if node.op == "call_module":
                 layer = mods[node.target]
                 ch = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
-                t = new_tensor(node, value, ch, foldable(value, act))
+                t = new_tensor(value, ch, foldable(value, act), act)
                 mod = QFTLayer(layer, tq[node.args[0].name], t, act, wbits[node.target], mode, node.target)
                 w = layer.weight.detach()
                 mod.set_right_scale(qi.ppq_scale(w, mod.wbits, per_channel=mode == "channelwise"))
@@ -176,8 +177,8 @@ def build_qft_net(model: nn.Module, calib: torch.Tensor, wbits: dict[str, int], 
                 a, b = node.args
                 if not all(isinstance(v, fx.Node) for v in (a, b)) or any(tq[v.name].vector for v in (a, b)):
                     raise ValueError(f"add {node.name!r}: both inputs must be quantized tensors with a = 1")
-                t = new_tensor(node, value, tq[a.name].channels, False)
-                mod, args = QFTAdd(tq[a.name], tq[b.name], t, act), (env[a.name], env[b.name])
+                t = new_tensor(value, tq[a.name].channels, False, act)
+                mod, args = QFTAdd(tq[a.name], tq[b.name], t, act, node.name), (env[a.name], env[b.name])
             env[node.name], tq[node.name] = graph.call_module(add_mod(mod, node.name), args), t
             if act:
                 tq[value.name] = t
@@ -186,8 +187,9 @@ def build_qft_net(model: nn.Module, calib: torch.Tensor, wbits: dict[str, int], 
             src = tq[node.args[0].name]
             if src.vector:
                 raise ValueError(f"average pool {node.name!r}: its input must have a = 1")
-            t = new_tensor(node, node, src.channels, False)
-            env[node.name] = graph.call_module(add_mod(QFTAvgPool(src, t), node.name), (env[node.args[0].name],))
+            t = new_tensor(node, src.channels, False, None)
+            pool = QFTAvgPool(src, t, str(node.target))
+            env[node.name] = graph.call_module(add_mod(pool, node.name), (env[node.args[0].name],))
             tq[node.name] = t
         elif node.op == "call_module" and isinstance(mods[node.target], (nn.Identity, nn.Flatten, nn.Dropout)):
             src = node.args[0]
@@ -219,16 +221,21 @@ def _as_tensor(calib_data) -> torch.Tensor:
     return x.to(torch.float32)
 
 
-def calibrate_qft(model: nn.Module, calib_data, wbits: int = 4, abits: int = 8,
-                  config: QFTConfig | None = None) -> QFTNet:
-    """QFT-calibrate a float ``model`` on ``calib_data`` (N, C, H, W float32); returns the trained QFTNet.
+def _config(config) -> QFTConfig:
+    """QFTConfig as given; another config object (e.g. the calibration engine's) lends its matching fields."""
+    if config is None or isinstance(config, QFTConfig):
+        return config or QFTConfig()
+    names = QFTConfig.__dataclass_fields__
+    return QFTConfig(**{k: getattr(config, k) for k in names if hasattr(config, k)})
 
-    ``QFTNet(x)`` is the quantized model's real output (float32); ``.deploy(x)`` / ``.reference(x)``
-    give the stored output integers; each ``QFTLayer.export()`` gives the deployment constants.
-    """
+
+def run_qft(model: nn.Module, calib_data, wbits: int = 4, abits: int = 8,
+            config: QFTConfig | None = None) -> tuple[QFTNet, nn.Module]:
+    """QFT on ``calib_data`` (N, C, H, W float32): returns the trained QFTNet and the BN-folded
+    (and CLE-equalised) float model it was built from."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    cfg = config or QFTConfig()
+    cfg = _config(config)
     x = _as_tensor(calib_data)
     teacher = fold_bn(model).eval().requires_grad_(False)
     student = copy.deepcopy(teacher)
@@ -237,7 +244,60 @@ def calibrate_qft(model: nn.Module, calib_data, wbits: int = 4, abits: int = 8,
         qi.apply_cle(student, bits)
     qnet = build_qft_net(student, x[:cfg.calib_batch], bits, abits, cfg.mode, cfg.vector_act)
     train_qft(qnet, teacher, x, cfg)
-    return qnet
+    return qnet, student
+
+
+def calibrate_qft(model: nn.Module, calib_data, wbits: int = 4, abits: int = 8, config: QFTConfig | None = None):
+    """QFT-calibrate a float ``model``; returns a ``QuantModel`` whose deploy mode computes exactly
+    what the trained offline subgraph computes (see :func:`to_quant_model`)."""
+    qnet, student = run_qft(model, calib_data, wbits, abits, config)
+    return to_quant_model(qnet, student, tuple(_as_tensor(calib_data).shape[1:]))
+
+
+@torch.no_grad()
+def to_quant_model(qnet: QFTNet, student: nn.Module, input_shape: tuple[int, ...]):
+    """The trained QFT state written into the calibration engine's ``QuantModel`` (same ops, names).
+
+    Per conv / linear: weight = W_int * s_w, ``wq.scale`` = s_w = R (right scale), ``oso_scale`` =
+    g = 1 / a_out, ``oso_offset`` = 0, bias, ISG all in the unity group, ``outq`` step / bits /
+    clip; add, pool and input quantizers get their tensor's scale and bits. Every value is the
+    float32 number the subgraph used, so ``norm_constants`` reproduces its m and b exactly.
+    """
+    from ioso_tvm.calib.qmodel import build_qmodel
+    from ioso_tvm.calib.quantizers import WeightQuantizer
+
+    qm = build_qmodel(student, input_shape, 8, 8, first_last_bits=None)
+
+    def set_q(outq, t: TensorQ) -> None:
+        if t.zp != 0 or outq.signed != t.signed:
+            raise ValueError(f"tensor quantizer mismatch for {outq}: QuantModel needs zp 0 and matching sign")
+        outq.bits = t.bits
+        outq.step.fill_(float(t.s()))
+
+    for mod in qnet.gm.modules():
+        if isinstance(mod, InputQuant):
+            set_q(qm.ops["input"].outq, mod.out)
+        elif isinstance(mod, (QFTLayer, QFTAdd, QFTAvgPool)):
+            key = mod.name.replace(".", "/")
+            if key not in qm.ops:
+                raise ValueError(f"QFT op {mod.name!r} has no counterpart in the QuantModel")
+            op = qm.ops[key]
+            set_q(op.outq, mod.t_out)
+            if isinstance(mod, QFTLayer):
+                c = mod.constants()
+                s_w = c["s_w"].to(torch.float32)
+                shape = [-1] + [1] * (op.weight.dim() - 1)
+                op.weight.copy_(c["w_int"].reshape(op.weight.shape) * s_w.reshape(shape))
+                op.wq = WeightQuantizer(op.weight, mod.wbits)
+                op.wq.scale.copy_(s_w)
+                op.bias.copy_(c["bias"].to(torch.float32))
+                op.oso_scale.copy_(c["g"].to(torch.float32))
+                op.oso_offset.zero_()
+                op.isg.groups.zero_()
+                op.isg.hard = True
+    for q in qm.quantizers():
+        q.initialised = True
+    return qm.eval()
 
 
 def train_qft(qnet: QFTNet, teacher: nn.Module, x: torch.Tensor, cfg: QFTConfig) -> list[float]:

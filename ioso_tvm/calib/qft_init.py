@@ -259,10 +259,12 @@ def minmax_ranges(model: nn.Module, data: torch.Tensor, names: Iterable[str] | N
     return {k: (v[0], v[1]) for k, v in ranges.items()}
 
 
-def act_qparams(lo: float, hi: float, bits: int = 8, signed: bool | None = None) -> tuple[float, int]:
+def act_qparams(lo: float, hi: float, bits: int = 8, signed: bool | None = None,
+                symmetric: bool = False) -> tuple[float, int]:
     """Per-tensor (scale, zero point) covering [min(lo, 0), max(hi, 0)].
 
-    ``signed=None``: unsigned when lo >= 0 (after ReLU, zp = 0), else signed with a zero point.
+    ``signed=None``: unsigned when lo >= 0 (after ReLU, zp = 0), else signed. ``symmetric``:
+    zp = 0 and the scale covers max(|lo|, |hi|) (signed) or hi (unsigned; lo is then clipped to 0).
     """
     if not 2 <= bits <= 8:
         raise ValueError(f"activation bits must be in 2..8, got {bits}")
@@ -270,6 +272,10 @@ def act_qparams(lo: float, hi: float, bits: int = 8, signed: bool | None = None)
     if signed is None:
         signed = lo < 0
     qlo, qhi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
+    if symmetric:
+        r = max(-lo, hi) if signed else hi
+        scale = r / qhi if r > 0 else 1.0
+        return float(torch.tensor(scale, dtype=torch.float32)), 0
     scale = (hi - lo) / (qhi - qlo) if hi > lo else 1.0
     zp = int(round(qlo - lo / scale))
     return float(torch.tensor(scale, dtype=torch.float32)), max(qlo, min(qhi, zp))

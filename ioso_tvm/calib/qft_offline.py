@@ -129,16 +129,20 @@ class QFTLayer(nn.Module):
         return r * self.t_out.a() if self.mode == "layerwise" else r.expand(self.weight.shape[0])
 
     def constants(self) -> dict[str, torch.Tensor]:
-        """Differentiable deployment constants: w_int (float, integer values), m, b (float32)."""
+        """Differentiable deployment constants: w_int (float, integer values), s_w, g, bias (float32
+        values), m, b (float32). m and b follow ``hw_model.reference.norm_constants`` operation by
+        operation (float64 from float32 inputs, one final rounding) with s_w = R, OSO scale g = 1 / a_out."""
         shape = [-1] + [1] * (self.weight.dim() - 1)
         eff = self.weight * self.left_expanded().reshape(self.weight.shape[:2] + (1,) * (self.weight.dim() - 2))
-        r = self.right()
+        s_w = _f32(self.right()).to(torch.float64)
         q = qmax(self.wbits)
-        w_int = torch.clamp(round_ste(eff / r.reshape(shape)), -q, q).to(torch.float32)
-        den = self.t_out.s() * self.t_out.a()
-        m = _f32(self.t_in.s() * r / den)
-        b = _f32(self.bias / den + self.t_out.zp)
-        return {"w_int": w_int, "m": m, "b": b}
+        w_int = torch.clamp(round_ste(eff / s_w.reshape(shape)), -q, q).to(torch.float32)
+        g = _f32(1.0 / self.t_out.a()).to(torch.float64)
+        bias = _f32(self.bias).to(torch.float64)
+        s_out = self.t_out.s()
+        m = _f32(g * s_w * self.t_in.s() / s_out)
+        b = _f32((g * bias + 0.0) / s_out + self.t_out.zp)
+        return {"w_int": w_int, "s_w": s_w, "g": g, "bias": bias, "m": m, "b": b}
 
     def _acc(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if self.is_conv:
@@ -179,8 +183,9 @@ class QFTLayer(nn.Module):
 class QFTAdd(nn.Module):
     """Residual add with requantization (contract: Element-wise add); inputs have a = 1."""
 
-    def __init__(self, t_a: TensorQ, t_b: TensorQ, t_out: TensorQ, act: str | None) -> None:
+    def __init__(self, t_a: TensorQ, t_b: TensorQ, t_out: TensorQ, act: str | None, name: str = "add") -> None:
         super().__init__()
+        self.name = name
         self.t_a, self.t_b, self.t_out, self.act = t_a, t_b, t_out, act
 
     def constants(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,8 +207,9 @@ class QFTAdd(nn.Module):
 class QFTAvgPool(nn.Module):
     """Global average pool (contract: Pooling), input a = 1."""
 
-    def __init__(self, t_in: TensorQ, t_out: TensorQ) -> None:
+    def __init__(self, t_in: TensorQ, t_out: TensorQ, name: str = "avgpool") -> None:
         super().__init__()
+        self.name = name
         self.t_in, self.t_out = t_in, t_out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
