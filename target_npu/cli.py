@@ -197,6 +197,29 @@ def _target_and_config(args: argparse.Namespace) -> tuple[str, NPUConfig]:
     return (NPU_KIND if NPU_KIND in kinds else CPU_KIND), make_config(options)
 
 
+def check_model_inputs(model: Path, shapes: dict[str, tuple[int, ...]] | None) -> None:
+    """Check ``--input-shapes`` against the ONNX graph inputs: known names, same rank, static dims."""
+    import onnx
+
+    try:
+        graph = onnx.load(str(model), load_external_data=False).graph
+    except Exception as e:  # noqa: BLE001 - protobuf raises several kinds
+        raise CLIError(f"model file '{model}' is not a valid ONNX file ({one_line(e)})") from None
+    inits = {t.name for t in graph.initializer}
+    dims = {i.name: [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                     for d in i.type.tensor_type.shape.dim] for i in graph.input if i.name not in inits}
+    unknown = sorted(set(shapes or {}) - set(dims))
+    if unknown:
+        raise CLIError(f"--input-shapes names unknown input(s) {unknown}; the model's inputs are {sorted(dims)}")
+    for name, ds in dims.items():
+        given = (shapes or {}).get(name)
+        if given is not None and len(given) != len(ds):
+            raise CLIError(f"--input-shapes: input {name!r} has rank {len(ds)} {ds}, got {list(given)}")
+        if given is None and any(not isinstance(d, int) or d <= 0 for d in ds):
+            example = ",".join(str(d) if isinstance(d, int) and d > 0 else "1" for d in ds)
+            raise CLIError(f"model input {name!r} has a dynamic shape {ds}; give --input-shapes \"{name}:[{example}]\"")
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     """``tvmc compile``: ONNX -> compiled-model .tar."""
     target, config = _target_and_config(args)
@@ -206,6 +229,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.suffix != ".tar":
         raise CLIError(f"-o/--output must name a .tar file, got {args.output!r}")
+    check_model_inputs(model, shapes)
     compiled = _compile_api().compile(str(model), target=target, input_shapes=shapes, config=config,
                                       tuning_records=None if records is None else str(records))
     compiled.export(output)

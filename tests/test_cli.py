@@ -364,6 +364,32 @@ def test_run_fill_and_errors(stand_in, tmp_path, capsys):
     assert rc == 1 and "junk.tar is not a compiled-model .tar" in _assert_one_line(err)
 
 
+def _tiny_onnx(tmp_path: Path, dims: list) -> Path:
+    from onnx import TensorProto, helper, save
+
+    g = helper.make_graph([helper.make_node("Relu", ["input"], ["output"])], "g",
+                          [helper.make_tensor_value_info("input", TensorProto.FLOAT, dims)],
+                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, dims)])
+    save(helper.make_model(g), str(tmp_path / "m.onnx"))
+    return tmp_path / "m.onnx"
+
+
+@pytest.mark.parametrize("shapes, match", [
+    (None, r"model input 'input' has a dynamic shape \['N', 1, 32, 32\]; give --input-shapes \"input:\[1,1,32,32\]\""),
+    ("image:[1,1,32,32]", r"unknown input\(s\) \['image'\]; the model's inputs are \['input'\]"),
+    ("input:[1,32,32]", r"input 'input' has rank 4"),
+])
+def test_compile_checks_input_shapes_against_the_model(tmp_path, capsys, shapes, match):
+    model = _tiny_onnx(tmp_path, ["N", 1, 32, 32])
+    extra = [] if shapes is None else ["--input-shapes", shapes]
+    rc, err = _err(capsys, ["compile", str(model), "--target=llvm", "-o", str(tmp_path / "m.tar"), *extra])
+    assert rc == 2 and re.search(match, _assert_one_line(err))
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07garbage")
+    rc, err = _err(capsys, ["compile", str(bad), "--target=ioso_npu", "-o", str(tmp_path / "b.tar")])
+    assert rc == 2 and "model file" in _assert_one_line(err) and "bad.onnx' is not a valid ONNX file" in err
+
+
 @pytest.mark.parametrize("target, kind", [("ioso_npu", "ioso_npu"), ("ioso_npu, llvm", "ioso_npu"),
                                           ("llvm,ioso_npu -pe_arrays=1", "ioso_npu"), ("llvm", "llvm")])
 def test_compile_passes_target_config_shapes_and_records(tmp_path, monkeypatch, capsys, target, kind):
@@ -380,8 +406,7 @@ def test_compile_passes_target_config_shapes_and_records(tmp_path, monkeypatch, 
             return _Compiled()
 
     monkeypatch.setattr(cli, "_compile_api", lambda: _API)
-    model, records = tmp_path / "m.onnx", tmp_path / "r.json"
-    model.write_bytes(b"x")
+    model, records = _tiny_onnx(tmp_path, ["N", 1, 32, 32]), tmp_path / "r.json"
     records.write_text("")
     opts = ["--target-ioso_npu-clock_mhz=500"] if kind == "ioso_npu" else []
     argv = ["compile", str(model), f"--target={target}", "-o", str(tmp_path / "o.tar"), "--input-shapes",
@@ -438,8 +463,4 @@ def test_tvmc_compile_errors_from_the_compiler_are_one_line(tmp_path, capsys):
     rc, err = _err(capsys, ["compile", str(model), "--target=ioso_npu", "--target-ioso_npu-isg_group_signs=0",
                             "-o", str(tmp_path / "m.tar")])
     assert rc == 1 and "isg_group_signs" in _assert_one_line(err)
-    bad = tmp_path / "bad.onnx"
-    bad.write_bytes(b"\x08\x07garbage")
-    rc, err = _err(capsys, ["compile", str(bad), "--target=ioso_npu", "-o", str(tmp_path / "b.tar")])
-    assert rc == 1 and "bad.onnx" in _assert_one_line(err)
-    assert not (tmp_path / "b.tar").exists()
+    assert not (tmp_path / "m.tar").exists()
