@@ -61,9 +61,10 @@ def execute(layer: Any, xs: list[np.ndarray], cfg: NPUConfig) -> np.ndarray:
     if layer.kind == "input":
         return ref.quantize(xs[0], c["scale"], c["zp"], c["lo"], c["hi"], dt)
     if layer.kind == "conv":
-        return ref.conv2d(xs[0], c["x_zp"], c["w"], c["m"], c["b"], c["lo"], c["hi"], dt,
+        x = xs[0] if xs[0].ndim == 4 else xs[0].reshape(xs[0].shape[0], -1, 1, 1)  # linear: 1x1 conv
+        return ref.conv2d(x, c["x_zp"], c["w"], c["m"], c["b"], c["lo"], c["hi"], dt,
                           stride=tuple(c["stride"]), pads=tuple(c["pads"]), groups=c["groups"],
-                          isg_groups=c["isg_groups"], cfg=cfg)
+                          isg_groups=c["isg_groups"], cfg=cfg).reshape(layer.out_shape)
     if layer.kind == "add":
         return ref.add(xs[0], c["a_zp"], c["ma"], xs[1], c["b_zp"], c["mb"], c["bias"], c["lo"], c["hi"], dt)
     if layer.kind == "maxpool":

@@ -126,6 +126,42 @@ class QDQBuilder:
             env[x.name], x.zp, wq, m, b, out.lo, out.hi, out.dtype, **args)))
         return out
 
+    def linear(self, x: T, k: int, wbits: int = 8, abits: int = 8, isg: bool = True, oso: bool = True) -> T:
+        """Flatten -> [Mul(gamma)] -> Gemm(transB=1) -> [OSO] -> activation quantizer (signed)."""
+        n = x.shape[0]
+        c = int(np.prod(x.shape[1:]))
+        qmax = 2 ** (wbits - 1) - 1
+        wq = self.rng.integers(-qmax - 1, qmax + 1, (k, c)).astype(np.int8)
+        s_w = self.rng.uniform(0.5, 2.0, k).astype(np.float32) / np.float32(qmax * np.sqrt(c))
+        bias = self.rng.normal(0, 0.3, k).astype(np.float32)
+        gvec = self.rng.integers(0, self.cfg.num_groups, c) if isg else np.zeros(c, np.int64)
+        name, fl = self._uid("gemm"), self._uid("flat")
+        self.nodes.append(helper.make_node("Flatten", [x.name], [fl]))
+        inp = fl
+        if isg:
+            inp = self._uid("isg")
+            gamma = np.asarray(self.cfg.group_factors, np.float32)[gvec].reshape(1, c)
+            self.nodes.append(helper.make_node("Mul", [fl, self._const(gamma, "gamma")], [inp]))
+        wn = self._uid("wdq")
+        self.nodes.append(helper.make_node("DequantizeLinear", [self._const(wq, "wq"), self._const(s_w, "sw"),
+                                                                self._const(np.zeros(k, np.int8), "wzp")],
+                                           [wn], axis=0))
+        self.nodes.append(helper.make_node("Gemm", [inp, wn, self._const(bias, "b")], [name], name=name, transB=1))
+        cur, g, phi = name, None, None
+        if oso:
+            g = self.rng.uniform(0.8, 1.2, k).astype(np.float32)
+            phi = self.rng.normal(0, 0.1, k).astype(np.float32)
+            m1, a1 = self._uid("oso_m"), self._uid("oso_a")
+            self.nodes += [helper.make_node("Mul", [cur, self._const(g.reshape(1, k), "g")], [m1]),
+                           helper.make_node("Add", [m1, self._const(phi.reshape(1, k), "phi")], [a1])]
+            cur = a1
+        out = self._quantizer(cur, (n, k), abits, True, None)
+        self.layers[name] = {"wbits": wbits, "abits_out": abits}
+        m, b = ref.norm_constants(x.scale, s_w, out.scale, out.zp, bias, g, phi)
+        self.steps.append(lambda env: env.__setitem__(out.name, ref.linear(
+            env[x.name].reshape(n, c), x.zp, wq, m, b, out.lo, out.hi, out.dtype, isg_groups=gvec, cfg=self.cfg)))
+        return out
+
     def add(self, a: T, b: T, act: str | None = "relu", abits: int = 8) -> T:
         """Residual add (+relu) -> activation quantizer."""
         s = self._uid("add")

@@ -63,7 +63,7 @@ def test_single_conv_layer_bit_exact(a):
 two_layer = st.fixed_dictionaries({
     "c": st.sampled_from([8, 16, 32]),
     "hw": st.integers(4, 8),
-    "tail": st.sampled_from(["add", "add_relu", "maxpool", "gap", "two_outputs"]),
+    "tail": st.sampled_from(["add", "add_relu", "maxpool", "gap", "two_outputs", "classifier"]),
     "abits": st.integers(3, 8),
     "seed": st.integers(0, 2**31 - 1),
 })
@@ -84,6 +84,8 @@ def test_two_layer_fanout_bit_exact(a):
         outs = [b.maxpool(b.add(x, y))]
     elif a["tail"] == "gap":
         outs = [b.gap(b.add(x, y))]
+    elif a["tail"] == "classifier":
+        outs = [b.linear(b.gap(x), 10, wbits=a["abits"], abits=a["abits"], isg=a["seed"] % 2 == 0)]
     else:
         outs = [y, b.conv(x, 16, kernel=3, stride=2, act="relu6")]
     _check(b, outs, rng)

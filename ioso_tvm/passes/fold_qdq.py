@@ -148,6 +148,65 @@ def _isg_groups(gamma: np.ndarray, c: int, cfg: NPUConfig, name: str) -> np.ndar
     return idx.astype(np.int64)
 
 
+def _affine(chain: list[tuple[str, np.ndarray]]) -> tuple[Any, Any, Any]:
+    """(bias, oso_scale, oso_offset) of the ops between a conv / matmul and its quantizer."""
+    chain = list(chain)
+    bias = g = phi = None
+    if [k for k, _ in chain[:1]] == ["relax.add"]:
+        bias = chain.pop(0)[1]
+    if [k for k, _ in chain] == ["relax.multiply", "relax.add"]:
+        g, phi = chain[0][1], chain[1][1]
+    elif chain:
+        raise NotFoldable(f"unsupported ops between conv and quantizer: {[k for k, _ in chain]}")
+    return bias, g, phi
+
+
+def _weights(gr: _Graph, e: Any, name: str, wbits: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 weights, float32 scales) of a per-channel weight ``dequantize``."""
+    wd = gr.prod(e)
+    if not _op(wd, "relax.dequantize"):
+        raise NotFoldable("weight is not a dequantized constant")
+    w = gr.const(wd.args[0], "weight")
+    s_w = gr.const(wd.args[1], "weight scale").astype(np.float32)
+    if w.dtype != np.int8 or np.any(gr.const(wd.args[2], "weight zp") != 0):
+        raise NotFoldable(f"weights must be int8 with zero point 0, got {w.dtype}")
+    bits = wbits.get(name, wbits.get("*"))
+    if bits is not None and (w.min() < -(2 ** (bits - 1)) or w.max() > 2 ** (bits - 1) - 1):
+        raise ValueError(f"layer {name}: weights leave the declared {bits}-bit range")
+    return w, np.broadcast_to(s_w.reshape(-1), (w.shape[0],))
+
+
+def _norm(s_x: float, s_w: np.ndarray, s_out: float, zp_out: int, bias: Any, g: Any, phi: Any) -> tuple:
+    return ref.norm_constants(s_x, s_w, s_out, zp_out,
+                              None if bias is None else bias.reshape(-1).astype(np.float32),
+                              None if g is None else g.reshape(-1), None if phi is None else phi.reshape(-1))
+
+
+def _linear(gr: _Graph, c: Any, chain: list, s_out: float, zp_out: int, cfg: NPUConfig, name: str,
+            wbits: dict[str, int]) -> tuple[list[Any], dict[str, Any]]:
+    """Gemm (``matmul(x, permute_dims(DQ(w)))``), run as a 1x1 conv on the flattened input."""
+    pt = gr.prod(c.args[1])
+    if not _op(pt, "relax.permute_dims") or [int(v) for v in pt.attrs.axes] != [1, 0]:
+        raise NotFoldable("matmul weight is not a transposed constant (Gemm transB=1)")
+    w, s_w = _weights(gr, pt.args[0], name, wbits)
+    bias, g, phi = _affine(chain)
+    inp, gamma = c.args[0], None
+    m0 = gr.prod(inp)
+    if _op(m0, "relax.multiply") and gr.is_const(m0.args[1]):
+        gamma, inp = gr.const(m0.args[1], "gamma"), m0.args[0]
+    r = gr.prod(inp)
+    if _op(r, "relax.reshape"):
+        inp = r.args[0]
+    xq, s_x, zp_x = gr.dq(inp, "linear input")
+    cin = int(np.prod([int(v) for v in list(xq.ty.shape)[1:]]))
+    if w.ndim != 2 or w.shape[1] != cin:
+        raise NotFoldable(f"linear weight {w.shape} does not match {cin} input features")
+    gvec = np.zeros(cin, np.int64) if gamma is None else _isg_groups(gamma, cin, cfg, name)
+    m, b = _norm(s_x, s_w, s_out, zp_out, bias, g, phi)
+    return [xq], {"x_zp": zp_x, "w": w[:, :, None, None], "m": m, "b": b, "isg_groups": gvec,
+                  "stride": [1, 1], "pads": [0, 0, 0, 0], "groups": 1}
+
+
 def _conv(gr: _Graph, body: Any, s_out: float, zp_out: int, cfg: NPUConfig, name: str,
           wbits: dict[str, int]) -> tuple[list[Any], dict[str, Any]]:
     chain = []
@@ -155,17 +214,12 @@ def _conv(gr: _Graph, body: Any, s_out: float, zp_out: int, cfg: NPUConfig, name
     while (_op(c, "relax.add") or _op(c, "relax.multiply")) and gr.is_const(c.args[1]):
         chain.append((c.op.name, gr.const(c.args[1], "constant")))
         c = gr.prod(c.args[0])
-    if not _op(c, "relax.nn.conv2d"):
-        raise NotFoldable("no conv2d under the activation quantizer")
     chain.reverse()
-    bias = g = phi = None
-    kinds = [k for k, _ in chain]
-    if kinds[:1] == ["relax.add"]:
-        bias = chain.pop(0)[1]
-    if [k for k, _ in chain] == ["relax.multiply", "relax.add"]:
-        g, phi = chain[0][1], chain[1][1]
-    elif chain:
-        raise NotFoldable(f"unsupported ops between conv and quantizer: {[k for k, _ in chain]}")
+    if _op(c, "relax.matmul"):
+        return _linear(gr, c, chain, s_out, zp_out, cfg, name, wbits)
+    if not _op(c, "relax.nn.conv2d"):
+        raise NotFoldable("no conv2d / matmul under the activation quantizer")
+    bias, g, phi = _affine(chain)
     a = c.attrs
     if a.data_layout != "NCHW" or a.kernel_layout != "OIHW":
         raise NotFoldable(f"conv layout {a.data_layout}/{a.kernel_layout}")
@@ -177,24 +231,13 @@ def _conv(gr: _Graph, body: Any, s_out: float, zp_out: int, cfg: NPUConfig, name
     if _op(m0, "relax.multiply") and gr.is_const(m0.args[1]):
         gamma, inp = gr.const(m0.args[1], "gamma"), m0.args[0]
     xq, s_x, zp_x = gr.dq(inp, "conv input")
-    wd = gr.prod(c.args[1])
-    if not _op(wd, "relax.dequantize"):
-        raise NotFoldable("conv weight is not a dequantized constant")
-    w = gr.const(wd.args[0], "weight")
-    s_w = gr.const(wd.args[1], "weight scale").astype(np.float32)
-    if w.dtype != np.int8 or np.any(gr.const(wd.args[2], "weight zp") != 0):
-        raise NotFoldable(f"weights must be int8 with zero point 0, got {w.dtype}")
+    w, s_w = _weights(gr, c.args[1], name, wbits)
     k, cg, kh, kw = w.shape
     if max(kh, kw) > MAX_KERNEL:
         raise NotFoldable(f"kernel {kh}x{kw} larger than {MAX_KERNEL}")
-    bits = wbits.get(name, wbits.get("*"))
-    if bits is not None and (w.min() < -(2 ** (bits - 1)) or w.max() > 2 ** (bits - 1) - 1):
-        raise ValueError(f"layer {name}: weights leave the declared {bits}-bit range")
     cin = int(xq.ty.shape[1])
     gvec = np.zeros(cin, np.int64) if gamma is None else _isg_groups(gamma, cin, cfg, name)
-    m, b = ref.norm_constants(s_x, np.broadcast_to(s_w, (k,)), s_out, zp_out,
-                              None if bias is None else bias.reshape(-1).astype(np.float32),
-                              None if g is None else g.reshape(-1), None if phi is None else phi.reshape(-1))
+    m, b = _norm(s_x, s_w, s_out, zp_out, bias, g, phi)
     return [xq], {"x_zp": zp_x, "w": w, "m": m, "b": b, "isg_groups": gvec,
                   "stride": [int(v) for v in a.strides], "pads": [int(v) for v in a.padding],
                   "groups": int(a.groups)}
