@@ -202,13 +202,19 @@ def why_invalid(spec: ConvSpec, t: Tiling, cfg: NPUConfig) -> str | None:
 
 
 def enumerate_space(spec: ConvSpec, cfg: NPUConfig) -> list[Tiling]:
-    """All valid tilings of a layer, in a fixed (grid) order."""
+    """All valid tilings of a layer, in a fixed (grid) order.
+
+    Valid = :func:`why_invalid` is None and, when ``hw_model``'s builder is present, its own
+    buffer check (``bridge.builder_check``) accepts the tiling too.
+    """
+    from .bridge import builder_check  # lazy: bridge imports records, which imports this module
+
     pts = []
     for oc, sp, ic, order, db in itertools.product(
             _channel_tiles(spec.out_ch, cfg), _row_tiles(spec.out_h), _channel_tiles(spec.in_ch, cfg),
             ORDERS, (False, True)):
         t = Tiling(oc, sp, ic, order, db)
-        if why_invalid(spec, t, cfg) is None:
+        if why_invalid(spec, t, cfg) is None and builder_check(spec, t, cfg) is None:
             pts.append(t)
     return pts
 
