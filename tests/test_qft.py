@@ -126,3 +126,16 @@ def test_quant_model_deploy_equals_qft(mode):
         assert np.array_equal(il.m.reshape(-1).numpy(), lay.export()["m"])
         assert np.array_equal(il.b.reshape(-1).numpy(), lay.export()["b"])
     assert qp[qm.output].dtype == torch.int64
+
+
+def test_qft_quant_model_exports_and_compiles_bit_exact():
+    """QFT constants survive the ONNX export and the compiler: the NPU run == deploy mode."""
+    compiler = pytest.importorskip("ioso_tvm.compiler")
+    export = pytest.importorskip("ioso_tvm.export")
+    torch.manual_seed(2)
+    x = _data(3)
+    qm = qft.calibrate_qft(_Tiny().eval(), x, 4, 8, _cfg("channelwise", epochs=1, images_per_epoch=32))
+    model = export.export_onnx(qm, None, (x.shape[0], 2, 8, 8))
+    cm = compiler.compile(model, "ioso_npu")
+    assert not cm.fallbacks
+    assert np.array_equal(cm.run(x.numpy()), qm.deploy(x).numpy())
