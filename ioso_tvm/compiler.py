@@ -26,6 +26,7 @@ from tvm import relax
 from hw_model.config import NPUConfig
 from ioso_tvm.frontend import import_onnx, load_onnx
 from ioso_tvm.passes.fold_qdq import Layer, find_layers, fold_qdq
+from ioso_tvm.passes.permute_groups import apply_plan, plan_permutations
 from target_npu import runtime
 
 log = logging.getLogger("ioso_tvm.compiler")
@@ -58,9 +59,11 @@ class CompiledModel:
     """A compiled model: a Relax VM whose NPU layers call registered runtime functions."""
 
     def __init__(self, executable: Any, layers: list[Layer], prefix: str, config: NPUConfig,
-                 inputs: list[dict[str, Any]], target: str, fallbacks: list[tuple[str, str]]) -> None:
+                 inputs: list[dict[str, Any]], target: str, fallbacks: list[tuple[str, str]],
+                 permutes: dict[str, int] | None = None) -> None:
         self.executable, self.layers, self.prefix, self.config = executable, layers, prefix, config
         self.inputs, self.target, self.fallbacks = inputs, target, fallbacks
+        self.permutes = permutes or {"permutes_needed": 0, "gathered_loads": 0, "permuted_tensors": 0}
         self.profile = runtime.Profile()
         for i, ly in enumerate(layers):
             runtime.register_layer(f"{prefix}.{i}", ly, config, self.profile)
@@ -103,7 +106,7 @@ class CompiledModel:
         return {"target": self.target, "layers": rows, "total_cycles": total,
                 "total_us": total / self.config.clock_mhz,
                 "fallbacks": [{"tensor": n, "reason": r} for n, r in self.fallbacks],
-                "permutes": {"permutes_needed": 0, "gathered_loads": 0}}
+                "permutes": dict(self.permutes)}
 
     def export(self, path: str | Path) -> Path:
         """Write a ``.tar`` (JSON + npz + VM library; see ``target_npu.artifact``)."""
@@ -120,7 +123,8 @@ class CompiledModel:
             programs[str(i)] = {"kind": ly.kind, "name": ly.name, "out_shape": list(ly.out_shape),
                                 "out_dtype": ly.out_dtype, "consts": scal}
         meta = {"inputs": self.inputs, "prefix": self.prefix, "target": self.target,
-                "fallbacks": [list(f) for f in self.fallbacks], "num_layers": len(self.layers)}
+                "fallbacks": [list(f) for f in self.fallbacks], "num_layers": len(self.layers),
+                "permutes": self.permutes}
         return save_artifact(path, config=self.config, meta=meta, programs=programs, constants=constants,
                              report=self.report(), executable=self.executable)
 
@@ -137,7 +141,7 @@ def load(path: str | Path) -> CompiledModel:
         consts.update({k.split(".", 1)[1]: v for k, v in art.constants.items() if k.split(".", 1)[0] == str(i)})
         layers.append(Layer(p["kind"], p["name"], [], tuple(p["out_shape"]), p["out_dtype"], consts))
     cm = CompiledModel(art.load_host_module(), layers, art.meta["prefix"], art.config, art.meta["inputs"],
-                       art.meta["target"], [tuple(f) for f in art.meta["fallbacks"]])
+                       art.meta["target"], [tuple(f) for f in art.meta["fallbacks"]], art.meta.get("permutes"))
     cm._artifact = art  # keeps the extracted host library alive
     return cm
 
@@ -165,8 +169,28 @@ def compile(model: Any, target: str = "ioso_npu", input_shapes: dict[str, list[i
         h = hashlib.sha256(proto.SerializeToString() + repr(config.to_dict()).encode()).hexdigest()[:16]
         prefix = f"ioso_npu.m{h}"
         mod = fold_qdq(mod, layers, prefix)
+        plan = plan_permutations(layers, external_tensors(mod), {s["name"] for s in inputs}, config)
+        if plan.granularity_violations:
+            raise ValueError(f"layers {plan.granularity_violations}: more than one ISG group is not a multiple "
+                             f"of the granularity {config.granularity}")
+        layers, permutes = apply_plan(layers, plan), plan.counts()
+        log.info("group permutation: %s", permutes)
     else:
-        prefix = "ioso_npu.cpu"
+        prefix, permutes = "ioso_npu.cpu", None
     ex = tvm.compile(mod, target="llvm")
     log.info("compiled %d NPU layer(s), %d CPU fallback(s)", len(layers), len(fallbacks))
-    return CompiledModel(ex, layers, prefix, config, inputs, target, fallbacks)
+    return CompiledModel(ex, layers, prefix, config, inputs, target, fallbacks, permutes)
+
+
+def external_tensors(mod: tvm.IRModule) -> set[str]:
+    """Names of the vars of ``main`` read by anything but a packed NPU call (CPU ops, outputs)."""
+    func = mod["main"]
+    used: set[str] = set()
+    for blk in func.body.blocks:
+        for b in blk.bindings:
+            v = b.value
+            if isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op) and v.op.name == "relax.call_dps_packed":
+                continue
+            used |= {x.name for x in relax.analysis.free_vars(v)}
+    used |= {x.name for x in relax.analysis.free_vars(func.body.body)}
+    return used

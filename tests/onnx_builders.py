@@ -19,6 +19,14 @@ from hw_model import reference as ref
 from hw_model.config import DEFAULT_CONFIG, NPUConfig
 
 
+def granular_groups(c: int, rng: np.random.Generator, cfg: NPUConfig = DEFAULT_CONFIG) -> np.ndarray:
+    """A shuffled ISG group vector that meets the granularity rule (one remainder group at most)."""
+    gran = cfg.granularity
+    blocks = rng.integers(0, cfg.num_groups, c // gran)
+    g = np.concatenate([np.repeat(blocks, gran), np.full(c % gran, rng.integers(0, cfg.num_groups))])
+    return rng.permutation(g).astype(np.int64)
+
+
 @dataclass
 class T:
     """A quantized tensor of the graph under construction."""
@@ -87,7 +95,7 @@ class QDQBuilder:
         bias = self.rng.normal(0, 0.3, k).astype(np.float32)
         gvec = np.zeros(c, np.int64)
         if isg:
-            gvec = self.rng.integers(0, self.cfg.num_groups, c) if group_vec is None else np.asarray(group_vec)
+            gvec = granular_groups(c, self.rng, self.cfg) if group_vec is None else np.asarray(group_vec)
         name = self._uid("conv")
         inp = x.name
         if isg:
@@ -134,7 +142,7 @@ class QDQBuilder:
         wq = self.rng.integers(-qmax - 1, qmax + 1, (k, c)).astype(np.int8)
         s_w = self.rng.uniform(0.5, 2.0, k).astype(np.float32) / np.float32(qmax * np.sqrt(c))
         bias = self.rng.normal(0, 0.3, k).astype(np.float32)
-        gvec = self.rng.integers(0, self.cfg.num_groups, c) if isg else np.zeros(c, np.int64)
+        gvec = granular_groups(c, self.rng, self.cfg) if isg else np.zeros(c, np.int64)
         name, fl = self._uid("gemm"), self._uid("flat")
         self.nodes.append(helper.make_node("Flatten", [x.name], [fl]))
         inp = fl

@@ -49,6 +49,7 @@ class Layer:
     out_dtype: str
     consts: dict[str, Any] = field(default_factory=dict)
     quant: Any = None  # the relax.quantize call this layer replaces
+    out_name: str = ""  # name of the Relax var holding the output
 
     def macs(self) -> int:
         """Multiply-accumulates of one run (convs only; 0 otherwise)."""
@@ -295,6 +296,7 @@ def find_layers(mod: tvm.IRModule, cfg: NPUConfig, wbits: dict[str, int] | None 
             continue
         try:
             layers.append(_classify(gr, val, len(layers), cfg, wbits or {}))
+            layers[-1].out_name = var.name
         except NotFoldable as e:
             fallbacks.append((var.name, str(e)))
     return layers, fallbacks
