@@ -91,6 +91,14 @@ def unpack_nhwc(flat: np.ndarray, shape: tuple[int, int, int, int], slots: np.nd
     return out.transpose(0, 3, 1, 2).copy()
 
 
+def row_window(r_lo: int, r_hi: int, h: int) -> tuple[int, int, int, int]:
+    """Input rows [r_lo, r_hi) of an image of h rows -> (first real row, real rows, pad top, pad bottom)."""
+    a_lo, a_hi = max(r_lo, 0), min(r_hi, h)
+    if a_hi <= a_lo:
+        return 0, 0, r_hi - r_lo, 0
+    return a_lo, a_hi - a_lo, a_lo - r_lo, r_hi - a_hi
+
+
 class ProgramBuilder:
     """Low-level emitter: one method per instruction, DRAM allocation, ``finish() -> Program``."""
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hw_model.builder import BLOCK, ProgramBuilder, StepTokens, channel_slots, identity_slots
+from hw_model.builder import BLOCK, ProgramBuilder, StepTokens, channel_slots, identity_slots, row_window
 from hw_model.config import DEFAULT_CONFIG, NPUConfig
 from hw_model.isa import Program, mem_size
 from hw_model.layer_specs import AddSpec, ConvSpec, LinearSpec, PoolSpec, Tiling, conv_geometry, pool_geometry
@@ -32,16 +32,18 @@ class _Plan:
 
 
 def _conv_plan(spec: ConvSpec, t: Tiling, cfg: NPUConfig) -> _Plan:
-    oh, ow, kb, cb = conv_geometry(spec)
+    oh, ow, kb, _ = conv_geometry(spec)
+    slots, bgroups = channel_slots(spec.c, spec.isg_groups, cfg)
+    cb = slots.size // BLOCK
     dw = spec.is_depthwise
+    kb = cb if dw else kb
     n_cb = min(t.ob_tile, kb) if dw else min(t.cb_tile, cb)
     n_ob = min(t.ob_tile, kb)
     rows = min(t.rows, oh)
     in_rows = (rows - 1) * spec.stride[0] + spec.dilation[0] * (spec.kh - 1) + 1
     wp = spec.w + spec.pads[1] + spec.pads[3]
     w_rows = spec.kh * spec.kw * (1 if dw else n_cb * BLOCK)
-    single = len(set(channel_slots(spec.c, spec.isg_groups, cfg)[1])) == 1 and \
-        cfg.isg_group_signs[channel_slots(spec.c, spec.isg_groups, cfg)[1][0]] == 0
+    single = len(set(bgroups)) == 1 and cfg.isg_group_signs[bgroups[0]] == 0
     p = rows * ow * n_ob * BLOCK
     return _Plan(in_rows * wp * n_cb * BLOCK, w_rows * n_ob * BLOCK, 2 * n_ob * BLOCK, p, p if single else 2 * p)
 
@@ -121,6 +123,7 @@ def build_conv(spec: ConvSpec, tiling: Tiling | None = None, cfg: NPUConfig = DE
     slots_in, bgroups = channel_slots(spec.c, spec.isg_groups, cfg)
     slots_out = slots_in if dw else identity_slots(spec.k)
     cp, kp = slots_in.size, slots_out.size
+    kb = kp // BLOCK
     cbn = cp // BLOCK
     pl = _conv_plan(spec, tiling, cfg)
     n_ob_t, rows_t = min(tiling.ob_tile, kb), min(tiling.rows, oh)
@@ -172,7 +175,7 @@ def build_conv(spec: ConvSpec, tiling: Tiling | None = None, cfg: NPUConfig = DE
         y0, y1 = y * rows_t, min(oh, (y + 1) * rows_t)
         r_lo = y0 * sh - pt
         r_hi = (y1 - 1) * sh - pt + dh * (spec.kh - 1) + 1
-        a_lo, a_hi = max(r_lo, 0), min(r_hi, spec.h)
+        a_lo, n_real, pad_t, pad_b = row_window(r_lo, r_hi, spec.h)
         pix = (c1 - c0) * BLOCK
         wp = spec.w + pleft + pright
         wrow = nob * BLOCK
@@ -181,8 +184,8 @@ def build_conv(spec: ConvSpec, tiling: Tiling | None = None, cfg: NPUConfig = DE
         for k in loads_of[s]:
             if k == "in":
                 ld.append(dict(region="x", dram_offset=((i * spec.h + a_lo) * spec.w) * cp + c0 * BLOCK, mem="spad",
-                               sram_addr=spad_in[slot], n0=a_hi - a_lo, n1=spec.w, n2=pix, dram_stride0=spec.w * cp,
-                               dram_stride1=cp, pad=(a_lo - r_lo, pleft, r_hi - a_hi, pright), pad_value=spec.x_zp))
+                               sram_addr=spad_in[slot], n0=n_real, n1=spec.w, n2=pix, dram_stride0=spec.w * cp,
+                               dram_stride1=cp, pad=(pad_t, pleft, pad_b, pright), pad_value=spec.x_zp))
             elif k == "w" and dw:
                 ld.append(dict(region="w", dram_offset=ob0 * BLOCK, mem="wbuf", sram_addr=slot * pl.w_tile,
                                n0=spec.kh * spec.kw, n1=1, n2=wrow, dram_stride0=cp, dram_stride1=0))

@@ -5,7 +5,7 @@ from typing import Any
 
 import numpy as np
 
-from hw_model.builder import BLOCK, ProgramBuilder, StepTokens, identity_slots, pack_nhwc, unpack_nhwc
+from hw_model.builder import BLOCK, ProgramBuilder, StepTokens, identity_slots, pack_nhwc, row_window, unpack_nhwc
 from hw_model.config import DEFAULT_CONFIG, NPUConfig
 from hw_model.isa import Program
 from hw_model.layer_specs import AddSpec, ConvSpec, LinearSpec, PoolSpec, Tiling, pool_geometry
@@ -42,13 +42,13 @@ def build_pool(spec: PoolSpec, tiling: Tiling | None = None, cfg: NPUConfig = DE
         c0, c1 = c * n_cb_t, min(nblk, (c + 1) * n_cb_t)
         y0, y1 = y * rows_t, min(oh, (y + 1) * rows_t)
         r_lo, r_hi = y0 * sh - pt, (y1 - 1) * sh - pt + kh
-        a_lo, a_hi = max(r_lo, 0), min(r_hi, spec.h)
+        a_lo, n_real, pad_t, pad_b = row_window(r_lo, r_hi, spec.h)
         pix = (c1 - c0) * BLOCK
         in_addr, out_addr = slot * in_tile, nb * in_tile + slot * out_tile
         cb = slot * 2 * n_cb_t * BLOCK
         loads = [dict(region="x", dram_offset=((i * spec.h + a_lo) * spec.w) * cp + c0 * BLOCK, mem="spad",
-                      sram_addr=in_addr, n0=a_hi - a_lo, n1=spec.w, n2=pix, dram_stride0=spec.w * cp,
-                      dram_stride1=cp, pad=(a_lo - r_lo, pleft, r_hi - a_hi, pright), pad_value=pad_value)]
+                      sram_addr=in_addr, n0=n_real, n1=spec.w, n2=pix, dram_stride0=spec.w * cp,
+                      dram_stride1=cp, pad=(pad_t, pleft, pad_b, pright), pad_value=pad_value)]
         if not is_max:
             loads += [dict(region="norm", dram_offset=off + c0 * BLOCK, mem="cbuf", sram_addr=cb + (pix if off else 0),
                            n0=1, n1=1, n2=pix, dram_stride0=0, dram_stride1=0) for off in (0, cp)]
