@@ -369,7 +369,8 @@ def _check_fields(k: int, ins: Instr, prog: Program, cfg: NPUConfig) -> None:
         v = getattr(ins, f.name)
         if f.name in _NONNEG and (not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0):
             raise ValueError(f"{where}: field {f.name} must be a non-negative int, got {v!r}")
-        if f.name in _POS and not (f.name == "n0" and isinstance(ins, Load) and v == 0) and (not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0):
+        zero_ok = f.name == "n0" and isinstance(ins, Load) and v == 0  # a LOAD may write padding only
+        if f.name in _POS and not zero_ok and (not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0):
             raise ValueError(f"{where}: field {f.name} must be a positive int, got {v!r}")
     for flag in _QUEUE_FLAGS.get(ins.queue, ()):
         if getattr(ins, flag):

@@ -12,13 +12,15 @@ from hw_model.functional import run_program
 from hw_model.layers import build_conv
 from hw_model.layers_alu import pack_inputs
 
+
 def fast(n: int) -> settings:
     """Deterministic, no deadline: n examples."""
     return settings(max_examples=n, deadline=None, derandomize=True, database=None,
                     suppress_health_check=list(HealthCheck))
 
 tilings = st.one_of(st.none(), st.builds(Tiling, ob_tile=st.integers(1, 3), rows=st.integers(1, 5),
-                                         cb_tile=st.integers(1, 3), loop_order=st.sampled_from(["ob_outer", "sp_outer"]),
+                                         cb_tile=st.integers(1, 3),
+                                         loop_order=st.sampled_from(["ob_outer", "sp_outer"]),
                                          nbuf=st.integers(1, 2)))
 
 
