@@ -139,3 +139,18 @@ def test_qft_quant_model_exports_and_compiles_bit_exact():
     cm = compiler.compile(model, "ioso_npu")
     assert not cm.fallbacks
     assert np.array_equal(cm.run(x.numpy()), qm.deploy(x).numpy())
+
+
+def test_qft_isg_hardens_and_stays_bit_exact():
+    """method qft+isg: soft groups train, harden to granular groups; deploy == QuantModel == reference."""
+    from hw_model.config import DEFAULT_CONFIG
+    torch.manual_seed(4)
+    model, x = _Tiny().eval(), _data(5)
+    qnet, student = qft.run_qft(model, x, 4, 8, _cfg("channelwise", isg=True, isg_lambda=0.0))
+    for lay in qnet.qft_layers().values():
+        assert lay.isg.hard
+        counts = np.bincount(lay.isg.groups.numpy(), minlength=3)
+        assert sum(int(c) % DEFAULT_CONFIG.granularity != 0 for c in counts) <= 1
+    qm = qft.to_quant_model(qnet, student, (2, 8, 8))
+    assert torch.equal(qm.deploy(x), qnet(x).detach())
+    assert np.array_equal(qnet.deploy(x).numpy(), qnet.reference(x.numpy()).astype(np.float32))

@@ -39,6 +39,8 @@ def test_layer_online_deploy_reference_equal(seed, cin, cout, k, stride, pad, de
                                              signed_in, linear):
     groups = cin if depthwise and not linear and cout % cin == 0 else 1
     lay, q_in = _layer(seed, cin, cout, k, stride, pad, groups, wbits, mode, act, signed_in, linear)
+    if seed % 2:  # random hard ISG groups: shift-add accumulation per group
+        lay.isg.groups.copy_(torch.randint(0, 3, (cin,), generator=torch.Generator().manual_seed(seed)))
     operand = (q_in - lay.t_in.zp).to(torch.float32)
     with torch.no_grad():
         online = lay(operand).numpy() + lay.t_out.zp

@@ -53,6 +53,12 @@ class QFTConfig:
     """App. D / Table 2: 4-bit adapted CLE as pre-conditioning (conv -> ReLU -> conv pairs)."""
     vector_act: bool = True
     """Eq. 12: train the activation vector scale a (left kernel scales) where it folds into the NPU."""
+    isg: bool = False
+    """method "qft+isg": ISG group logits of every low-bit layer as an extra DoF, hardened at the end."""
+    isg_lambda: float = 1e-3
+    """Weight of the ISG regulariser. Chosen: small against the L2 loss of logits (order 1e-2..1)."""
+    isg_beta: tuple[float, float] = (20.0, 2.0)
+    """Regulariser exponent annealed linearly from 20 to 2 (AdaRound / IOSO conference Eq. 11 schedule)."""
     calib_batch: int = 256
     """Chosen: images used for the min-max activation ranges (enough for stable maxima at 28x28)."""
     seed: int = 0
@@ -293,7 +299,7 @@ def to_quant_model(qnet: QFTNet, student: nn.Module, input_shape: tuple[int, ...
                 op.bias.copy_(c["bias"].to(torch.float32))
                 op.oso_scale.copy_(c["g"].to(torch.float32))
                 op.oso_offset.zero_()
-                op.isg.groups.zero_()
+                op.isg.groups.copy_(mod.isg.groups)
                 op.isg.hard = True
     for q in qm.quantizers():
         q.initialised = True
@@ -303,6 +309,9 @@ def to_quant_model(qnet: QFTNet, student: nn.Module, input_shape: tuple[int, ...
 def train_qft(qnet: QFTNet, teacher: nn.Module, x: torch.Tensor, cfg: QFTConfig) -> list[float]:
     """Knowledge distillation: Adam on the L2 distance of the outputs; returns the loss per step."""
     gen = torch.Generator().manual_seed(cfg.seed)
+    isg_layers = [lay for lay in qnet.qft_layers().values() if cfg.isg and lay.wbits < 8]
+    for lay in isg_layers:
+        lay.isg.init_soft()
     params = [p for p in qnet.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr)
     steps_per_epoch = max(1, cfg.images_per_epoch // cfg.batch_size)
@@ -321,9 +330,16 @@ def train_qft(qnet: QFTNet, teacher: nn.Module, x: torch.Tensor, cfg: QFTConfig)
         with torch.no_grad():
             target = teacher(xb)
         loss = ((qnet(xb) - target) ** 2).mean()
+        if isg_layers:
+            beta = cfg.isg_beta[0] + (cfg.isg_beta[1] - cfg.isg_beta[0]) * step / max(total - 1, 1)
+            loss = loss + cfg.isg_lambda * sum(lay.isg.reg(beta) for lay in isg_layers)
         opt.zero_grad()
         loss.backward()
         opt.step()
+        for lay in isg_layers:
+            lay.isg.track(step)
         losses.append(loss.item())
+    for lay in isg_layers:
+        lay.isg.harden(lay.isg.cfg.granularity)
     qnet.eval()
     return losses

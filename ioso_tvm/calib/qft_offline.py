@@ -25,6 +25,8 @@ import torch
 from torch import fx, nn
 
 from hw_model import reference as ref
+from hw_model.config import DEFAULT_CONFIG, NPUConfig
+from ioso_tvm.calib.isg import ISG
 from ioso_tvm.calib.qft_init import qmax
 
 
@@ -90,7 +92,7 @@ class QFTLayer(nn.Module):
     """Conv2d or Linear with fused ReLU / ReLU6 clip, deployable as one NPU MAC layer."""
 
     def __init__(self, layer: nn.Conv2d | nn.Linear, t_in: TensorQ, t_out: TensorQ, act: str | None,
-                 wbits: int, mode: str, name: str) -> None:
+                 wbits: int, mode: str, name: str, cfg: NPUConfig = DEFAULT_CONFIG) -> None:
         super().__init__()
         if mode not in ("layerwise", "channelwise"):
             raise ValueError(f"mode must be 'layerwise' or 'channelwise', got {mode!r}")
@@ -112,6 +114,8 @@ class QFTLayer(nn.Module):
         self.bias = nn.Parameter(b.to(torch.float64).clone())
         n_r = 1 if mode == "layerwise" else k
         self.log_r = nn.Parameter(torch.zeros(n_r, dtype=torch.float64))
+        cin = layer.in_channels if self.is_conv else layer.in_features
+        self.isg = ISG(cin, cfg)  # hard, all channels in the unity group unless init_soft() is called
 
     def set_right_scale(self, r: torch.Tensor) -> None:
         """Initialise the right scale(s): scalar f (layerwise) or (K,) (channelwise), > 0."""
@@ -149,12 +153,33 @@ class QFTLayer(nn.Module):
             return nn.functional.conv2d(x, w, None, self.stride, self.padding, self.dilation, self.groups)
         return nn.functional.linear(x, w)
 
+    def _isg_acc(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """D2 = sum over hard groups of shift-add(D1) (contract ISG), gradient as x * gamma."""
+        view = [1, -1] + [1] * (x.dim() - 2)
+        signs, n = self.isg.cfg.isg_group_signs, self.isg.cfg.isg_shift
+        d2 = torch.zeros((), dtype=x.dtype)
+        for g in range(len(signs)):
+            mask = (self.isg.groups == g).to(x.dtype).reshape(view)
+            if not bool(mask.any()):
+                continue
+            d1 = self._acc(x * mask, w)
+            d2 = d2 + (d1 if signs[g] == 0 else d1 + signs[g] * torch.floor(d1 / 2 ** n))
+        smooth = self._acc(x * self.isg.gamma().to(x.dtype).reshape(view), w)
+        return smooth + (d2 - smooth).detach()
+
     def forward(self, x: torch.Tensor, exact: bool = False) -> torch.Tensor:
         c = self.constants()
+        w = c["w_int"]
         if exact:  # float64 accumulation is exact for any int8 x int9 layer of this size
-            acc = self._acc(x.to(torch.float64), c["w_int"].to(torch.float64)).to(torch.float32)
-        else:  # float32 is exact while |partial sums| < 2**24 (always so for 4-bit weights, 8-bit acts)
-            acc = self._acc(x, c["w_int"])
+            x, w = x.to(torch.float64), w.to(torch.float64)
+        # float32 is exact while |partial sums| < 2**24 (always so for 4-bit weights, 8-bit acts)
+        if not self.isg.hard:  # soft ISG (training): input channels scaled by the mixed factor
+            acc = self._acc(x * self.isg.gamma().to(x.dtype).reshape([1, -1] + [1] * (x.dim() - 2)), w)
+        elif bool((self.isg.groups != 0).any()) or self.isg.cfg.isg_group_signs[0] != 0:
+            acc = self._isg_acc(x, w)
+        else:
+            acc = self._acc(x, w)
+        acc = acc.to(torch.float32)
         shape = [1, -1] + [1] * (acc.dim() - 2)
         t = acc * c["m"].reshape(shape)
         t = t + c["b"].reshape(shape)
@@ -172,12 +197,14 @@ class QFTLayer(nn.Module):
 
     def reference(self, x: np.ndarray) -> np.ndarray:
         e = self.export()
+        groups, cfg = self.isg.groups.numpy(), self.isg.cfg
         if not self.is_conv:
-            return ref.linear(x, e["zp_in"], e["w"], e["m"], e["b"], e["lo"], e["hi"], self.t_out.dtype)
+            return ref.linear(x, e["zp_in"], e["w"], e["m"], e["b"], e["lo"], e["hi"], self.t_out.dtype,
+                              isg_groups=groups, cfg=cfg)
         p = self.padding
         return ref.conv2d(x, e["zp_in"], e["w"], e["m"], e["b"], e["lo"], e["hi"], self.t_out.dtype,
                           stride=self.stride, pads=(p[0], p[1], p[0], p[1]), dilation=self.dilation,
-                          groups=self.groups)
+                          groups=self.groups, isg_groups=groups, cfg=cfg)
 
 
 class QFTAdd(nn.Module):
