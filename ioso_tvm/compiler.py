@@ -65,8 +65,9 @@ class CompiledModel:
         self.inputs, self.target, self.fallbacks = inputs, target, fallbacks
         self.permutes = permutes or {"permutes_needed": 0, "gathered_loads": 0, "permuted_tensors": 0}
         self.profile = runtime.Profile()
-        for i, ly in enumerate(layers):
-            runtime.register_layer(f"{prefix}.{i}", ly, config, self.profile)
+        self.programs = [runtime.register_layer(f"{prefix}.{i}", ly, config, self.profile)
+                         for i, ly in enumerate(layers)]
+        self._cycles: list[int] | None = None
         self.vm = relax.VirtualMachine(executable, tvm.cpu())
 
     def run(self, inputs: dict[str, np.ndarray] | np.ndarray, mode: str = "func") -> np.ndarray | list[np.ndarray]:
@@ -92,15 +93,19 @@ class CompiledModel:
 
     def report(self) -> dict[str, Any]:
         """Per-layer device, cycles (last perf/both run, else the static estimate), µs, MAC utilisation."""
+        if self._cycles is None:
+            self._cycles = [runtime.layer_cycles(ly, self.config, p) for ly, p in zip(self.layers, self.programs)]
         rows = []
-        for ly in self.layers:
-            cyc = runtime.layer_cycles(ly, self.config)
+        for ly, prog, cyc in zip(self.layers, self.programs, self._cycles):
             macs = ly.macs()
             gvec = ly.consts.get("isg_groups")
-            rows.append({"name": ly.name, "kind": ly.kind, "device": "cpu" if ly.kind == "input" else "npu",
+            rows.append({"name": ly.name, "kind": ly.kind, "device": "cpu" if prog is None else "npu",
+                         "instructions": 0 if prog is None else len(prog.instrs),
                          "out_shape": list(ly.out_shape), "macs": macs, "cycles": cyc,
                          "us": cyc / self.config.clock_mhz,
                          "mac_utilisation": macs / (cyc * self.config.macs_per_cycle) if macs and cyc else 0.0,
+                         "cpu_reason": None if prog is None and ly.kind == "input" else
+                         (runtime.make_program(ly, self.config)[1] if prog is None else None),
                          "isg_groups_used": 0 if gvec is None else int(len(np.unique(gvec)))})
         total = sum(r["cycles"] for r in rows)
         return {"target": self.target, "layers": rows, "total_cycles": total,

@@ -1,22 +1,23 @@
 """Runtime of offloaded layers: global functions that the Relax VM calls (``call_dps_packed``).
 
 Each folded layer (``ioso_tvm.passes.fold_qdq.Layer``) becomes one global function
-``<prefix>.<index>`` registered with ``tvm_ffi.register_global_func``. Its constants are
-bound once at registration (compile or load time), not passed per call. A call computes the
-layer with the numeric contract (``hw_model.reference``: the functional simulator and the
-instruction-level program are not part of the tree yet, so the contract itself is the
-functional model) and records its cycles in a :class:`Profile`.
+``<prefix>.<index>`` registered with ``tvm_ffi.register_global_func``. At registration
+(compile or load time) the layer's spec is made (``hw_model.layer_specs``) and its NPU
+program is built once through ``hw_model`` (``build_layer`` with the layer's ``Tiling``
+knobs, default ``hw_model.layers.default_tiling``), constants packed into the program. A call
+packs the inputs into the program's DRAM layout, runs it on the functional simulator
+(``hw_model.cycles.simulate``) and unpacks the output.
 
-Modes: ``func`` computes outputs; ``perf`` and ``both`` also record cycles per call (outputs
-are always computed because later layers need them).
+Modes: ``func`` runs the functional simulator only; ``perf`` and ``both`` run it with the
+cycle model (mode ``both``: outputs are always needed by later layers) and record the cycles
+per layer in the :class:`Profile`.
 
-Cycles (until ``hw_model.cycles`` exists): MAC layers ``ceil(MACs / cfg.macs_per_cycle)``
-plus ``cfg.instr_overhead_cycles``; ALU layers ``ceil(elements / cfg.post_lanes)`` plus the
-overhead. This is the ideal-utilisation bound of NPUConfig's arrays, not a fitted model.
+A layer whose spec or program ``hw_model`` rejects (for example mixed input dtypes of an
+add) is computed with ``hw_model.reference`` on the CPU; :func:`make_program` returns the
+reason, which the compile report lists.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,10 @@ import tvm_ffi
 
 from hw_model import reference as ref
 from hw_model.config import NPUConfig
+from hw_model.cycles import simulate
+from hw_model.layer_specs import AddSpec, ConvSpec, LinearSpec, PoolSpec, Tiling
+from hw_model.layers import default_tiling
+from hw_model.layers_alu import build_layer, pack_inputs, unpack_output
 
 MODES = ("func", "perf", "both")
 
@@ -45,14 +50,50 @@ class Profile:
         self.calls.clear()
 
 
-def layer_cycles(layer: Any, cfg: NPUConfig) -> int:
-    """Ideal cycles of one layer on ``cfg`` (see the module docstring)."""
+def to_spec(layer: Any) -> Any:
+    """The ``hw_model.layer_specs`` spec of a folded layer (None for the CPU input quantizer)."""
+    c, dt, ins = layer.consts, layer.out_dtype, c_shape(layer)
+    if layer.kind == "conv" and len(layer.out_shape) == 2:
+        n, k = layer.out_shape
+        return LinearSpec(n, int(np.prod(ins[1:])), k, c["w"][:, :, 0, 0], c["m"], c["b"], c["lo"], c["hi"],
+                          x_zp=c["x_zp"], in_dtype=c["in_dtypes"][0], out_dtype=dt, isg_groups=c["isg_groups"])
+    if layer.kind == "conv":
+        n, cin, h, w = ins
+        return ConvSpec(n, cin, h, w, layer.out_shape[1], c["w"], c["m"], c["b"], c["lo"], c["hi"],
+                        stride=tuple(c["stride"]), pads=tuple(c["pads"]), groups=c["groups"], x_zp=c["x_zp"],
+                        in_dtype=c["in_dtypes"][0], out_dtype=dt, isg_groups=c["isg_groups"])
+    if layer.kind == "add":
+        return AddSpec(*ins, c["a_zp"], c["b_zp"], c["ma"], c["mb"], c["bias"], c["lo"], c["hi"],
+                       a_dtype=c["in_dtypes"][0], b_dtype=c["in_dtypes"][1], out_dtype=dt)
+    if layer.kind == "maxpool":
+        return PoolSpec("max", *ins, kernel=tuple(c["kernel"]), stride=tuple(c["stride"]), pads=tuple(c["pads"]),
+                        lo=c["lo"], hi=c["hi"], in_dtype=c["in_dtypes"][0], out_dtype=dt)
+    if layer.kind == "gap":
+        return PoolSpec("global_avg", *ins, x_zp=c["x_zp"], m=float(c["m"]), b=float(c["b"]), lo=c["lo"],
+                        hi=c["hi"], in_dtype=c["in_dtypes"][0], out_dtype=dt)
+    return None
+
+
+def c_shape(layer: Any) -> tuple[int, ...]:
+    return tuple(int(d) for d in layer.consts.get("in_shape", ()))
+
+
+def make_program(layer: Any, cfg: NPUConfig, tiling: Tiling | None = None) -> tuple[Any, str | None]:
+    """(NPU program or None, reason it runs on the CPU or None)."""
     if layer.kind == "input":
-        return 0  # runs on the CPU
-    macs = layer.macs()
-    if macs:
-        return math.ceil(macs / cfg.macs_per_cycle) + cfg.instr_overhead_cycles
-    return math.ceil(int(np.prod(layer.out_shape)) / cfg.post_lanes) + cfg.instr_overhead_cycles
+        return None, "input quantizer (CPU side of the contract)"
+    try:
+        spec = to_spec(layer)
+        return build_layer(spec, tiling or default_tiling(spec, cfg), cfg), None
+    except (ValueError, TypeError) as e:
+        return None, f"hw_model rejects the layer: {e}"
+
+
+def layer_cycles(layer: Any, cfg: NPUConfig, prog: Any = None) -> int:
+    """Cycles of one layer from the cycle model (``hw_model.cycles``, perf mode); 0 on the CPU."""
+    if prog is None:
+        prog, _ = make_program(layer, cfg)
+    return 0 if prog is None else int(simulate(prog, None, cfg, mode="perf").report["cycles"])
 
 
 def execute(layer: Any, xs: list[np.ndarray], cfg: NPUConfig) -> np.ndarray:
@@ -75,13 +116,22 @@ def execute(layer: Any, xs: list[np.ndarray], cfg: NPUConfig) -> np.ndarray:
     raise ValueError(f"layer {layer.name}: unknown kind {layer.kind!r}")
 
 
-def register_layer(fname: str, layer: Any, cfg: NPUConfig, profile: Profile) -> None:
-    """Register ``fname`` as the DPS function of ``layer``: f(*inputs, out)."""
-    cycles = layer_cycles(layer, cfg)
+def register_layer(fname: str, layer: Any, cfg: NPUConfig, profile: Profile,
+                   tiling: Tiling | None = None) -> Any:
+    """Register ``fname`` as the DPS function of ``layer``: f(*inputs, out). Returns the program (or None)."""
+    prog, _why = make_program(layer, cfg, tiling)
 
     def run(*args: Any) -> None:
         xs, out = [a.numpy() for a in args[:-1]], args[-1]
-        y = execute(layer, xs, cfg)
+        cycles = 0
+        if prog is None:
+            y = execute(layer, xs, cfg)
+        else:
+            if len(layer.out_shape) == 2:
+                xs = [xs[0].reshape(xs[0].shape[0], -1)]
+            res = simulate(prog, pack_inputs(prog, *xs), cfg, mode="func" if profile.mode == "func" else "both")
+            y = unpack_output(prog, res.outputs["out"]).astype(layer.out_dtype)
+            cycles = 0 if res.report is None else int(res.report["cycles"])
         if tuple(y.shape) != tuple(out.shape):
             raise ValueError(f"layer {layer.name}: output shape {y.shape}, VM buffer {tuple(out.shape)}")
         out.copyfrom(np.ascontiguousarray(y))
@@ -90,3 +140,4 @@ def register_layer(fname: str, layer: Any, cfg: NPUConfig, profile: Profile) -> 
             profile.cycles[layer.name] = profile.cycles.get(layer.name, 0) + cycles
 
     tvm_ffi.register_global_func(fname, run, override=True)
+    return prog

@@ -297,6 +297,8 @@ def find_layers(mod: tvm.IRModule, cfg: NPUConfig, wbits: dict[str, int] | None 
         try:
             layers.append(_classify(gr, val, len(layers), cfg, wbits or {}))
             layers[-1].out_name = var.name
+            layers[-1].consts["in_dtypes"] = [str(v.ty.dtype) for v in layers[-1].inputs]
+            layers[-1].consts["in_shape"] = [int(d) for d in layers[-1].inputs[0].ty.shape]
         except NotFoldable as e:
             fallbacks.append((var.name, str(e)))
     return layers, fallbacks
