@@ -120,7 +120,7 @@ class Machine:
             else:
                 a = _view(spad, i.in_addr, (i.oh, i.ow, i.n_cb, i.kh, i.kw, BLOCK),
                           (i.stride_h * rs, i.stride_w * ps, BLOCK, i.dil_h * rs, i.dil_w * ps, 1))
-                a = a.reshape(p, -1)
+                a = np.ascontiguousarray(a).reshape(p, -1)  # one im2col copy; BLAS needs contiguous rows
             res = a @ w
         if i.zp:
             res -= i.zp * w.sum(axis=0)
