@@ -60,13 +60,14 @@ class CompiledModel:
 
     def __init__(self, executable: Any, layers: list[Layer], prefix: str, config: NPUConfig,
                  inputs: list[dict[str, Any]], target: str, fallbacks: list[tuple[str, str]],
-                 permutes: dict[str, int] | None = None) -> None:
+                 permutes: dict[str, int] | None = None, tilings: list[Any] | None = None) -> None:
         self.executable, self.layers, self.prefix, self.config = executable, layers, prefix, config
         self.inputs, self.target, self.fallbacks = inputs, target, fallbacks
         self.permutes = permutes or {"permutes_needed": 0, "gathered_loads": 0, "permuted_tensors": 0}
         self.profile = runtime.Profile()
-        self.programs = [runtime.register_layer(f"{prefix}.{i}", ly, config, self.profile)
-                         for i, ly in enumerate(layers)]
+        self.tilings = list(tilings) if tilings is not None else [None] * len(layers)
+        self.programs = [runtime.register_layer(f"{prefix}.{i}", ly, config, self.profile, t)
+                         for i, (ly, t) in enumerate(zip(layers, self.tilings))]
         self._cycles: list[int] | None = None
         self.vm = relax.VirtualMachine(executable, tvm.cpu())
 
@@ -126,7 +127,8 @@ class CompiledModel:
                 else:
                     scal[k] = v.item() if isinstance(v, np.generic) else v
             programs[str(i)] = {"kind": ly.kind, "name": ly.name, "out_shape": list(ly.out_shape),
-                                "out_dtype": ly.out_dtype, "consts": scal}
+                                "out_dtype": ly.out_dtype, "consts": scal,
+                                "tiling": None if self.tilings[i] is None else self.tilings[i].to_dict()}
         meta = {"inputs": self.inputs, "prefix": self.prefix, "target": self.target,
                 "fallbacks": [list(f) for f in self.fallbacks], "num_layers": len(self.layers),
                 "permutes": self.permutes}
@@ -139,14 +141,17 @@ def load(path: str | Path) -> CompiledModel:
     from target_npu.artifact import load_artifact
 
     art = load_artifact(path)
-    layers = []
+    from hw_model.layer_specs import Tiling
+
+    layers, tilings = [], []
     for i in range(int(art.meta["num_layers"])):
         p = art.programs[str(i)]
         consts = dict(p["consts"])
         consts.update({k.split(".", 1)[1]: v for k, v in art.constants.items() if k.split(".", 1)[0] == str(i)})
         layers.append(Layer(p["kind"], p["name"], [], tuple(p["out_shape"]), p["out_dtype"], consts))
+        tilings.append(None if p.get("tiling") is None else Tiling(**p["tiling"]))
     cm = CompiledModel(art.load_host_module(), layers, art.meta["prefix"], art.config, art.meta["inputs"],
-                       art.meta["target"], [tuple(f) for f in art.meta["fallbacks"]], art.meta.get("permutes"))
+                       art.meta["target"], [tuple(f) for f in art.meta["fallbacks"]], art.meta.get("permutes"), tilings)
     cm._artifact = art  # keeps the extracted host library alive
     return cm
 
@@ -184,7 +189,24 @@ def compile(model: Any, target: str = "ioso_npu", input_shapes: dict[str, list[i
         prefix, permutes = "ioso_npu.cpu", None
     ex = tvm.compile(mod, target="llvm")
     log.info("compiled %d NPU layer(s), %d CPU fallback(s)", len(layers), len(fallbacks))
-    return CompiledModel(ex, layers, prefix, config, inputs, target, fallbacks, permutes)
+    return CompiledModel(ex, layers, prefix, config, inputs, target, fallbacks, permutes,
+                         _tilings(layers, tuning_records, config))
+
+
+def _tilings(layers: list[Layer], records: str | Path | None, config: NPUConfig) -> list[Any]:
+    """Per layer the tuned ``hw_model`` Tiling from ``records`` (None: default tiling)."""
+    if records is None:
+        return [None] * len(layers)
+    from target_npu.tuner.bridge import best_builder_tiling
+    from target_npu.tuner.records import load_records
+
+    recs = load_records(records)
+    out = []
+    for ly in layers:
+        spec = runtime.to_spec(ly) if ly.kind == "conv" and len(ly.out_shape) == 4 else None
+        out.append(None if spec is None else best_builder_tiling(recs, spec, config))
+    log.info("tuning records: %d of %d layer(s) tuned", sum(t is not None for t in out), len(layers))
+    return out
 
 
 def external_tensors(mod: tvm.IRModule) -> set[str]:
