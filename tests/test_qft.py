@@ -96,6 +96,8 @@ def test_bad_input():
         qft.QFTConfig(mode="perchannel")
     with pytest.raises(ValueError, match="calib_data"):
         qft.calibrate_qft(_Tiny(), torch.randn(4, 8, 8), 4, 8, _cfg("layerwise"))
+    with pytest.raises(ValueError, match="method"):
+        qft.calibrate_qft(_Tiny(), _data(), 4, 8, _cfg("layerwise"), method="isg")
     with pytest.raises(TypeError, match="model"):
         qft.calibrate_qft("resnet20", _data(), 4, 8, _cfg("layerwise"))
 

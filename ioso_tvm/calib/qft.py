@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -253,9 +253,16 @@ def run_qft(model: nn.Module, calib_data, wbits: int = 4, abits: int = 8,
     return qnet, student
 
 
-def calibrate_qft(model: nn.Module, calib_data, wbits: int = 4, abits: int = 8, config: QFTConfig | None = None):
+def calibrate_qft(model: nn.Module, calib_data, wbits: int = 4, abits: int = 8, config: QFTConfig | None = None,
+                  method: str = "qft"):
     """QFT-calibrate a float ``model``; returns a ``QuantModel`` whose deploy mode computes exactly
-    what the trained offline subgraph computes (see :func:`to_quant_model`)."""
+    what the trained offline subgraph computes (see :func:`to_quant_model`).
+    ``method="qft+isg"`` also trains ISG groups (``QFTConfig.isg``)."""
+    if method not in ("qft", "qft+isg"):
+        raise ValueError(f"method must be 'qft' or 'qft+isg', got {method!r}")
+    config = _config(config)
+    if method == "qft+isg":
+        config = replace(config, isg=True)
     qnet, student = run_qft(model, calib_data, wbits, abits, config)
     return to_quant_model(qnet, student, tuple(_as_tensor(calib_data).shape[1:]))
 
