@@ -228,11 +228,11 @@ def _as_tensor(calib_data) -> torch.Tensor:
 
 
 def _config(config) -> QFTConfig:
-    """QFTConfig as given; another config object (e.g. the calibration engine's) lends its matching fields."""
+    """QFTConfig as given; another config object (e.g. the calibration engine's) lends only its
+    ``seed`` and ``progress`` (its other hyper-parameters belong to other methods)."""
     if config is None or isinstance(config, QFTConfig):
         return config or QFTConfig()
-    names = QFTConfig.__dataclass_fields__
-    return QFTConfig(**{k: getattr(config, k) for k in names if hasattr(config, k)})
+    return QFTConfig(**{k: getattr(config, k) for k in ("seed", "progress") if hasattr(config, k)})
 
 
 def run_qft(model: nn.Module, calib_data, wbits: int = 4, abits: int = 8,
