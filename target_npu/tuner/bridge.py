@@ -6,6 +6,7 @@ When the builder is not importable these helpers say so (``None`` / ``False``) i
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import warnings
 from typing import Any
@@ -59,17 +60,22 @@ def builder_check(spec: ConvSpec, t: Tiling, cfg: NPUConfig) -> str | None:
     mod = _builder()
     if mod is None or not hasattr(mod[1], "check_tiling"):
         return None
-    ls = mod[0]
-    z = np.zeros
-    bspec = ls.ConvSpec(n=1, c=spec.in_ch, h=spec.in_h, w=spec.in_w, k=spec.out_ch,
-                        weight=z((spec.out_ch, spec.in_ch, spec.kh, spec.kw), np.int8),
-                        m=z(spec.out_ch, np.float32), b=z(spec.out_ch, np.float32),
-                        stride=(spec.stride, spec.stride), pads=(spec.pad,) * 4)
     try:
-        mod[1].check_tiling(bspec, to_builder_tiling(t, cfg), cfg)
+        mod[1].check_tiling(_builder_spec(spec), to_builder_tiling(t, cfg), cfg)
     except ValueError as e:
         return f"builder: {e}"
     return None
+
+
+@functools.lru_cache(maxsize=64)
+def _builder_spec(spec: ConvSpec) -> Any:
+    """Shape-only builder ConvSpec (zero weights) of a tuner ConvSpec."""
+    ls = _builder()[0]
+    z = np.zeros
+    return ls.ConvSpec(n=1, c=spec.in_ch, h=spec.in_h, w=spec.in_w, k=spec.out_ch,
+                        weight=z((spec.out_ch, spec.in_ch, spec.kh, spec.kw), np.int8),
+                        m=z(spec.out_ch, np.float32), b=z(spec.out_ch, np.float32),
+                        stride=(spec.stride, spec.stride), pads=(spec.pad,) * 4)
 
 
 def best_builder_tiling(records: Any, spec: Any, cfg: NPUConfig) -> Any | None:

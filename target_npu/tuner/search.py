@@ -15,6 +15,7 @@ from tqdm import tqdm
 from hw_model.config import NPUConfig
 
 from .cost_model import XGBCostModel
+from .features import features
 from .measure import Measurer
 from .space import ConvSpec, Tiling, default_tiling, enumerate_space
 
@@ -121,12 +122,18 @@ class XGBTuner(Tuner):
         super().__init__(*args, **kw)
         self.model = XGBCostModel(self.spec, self.cfg, seed=self.seed)
         self.valid = set(self.space)
+        # The space is enumerated, so features are computed once and predicted once per round;
+        # the annealing then walks over the predictions.
+        self.index = {t: i for i, t in enumerate(self.space)}
+        self.x = features(self.spec, self.space, self.cfg)
+        self.pred = np.zeros(len(self.space))
         self.values = {f.name: sorted({getattr(t, f.name) for t in self.space}, key=str) for f in fields(Tiling)}
 
     def update(self, tilings: Sequence[Tiling], cycles: Sequence[int]) -> None:
         super().update(tilings, cycles)
         ts = list(self.measured)
-        self.model.update(ts, [self.measured[t] for t in ts])
+        self.model.update(ts, [self.measured[t] for t in ts], x=self.x[[self.index[t] for t in ts]])
+        self.pred = self.model.predict(self.space, x=self.x)
 
     def _neighbour(self, t: Tiling) -> Tiling:
         name = list(self.values)[self.rng.integers(len(self.values))]
@@ -138,19 +145,18 @@ class XGBTuner(Tuner):
         """Visited valid points -> predicted log2 cycles, from SA chains seeded by the best measured points."""
         best = sorted(self.measured, key=self.measured.get)[: SA_CHAINS // 2]
         starts = best + [self.space[i] for i in self.rng.integers(len(self.space), size=SA_CHAINS - len(best))]
-        seen: dict[Tiling, float] = {}
+        pred = self.pred
+        idx = self.index
         cur = list(starts)
-        cur_e = list(self.model.predict(cur))
-        seen.update(zip(cur, cur_e))
+        cur_e = [pred[idx[t]] for t in cur]
+        seen: dict[Tiling, float] = dict(zip(cur, cur_e))
         for step in range(SA_STEPS):
             temp = max(1e-3, 1.0 - step / SA_STEPS)
             cand = []
             for t in cur:
                 n = self._neighbour(t)
                 cand.append(n if n in self.valid else t)
-            new = [c for c in cand if c not in seen]
-            if new:
-                seen.update(zip(new, self.model.predict(new)))
+            seen.update((c, pred[idx[c]]) for c in cand)
             for j, c in enumerate(cand):
                 de = seen[c] - cur_e[j]
                 if de <= 0 or self.rng.random() < math.exp(-de / (0.5 * temp)):

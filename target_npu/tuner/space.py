@@ -7,6 +7,7 @@ model's features and the stand-in cycle estimate share.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import asdict, dataclass
@@ -202,6 +203,12 @@ def why_invalid(spec: ConvSpec, t: Tiling, cfg: NPUConfig) -> str | None:
 
 
 def enumerate_space(spec: ConvSpec, cfg: NPUConfig) -> list[Tiling]:
+    """All valid tilings of a layer, in a fixed (grid) order (see :func:`_enumerate`)."""
+    return list(_enumerate(spec, cfg))
+
+
+@functools.lru_cache(maxsize=256)
+def _enumerate(spec: ConvSpec, cfg: NPUConfig) -> tuple[Tiling, ...]:
     """All valid tilings of a layer, in a fixed (grid) order.
 
     Valid = :func:`why_invalid` is None and, when ``hw_model``'s builder is present, its own
@@ -216,7 +223,7 @@ def enumerate_space(spec: ConvSpec, cfg: NPUConfig) -> list[Tiling]:
         t = Tiling(oc, sp, ic, order, db)
         if why_invalid(spec, t, cfg) is None and builder_check(spec, t, cfg) is None:
             pts.append(t)
-    return pts
+    return tuple(pts)
 
 
 def default_tiling(spec: ConvSpec, cfg: NPUConfig) -> Tiling:
