@@ -43,8 +43,8 @@ class NPUConfig:
     """Weight buffer in KiB. Chosen: holds the largest ResNet-50 3x3 filter tile (256 oc x 16 ic x 9) many times over."""
     acc_buf_kib: int = 64
     """Accumulator buffer (D1/D2 tiles, int32) in KiB. Chosen: 16 oc x 1024 pixels x 4 B."""
-    const_buf_kib: int = 16
-    """NORM / ALU constant buffer (float32 m, b, ...) in KiB. Chosen: m and b of 2048 channels (ResNet-50 max)."""
+    const_buf_kib: int = 32
+    """NORM / ALU constant buffer (float32) in KiB. Chosen: ma, mb, bias of a 2048-channel add (ResNet-50) = 24 KiB."""
     pixels_per_cycle: int = 4
     """Output pixels one PE array serves per cycle (each with its own 16x16 MAC slice). Chosen so Table 7 is
     reachable: ResNet-50 (4.1 GMAC) at 4 arrays x 256 MAC x 800 MHz alone takes ~5 ms > 1762 us; see

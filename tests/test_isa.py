@@ -85,7 +85,7 @@ def _mutate(attr_path, value):
     (1, "lo", -129, "clip bounds"),
     (1, "hi", 300, "clip bounds"),
     (1, "acc_addr", 16384, "D2 overflows acc"),
-    (1, "m_addr", 4096, "m overflows cbuf"),
+    (1, "m_addr", 8192, "m overflows cbuf"),
     (1, "pop_prev", False, None),
     (2, "pop_prev", False, None),
 ])
