@@ -30,7 +30,8 @@ class NPUConfig:
 
     # --- input-channel scale groups (ISG) ----------------------------------------------------
     isg_group_signs: tuple[int, ...] = (0, -1, 1)
-    """Group g scales by 1 + sign_g * 2**-isg_shift: x1, x(1-2^-4), x(1+2^-4). Journal Eq. 14 ("1.0 +- 2^-n"), DESIGN."""
+    """Group g scales by 1 + sign_g * 2**-isg_shift: x1, x(1-2^-4), x(1+2^-4).
+    Journal Eq. 14 ("1.0 +- 2^-n"), DESIGN."""
     isg_shift: int = 4
     """n of the fixed shifter (arithmetic right shift of the int32 partial sum). DESIGN: 2^-4."""
     granularity: int = 16
@@ -40,7 +41,8 @@ class NPUConfig:
     scratchpad_kib: int = 512
     """Activation scratchpad in KiB. Chosen: a typical edge-NPU SRAM; the fit keeps it (Table 7 needs no spills)."""
     weight_buf_kib: int = 256
-    """Weight buffer in KiB. Chosen: holds the largest ResNet-50 3x3 filter tile (256 oc x 16 ic x 9) many times over."""
+    """Weight buffer in KiB. Chosen: holds the largest ResNet-50 3x3 filter tile (256 oc x 16 ic x 9)
+    many times over."""
     acc_buf_kib: int = 64
     """Accumulator buffer (D1/D2 tiles, int32) in KiB. Chosen: 16 oc x 1024 pixels x 4 B."""
     const_buf_kib: int = 32
@@ -50,7 +52,8 @@ class NPUConfig:
     reachable: ResNet-50 (4.1 GMAC) at 4 arrays x 256 MAC x 800 MHz alone takes ~5 ms > 1762 us; see
     docs/cycle_model.md. The fit may change it."""
     dram_bytes_per_cycle: float = 16.0
-    """DRAM bandwidth in bytes per core cycle. Chosen default (12.8 GB/s at 800 MHz, LPDDR4-class); refit in cycle docs."""
+    """DRAM bandwidth in bytes per core cycle. Chosen default (12.8 GB/s at 800 MHz, LPDDR4-class);
+    refit in docs/cycle_model.md."""
     instr_overhead_cycles: int = 8
     """Fixed issue/setup cycles per instruction. Chosen default; refit in cycle docs."""
 
