@@ -33,7 +33,7 @@ log = logging.getLogger("ioso_tvm.compiler")
 TARGETS = ("ioso_npu", "llvm")
 
 
-def _to_onnx(model: Any) -> onnx.ModelProto:
+def _to_onnx(model: Any, input_shapes: dict[str, list[int]] | None) -> onnx.ModelProto:
     if isinstance(model, (str, Path, onnx.ModelProto)):
         return load_onnx(model)
     try:
@@ -46,11 +46,8 @@ def _to_onnx(model: Any) -> onnx.ModelProto:
         except ImportError:
             raise TypeError("compiling a torch model needs ioso_tvm.export.export_onnx, which is not available; "
                             "export the model to ONNX first") from None
-        import tempfile
-        with tempfile.TemporaryDirectory() as d:
-            p = Path(d) / "model.onnx"
-            export_onnx(model, p)
-            return onnx.load(str(p))
+        shape = list(input_shapes.values())[0] if input_shapes else (1, *getattr(model, "input_shape", ()))
+        return export_onnx(model, None, tuple(int(d) for d in shape))
     raise TypeError(f"model must be an ONNX path, onnx.ModelProto or a calibrated torch model, "
                     f"got {type(model).__name__}")
 
@@ -166,10 +163,17 @@ def compile(model: Any, target: str = "ioso_npu", input_shapes: dict[str, list[i
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     if tuning_records is not None and not Path(tuning_records).is_file():
         raise FileNotFoundError(f"tuning_records {str(tuning_records)!r} does not exist")
-    proto = _to_onnx(model)
+    proto = _to_onnx(model, input_shapes)
     mod, meta = import_onnx(proto, config, input_shapes)
     params = mod["main"].params
-    inputs = [{"name": p.name, "shape": [int(d) for d in p.ty.shape], "dtype": str(p.ty.dtype)} for p in params]
+    inputs = []
+    for p in params:
+        try:
+            shape = [int(d) for d in p.ty.shape]
+        except TypeError:
+            raise ValueError(f"input {p.name!r} has a dynamic shape {p.ty.shape}; give input_shapes="
+                             f"{{{p.name!r}: [...]}}") from None
+        inputs.append({"name": p.name, "shape": shape, "dtype": str(p.ty.dtype)})
     layers, fallbacks = [], []
     if target == "ioso_npu":
         wbits = {"*": max([v.get("wbits", 8) for v in meta.get("layers", {}).values()], default=8)}

@@ -186,3 +186,29 @@ def test_bad_arguments():
     m.metadata_props[0].value = json.dumps(meta)
     with pytest.raises(ValueError, match="format_version"):
         ioso_tvm.compile(m)
+
+
+def test_dynamic_batch_needs_input_shapes():
+    rng = np.random.default_rng(9)
+    b, y = _small_model(rng)
+    m = b.model([y])
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    with pytest.raises(ValueError, match="input_shapes"):
+        ioso_tvm.compile(m)
+    cm = ioso_tvm.compile(m, input_shapes={"input": [2, 16, 5, 5]})
+    x = rng.standard_normal((2, 16, 5, 5)).astype(np.float32)
+    assert np.array_equal(cm.run(x), b.run_reference(x, [y])[0])
+
+
+@pytest.mark.slow
+def test_quant_model_compiles_bit_exact_with_deploy():
+    torch = pytest.importorskip("torch")
+    from ioso_tvm.calib.qmodel import build_qmodel
+    from ioso_tvm.models import mobilenetv2_small
+
+    torch.manual_seed(0)
+    qm = build_qmodel(mobilenetv2_small().eval(), (1, 16, 16), 4, 4)
+    qm.init_act_scales(torch.randn(4, 1, 16, 16))
+    cm = ioso_tvm.compile(qm)
+    x = torch.randn(1, 1, 16, 16)
+    assert np.array_equal(cm.run(x.numpy()), qm.deploy(x).numpy())
