@@ -2,20 +2,27 @@
 
 Prints one JSON line {"sim_gmacs", "blas_gmacs", "ratio", ...}. The BLAS reference does one
 ``np.matmul`` per layer of the im2col shape (OH*OW, C*KH*KW) @ (C*KH*KW, K): the same MAC count.
-Only simulation is timed (program build and packing are not). Usage: python benchmarks/sim_speed.py
+Only simulation is timed (program build and packing are not). Both sides use the same BLAS
+thread count, ``OPENBLAS_NUM_THREADS`` (default 1, chosen: the machines are shared, and OpenBLAS
+threads spinning on an oversubscribed machine slow small GEMMs by 10-40x, which would measure the
+load, not the simulator). Usage: python benchmarks/sim_speed.py [--groups 3]
 """
 from __future__ import annotations
 
-import argparse
-import json
-import time
+import os
 
-import numpy as np
-from tqdm import tqdm
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # must precede the numpy import
 
-from hw_model.builder import ConvSpec, build_conv, pack_inputs
-from hw_model.config import DEFAULT_CONFIG
-from hw_model.functional import run_program
+import argparse  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from hw_model.builder import ConvSpec, build_conv, pack_inputs  # noqa: E402
+from hw_model.config import DEFAULT_CONFIG  # noqa: E402
+from hw_model.functional import run_program  # noqa: E402
 
 
 def resnet18_convs() -> list[tuple[int, int, int, int, int, int]]:
@@ -63,7 +70,8 @@ def main() -> None:
         blas_t += time.perf_counter() - t0
     sim, blas = macs / sim_t / 1e9, macs / blas_t / 1e9
     print(json.dumps({"sim_gmacs": round(sim, 3), "blas_gmacs": round(blas, 3), "ratio": round(sim / blas, 3),
-                      "gmac": round(macs / 1e9, 3), "layers": len(resnet18_convs()), "isg_groups": args.groups}))
+                      "gmac": round(macs / 1e9, 3), "layers": len(resnet18_convs()), "isg_groups": args.groups,
+                      "blas_threads": os.environ["OPENBLAS_NUM_THREADS"]}))
 
 
 if __name__ == "__main__":
