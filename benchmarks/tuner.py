@@ -2,8 +2,8 @@
 
 Prints one JSON line: {"layers", "xgb_gap_pct", "random_gap_pct", "default_gap_pct", "mac_utilisation", ...};
 gap = mean over layers (and seeds) of (best cycles / exhaustive optimum - 1) in %. mac_utilisation is
-useful MACs / (xgb-tuned cycles x peak MACs per cycle) summed over the 3x3 convs. Writes a plot of
-best-so-far vs trials (xgboost vs random). Usage: python benchmarks/tuner.py [--seeds 5] [--plot PNG]
+useful MACs / (xgb-tuned cycles x peak MACs per cycle x pixels per cycle) summed over the 3x3 convs. Writes a plot of
+best-so-far vs trials (xgboost vs random). Usage: python benchmarks/tuner.py [--seeds 5] [--measure estimate|builder] [--jobs N] [--plot PNG]
 """
 from __future__ import annotations
 
@@ -69,6 +69,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5, help="tuner seeds per layer (default 5)")
     ap.add_argument("--budget", type=float, default=0.10, help="trials as a fraction of the space (default 0.10)")
     ap.add_argument("--measure", default="estimate", help="measurement backend (default: estimate)")
+    ap.add_argument("--jobs", type=int, default=1, help="measurement processes (default 1)")
     ap.add_argument("--plot", default="benchmarks/out/tuner_best_so_far.png", help="plot path")
     args = ap.parse_args()
     cfg, fn = DEFAULT_CONFIG, get_measure(args.measure)
@@ -77,7 +78,7 @@ def main() -> None:
     specs = [s for s in resnet18_convs() if len(enumerate_space(s, cfg)) <= MAX_SPACE]
     for spec in tqdm(specs, desc="layers"):
         space = enumerate_space(spec, cfg)
-        meas = Measurer(spec, cfg, fn)
+        meas = Measurer(spec, cfg, fn, jobs=args.jobs)
         opt = min(meas(space))
         budget = max(1, math.floor(args.budget * len(space)))
         row = {"layer": f"{spec.in_ch}->{spec.out_ch} {spec.kh}x{spec.kw}/{spec.stride} @{spec.in_h}",
@@ -92,7 +93,7 @@ def main() -> None:
                 curves[kind].append(np.asarray(res.best_curve()) / opt)
             row[f"{kind}_gap_pct"] = float(np.mean(gaps))
             row[f"{kind}_best_cycles_mean"] = float(np.mean(best))
-        row["ideal_cycles"] = spec.macs / cfg.macs_per_cycle
+        row["ideal_cycles"] = spec.macs / (cfg.macs_per_cycle * cfg.pixels_per_cycle)
         row["is3x3"] = spec.kh == spec.kw == 3
         rows.append(row)
     c3 = [r for r in rows if r["is3x3"]]

@@ -109,7 +109,8 @@ def _conv_model() -> onnx.ModelProto:
 def test_tune_model_writes_records_for_dense_convs(tmp_path: Path) -> None:
     out = tmp_path / "m.jsonl"
     with pytest.warns(UserWarning, match="grouped"):
-        recs = tune_model(_conv_model(), trials=6, output=out, cfg=CFG, tuner="xgb", progress=False)
+        recs = tune_model(_conv_model(), trials=6, output=out, cfg=CFG, tuner="xgb", progress=False,
+                          measure="estimate")
     specs = [ConvSpec(16, 32, 12, 12), ConvSpec(32, 32, 12, 12, 1, 1, 2, 0)]
     assert {r["layer_key"] for r in recs} == {layer_key(s) for s in specs}
     for s in specs:
@@ -120,3 +121,42 @@ def test_tune_model_writes_records_for_dense_convs(tmp_path: Path) -> None:
         tune_model(_conv_model(), trials=0, output=out)
     with pytest.raises(ValueError, match="not found"):
         tune_model(tmp_path / "nope.onnx", trials=1, output=out)
+
+
+def test_builder_hook_round_trip(tmp_path: Path) -> None:
+    """best_builder_tiling gives the builder Tiling of the recorded best, which the builder accepts."""
+    bridge = pytest.importorskip("target_npu.tuner.bridge")
+    if not bridge.builder_available():
+        pytest.skip("hw_model builder not present")
+    import numpy as np
+
+    from hw_model.layer_specs import ConvSpec as BConv
+    from hw_model.layers import check_tiling
+
+    path, best, _ = _tuned(tmp_path)
+    z = np.zeros
+    bspec = BConv(n=1, c=32, h=14, w=14, k=32, weight=z((32, 32, 3, 3), np.int8), m=z(32, np.float32),
+                  b=z(32, np.float32), stride=(1, 1), pads=(1, 1, 1, 1))
+    bt = bridge.best_builder_tiling(load_records(path), bspec, CFG)
+    assert bt == bridge.to_builder_tiling(best, CFG)
+    check_tiling(bspec, bt, CFG)
+    assert (bt.ob_tile * 16, bt.rows, bt.cb_tile * 16, bt.nbuf == 2) == \
+        (best.oc_tile, best.sp_tile, best.ic_tile, best.double_buffer)
+    dw = BConv(n=1, c=32, h=14, w=14, k=32, weight=z((32, 1, 3, 3), np.int8), m=z(32, np.float32),
+               b=z(32, np.float32), pads=(1, 1, 1, 1), groups=32)
+    assert bridge.best_builder_tiling(load_records(path), dw, CFG) is None  # depthwise: not tuned, default
+
+
+def test_builder_measure_matches_cycle_model() -> None:
+    from target_npu.tuner.measure import builder_available, get_measure
+    if not builder_available():
+        pytest.skip("hw_model builder not present")
+    from hw_model.cycles import simulate
+    from hw_model.layers import build_conv
+    from target_npu.tuner.bridge import _builder_spec, to_builder_tiling
+
+    spec = ConvSpec(16, 32, 8, 8)
+    fn = get_measure("builder")
+    for t in enumerate_space(spec, CFG)[::7]:
+        prog = build_conv(_builder_spec(spec), to_builder_tiling(t, CFG), CFG)
+        assert fn(spec, t, CFG) == simulate(prog, None, CFG, mode="perf").report["cycles"]

@@ -4,8 +4,8 @@ Backends:
 - ``"estimate"``: :func:`estimate_cycles`, a closed-form stand-in of the cycle model's ``perf``
   mode built from :func:`space.tile_stats` (DMA bytes / bandwidth, MAC waves, per-instruction
   overhead, ISG shift-add cycles), all numbers taken from :class:`NPUConfig`.
-- ``"builder"``: ``hw_model.builder`` program + ``hw_model.cycles`` in perf mode, when those
-  modules exist (see :func:`builder_available`).
+- ``"builder"``: ``hw_model.layers.build_conv`` program + ``hw_model.cycles.simulate`` in
+  ``perf`` mode, when those modules exist (see :func:`builder_available`). Exact but ~0.1-1 s a call.
 """
 from __future__ import annotations
 
@@ -46,13 +46,30 @@ def estimate_cycles(spec: ConvSpec, t: Tiling, cfg: NPUConfig) -> int:
 
 
 def builder_available() -> bool:
-    """True when ``hw_model.builder`` and ``hw_model.cycles`` can be imported."""
+    """True when ``hw_model.layers`` and ``hw_model.cycles`` can be imported."""
     try:
-        importlib.import_module("hw_model.builder")
+        importlib.import_module("hw_model.layers")
         importlib.import_module("hw_model.cycles")
     except ImportError:
         return False
     return True
+
+
+def builder_cycles(spec: ConvSpec, t: Tiling, cfg: NPUConfig) -> int:
+    """Cycles of the real program: ``hw_model.layers.build_conv`` with the builder's Tiling, then
+    ``hw_model.cycles.simulate(..., mode="perf")`` (no values computed)."""
+    from hw_model.cycles import simulate
+    from hw_model.layers import build_conv
+
+    from .bridge import _builder_spec, to_builder_tiling
+
+    prog = build_conv(_builder_spec(spec), to_builder_tiling(t, cfg), cfg)
+    return int(simulate(prog, None, cfg, mode="perf").report["cycles"])
+
+
+def default_backend() -> str:
+    """"builder" when hw_model's builder and cycle model are present, else "estimate"."""
+    return "builder" if builder_available() else "estimate"
 
 
 def get_measure(backend: str = "estimate") -> MeasureFn:
@@ -62,7 +79,7 @@ def get_measure(backend: str = "estimate") -> MeasureFn:
     if backend == "builder":
         if not builder_available():
             raise ValueError("measure backend 'builder' needs hw_model.builder and hw_model.cycles, not present")
-        raise ValueError("measure backend 'builder': adapter to hw_model.builder.Tiling not wired yet")
+        return builder_cycles
     raise ValueError(f"unknown measure backend {backend!r}; use 'estimate' or 'builder'")
 
 

@@ -160,13 +160,14 @@ def tile_stats(spec: ConvSpec, t: Tiling, cfg: NPUConfig) -> TileStats:
     out_bytes = ocp * spec.out_h * spec.out_w
     oc_blocks = t.oc_tile // cfg.mac_cols
     ic_blocks = icp // cfg.mac_rows  # the last ic tile may be partial: count real blocks
+    ppc = getattr(cfg, "pixels_per_cycle", 1)
     # The PE arrays share one oc tile: a tile of b oc blocks takes ceil(b / arrays) waves per
     # pixel, ic block and kernel tap. The last oc tile may be partial.
     mac_cycles = 0
     for oc_i in range(n_oc):
         blocks = min(oc_blocks, ocp // cfg.mac_cols - oc_i * oc_blocks)
         waves = -(-blocks // cfg.pe_arrays)
-        mac_cycles += waves * spec.out_h * spec.out_w * ic_blocks * k
+        mac_cycles += waves * -(-spec.out_h * spec.out_w // ppc) * ic_blocks * k
     post_cycles = -(-ocp * spec.out_h * spec.out_w // cfg.post_lanes)
     # One load per operand tile, one MAC instruction per (tile, ic tile, kernel tap), one store per tile.
     instructions = n_oc * n_sp * (n_ic * (2 + k) + 2)

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from hw_model.config import DEFAULT_CONFIG, NPUConfig
 
-from .measure import Measurer, get_measure
+from .measure import Measurer, default_backend, get_measure
 from .records import layer_key, make_record, save_records
 from .search import make_tuner
 from .space import ConvSpec
@@ -67,15 +67,17 @@ def conv_specs(model: str | Path | onnx.ModelProto) -> list[ConvSpec]:
 
 def tune_model(onnx_path_or_model: str | Path | onnx.ModelProto, trials: int, output: str | Path,
                cfg: NPUConfig | None = None, tuner: str = "xgb", jobs: int = 1, seed: int = 0,
-               measure: str = "estimate", progress: bool = True) -> list[dict[str, Any]]:
+               measure: str | None = None, progress: bool = True) -> list[dict[str, Any]]:
     """Tune each distinct conv layer with ``trials`` measurements (per layer) and write all
-    measured records to ``output`` (JSON lines, overwritten). Returns the records written."""
+    measured records to ``output`` (JSON lines, overwritten). Returns the records written.
+
+    ``measure``: "builder" (real program + cycle model, the default when present) or "estimate"."""
     cfg = DEFAULT_CONFIG if cfg is None else cfg
     if not isinstance(cfg, NPUConfig):
         raise TypeError(f"cfg must be an NPUConfig, got {type(cfg).__name__}")
     if not isinstance(trials, int) or trials < 1:
         raise ValueError(f"trials must be a positive int, got {trials!r}")
-    fn = get_measure(measure)
+    fn = get_measure(default_backend() if measure is None else measure)
     specs = conv_specs(onnx_path_or_model)
     records: list[dict[str, Any]] = []
     bar = tqdm(specs, desc="tune layers", disable=not progress)
