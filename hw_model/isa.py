@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -363,15 +364,26 @@ _POS = ("n0", "n1", "n2", "n_ob", "n_cb", "kh", "kw", "oh", "ow", "rows", "cols"
 _QUEUE_FLAGS = {"load": ("pop_prev", "push_prev"), "store": ("pop_next", "push_next")}
 
 
+@functools.cache
+def _int_fields(cls: type) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Names of the non-negative and of the positive integer fields of an instruction class."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    return tuple(n for n in names if n in _NONNEG), tuple(n for n in names if n in _POS)
+
+
 def _check_fields(k: int, ins: Instr, prog: Program, cfg: NPUConfig) -> None:
     where = f"instruction #{k} ({ins.opcode})"
-    for f in dataclasses.fields(ins):
-        v = getattr(ins, f.name)
-        if f.name in _NONNEG and (not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0):
-            raise ValueError(f"{where}: field {f.name} must be a non-negative int, got {v!r}")
-        zero_ok = f.name == "n0" and isinstance(ins, Load) and v == 0  # a LOAD may write padding only
-        if f.name in _POS and not zero_ok and (not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0):
-            raise ValueError(f"{where}: field {f.name} must be a positive int, got {v!r}")
+    nonneg, pos = _int_fields(type(ins))
+    for name in nonneg:
+        v = getattr(ins, name)
+        if type(v) is not int and (not isinstance(v, (int, np.integer)) or isinstance(v, bool)) or v < 0:
+            raise ValueError(f"{where}: field {name} must be a non-negative int, got {v!r}")
+    for name in pos:
+        v = getattr(ins, name)
+        zero_ok = name == "n0" and isinstance(ins, Load) and v == 0  # a LOAD may write padding only
+        if type(v) is not int and (not isinstance(v, (int, np.integer)) or isinstance(v, bool)) or \
+                (v <= 0 and not zero_ok):
+            raise ValueError(f"{where}: field {name} must be a positive int, got {v!r}")
     for flag in _QUEUE_FLAGS.get(ins.queue, ()):
         if getattr(ins, flag):
             raise ValueError(f"{where}: the {ins.queue} queue has no neighbour for {flag}")
