@@ -7,6 +7,10 @@ host part -> Relax VM. Chains that cannot be folded stay float QDQ ops run by th
 CPU; the log (``logging`` name ``ioso_tvm.compiler``) and :meth:`CompiledModel.report` name them
 with the reason.
 
+Function names: ``ioso_npu.m<hash of model and config>.<layer index>``. The Relax VM looks
+its packed functions up when it is created (checked on TVM 0.27), so two models compiled or
+loaded from the same file each keep the closures registered just before their VM was made.
+
 ``target="llvm"``: the imported QDQ graph is compiled as is and runs in float on the CPU
 (TVM's quantize/dequantize); it is the ONNX semantics, not the integer contract, so it may
 differ from ``hw_model.reference`` by rounding.
