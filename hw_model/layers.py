@@ -96,7 +96,10 @@ def default_tiling(spec, cfg: NPUConfig = DEFAULT_CONFIG) -> Tiling:
                  for nb in (2, 1) for cb in sorted({cbl, 16, 8, 4, 2, 1}, reverse=True)
                  for ob in sorted({nblk, 8, 4, 2, 1}, reverse=True)
                  for r in sorted({oh, 64, 32, 16, 8, 4, 2, 1}, reverse=True)]
-        cands.sort(key=lambda t: -(min(t.rows, oh) * min(t.ob_tile, nblk) * min(t.cb_tile, cbl) * t.nbuf))
+        # chosen: biggest tile volume first; on ties more output blocks (an input tile is re-read once per
+        # output-block tile), then more rows
+        cands.sort(key=lambda t: (-(min(t.rows, oh) * min(t.ob_tile, nblk) * min(t.cb_tile, cbl) * t.nbuf),
+                                  -min(t.ob_tile, nblk), -min(t.rows, oh)))
     for t in cands:
         try:
             check_tiling(spec, t, cfg)
