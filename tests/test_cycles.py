@@ -124,3 +124,44 @@ def test_network_report_and_plot(tmp_path):
         plot_breakdown([], tmp_path / "c.png")
     with pytest.raises(ValueError, match="layer reports"):
         network_report([1, 2], CFG)
+
+
+def _hazard_free(prog, cfg):
+    """Every pair of instructions on different queues touching overlapping on-chip addresses runs in
+    program order in the timeline (the tokens protect RAW and WAR hazards across the queues)."""
+    _, _, span = timeline(prog, cfg)
+    acc = [[(m, lo, hi) for m, lo, hi, _ in i.accesses()] for i in prog.instrs]
+    for a in range(len(prog.instrs)):
+        for b in range(a + 1, len(prog.instrs)):
+            if prog.instrs[a].queue == prog.instrs[b].queue:
+                continue
+            if any(ma == mb and la < hb and lb < ha for ma, la, ha in acc[a] for mb, lb, hb in acc[b]):
+                assert span[a][1] <= span[b][0], (a, b, prog.instrs[a].opcode, prog.instrs[b].opcode, span[a], span[b])
+
+
+@pytest.mark.parametrize("nbuf", [1, 2])
+@pytest.mark.parametrize("order", ["ob_outer", "sp_outer"])
+def test_builder_tokens_protect_buffers(nbuf, order):
+    from hw_model.builder import AddSpec, PoolSpec, build_add, build_pool
+    rng = np.random.default_rng(6)
+    spec = ConvSpec(1, 40, 6, 6, 36, rng.integers(-3, 3, (36, 40, 3, 3)).astype(np.int8),
+                    np.ones(36, np.float32), np.zeros(36, np.float32), pads=(1, 1, 1, 1),
+                    isg_groups=rng.integers(0, 3, 40))
+    t = Tiling(ob_tile=1, rows=2, cb_tile=2, loop_order=order, nbuf=nbuf)
+    _hazard_free(build_conv(spec, t, CFG), CFG)
+    _hazard_free(build_pool(PoolSpec("avg", 1, 40, 6, 6, (2, 2), (2, 2)), Tiling(ob_tile=1, rows=1, nbuf=nbuf), CFG),
+                 CFG)
+    _hazard_free(build_add(AddSpec(1, 20, 4, 4, 0, 0, 1.0, 1.0, 0.0), Tiling(rows=3, nbuf=nbuf), CFG), CFG)
+
+
+def test_hazard_check_catches_missing_back_pressure():
+    rng = np.random.default_rng(7)
+    spec = ConvSpec(1, 16, 6, 6, 16, rng.integers(-3, 3, (16, 16, 3, 3)).astype(np.int8),
+                    np.ones(16, np.float32), np.zeros(16, np.float32), pads=(1, 1, 1, 1))
+    prog = build_conv(spec, Tiling(ob_tile=1, rows=1, cb_tile=1, nbuf=1), CFG)
+    for i in prog.instrs:
+        i.pop_next = i.pop_next and i.queue != "load"   # loads no longer wait for compute
+        i.push_prev = i.push_prev and i.queue != "compute"
+    prog.validate(CFG)
+    with pytest.raises(AssertionError):
+        _hazard_free(prog, CFG)
