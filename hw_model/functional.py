@@ -2,7 +2,8 @@
 
 On-chip memories are numpy arrays indexed in elements. Scratchpad, weight buffer and accumulator
 hold their integers as float64 (exact below 2^53), so one GEMM instruction is one BLAS matmul
-over its whole tile; every GEMM asserts that bound from its reduction length. The zero point is
+over its whole tile (im2col copy), or for stride-1 kernels one BLAS call per kernel tap on a
+strided view (no copy); every GEMM asserts the 2^53 bound from its reduction length. The zero point is
 applied as ``A @ W - zp * colsum(W)`` (equal to ``(A - zp) @ W`` in exact arithmetic; spatial
 padding holds ``zp`` and so contributes 0). Accumulator values are checked against int32 where
 the contract says so (D1 read, shifted value, D2, NORM input): ``OverflowError``.
@@ -117,11 +118,15 @@ class Machine:
             cin = i.n_cb * BLOCK
             if i.kh == i.kw == 1 and i.stride_h == i.stride_w == 1 and ps == cin and rs == i.ow * ps:
                 a = spad[i.in_addr:i.in_addr + p * cin].reshape(p, cin)
+            elif i.stride_h == i.stride_w == 1 and rs % ps == 0 and i.kh * i.kw > 1:
+                res = self._gemm_taps(i, w)
+                a = None
             else:
                 a = _view(spad, i.in_addr, (i.oh, i.ow, i.n_cb, i.kh, i.kw, BLOCK),
                           (i.stride_h * rs, i.stride_w * ps, BLOCK, i.dil_h * rs, i.dil_w * ps, 1))
                 a = np.ascontiguousarray(a).reshape(p, -1)  # one im2col copy; BLAS needs contiguous rows
-            res = a @ w
+            if a is not None:
+                res = a @ w
         if i.zp:
             res -= i.zp * w.sum(axis=0)
         d1 = _mat(acc, i.acc_addr, p, ncol, i.acc_stride)
@@ -129,6 +134,20 @@ class Machine:
             d1 += res
         else:
             d1[...] = res
+
+    def _gemm_taps(self, i: Gemm, w: np.ndarray) -> np.ndarray:
+        """Stride-1 GEMM without im2col: per kernel tap one BLAS call on a strided (pixels, cin) view
+        that runs over the padded row width (``rs / ps`` pixels); the extra columns are dropped."""
+        rs, ps, cin, ncol = i.in_row_stride, i.in_pix_stride, i.n_cb * BLOCK, i.n_ob * BLOCK
+        wp = rs // ps
+        rows = (i.oh - 1) * wp + i.ow  # last needed pixel: stays inside the validated input span
+        full = np.zeros((i.oh * wp, ncol))
+        wt = w.reshape(i.n_cb, i.kh, i.kw, BLOCK, ncol)
+        for ky in range(i.kh):
+            for kx in range(i.kw):
+                a = _view(self.mem["spad"], i.in_addr + ky * i.dil_h * rs + kx * i.dil_w * ps, (rows, cin), (ps, 1))
+                full[:rows] += a @ wt[:, ky, kx].reshape(cin, ncol)
+        return full.reshape(i.oh, wp, ncol)[:, :i.ow].reshape(i.oh * i.ow, ncol)
 
     def group_shift_add(self, i: GroupShiftAdd, k: int) -> None:
         acc = self.mem["acc"]
