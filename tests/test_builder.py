@@ -156,3 +156,30 @@ def test_default_tiling_valid_for_every_layer(net):
         t = default_tiling(spec, DEFAULT_CONFIG)
         check_tiling(spec, t, DEFAULT_CONFIG)
         assert t.nbuf == 2 or kind != "conv" or layer[1] >= 512, f"{net} {layer}: not double buffered"
+
+
+@pytest.mark.parametrize("spec,match", [
+    (PoolSpec("avg", 1, 16, 4, 4, (2, 2), (2, 2), pads=(1, 0, 0, 0)), "no padding"),
+    (PoolSpec("max", 1, 16, 4, 4, (2, 2), (2, 2), out_dtype="uint8"), "keeps the input dtype"),
+    (PoolSpec("max", 0, 16, 4, 4), "PoolSpec.n"),
+    (PoolSpec("max", 1, 16, 4, 4, (5, 5)), "bad window"),
+    (PoolSpec("avg", 1, 16, 4, 4, (2, 2), in_dtype="int16"), "in_dtype"),
+    (AddSpec(1, 4, 2, 2, 0, 0, np.ones(3), 1.0, 0.0), "AddSpec.ma"),
+    (AddSpec(1, 4, 2, 2, 0, 0, 1.0, 1.0, 0.0, a_dtype="uint8"), "must match"),
+    (AddSpec(1, 4, 2, 2, 0, 0, 1.0, 1.0, 0.0, lo=5, hi=4), "clip bounds"),
+    (AddSpec(1, -4, 2, 2, 0, 0, 1.0, 1.0, 0.0), "AddSpec.c"),
+    (LinearSpec(2, 4, 3, np.zeros((3, 4, 1), np.int8), np.zeros(3), np.zeros(3)), "LinearSpec.weight"),
+    (ConvSpec(1, 4, 2, 2, 3, np.zeros((3, 4, 3, 3), np.int8), np.zeros(3), np.zeros(3)), "output would be empty"),
+    (ConvSpec(1, 4, 4, 4, 3, np.zeros((3, 4, 3, 3), np.int8), np.zeros(3), np.zeros(3), x_zp=200), "x_zp"),
+    (ConvSpec(1, 4, 4, 4, 3, np.zeros((3, 4, 3, 3), np.int8), np.zeros(3), np.zeros(3), stride=(0, 1)), "stride"),
+    (ConvSpec(1, 4, 4, 4, 3, np.zeros((3, 2, 3, 3), np.int8), np.zeros(3), np.zeros(3), groups=2), "groups=2"),
+])
+def test_spec_errors_name_the_field(spec, match):
+    from hw_model.builder import build_layer
+    with pytest.raises(ValueError, match=match):
+        build_layer(spec)
+
+
+def test_check_tiling_rejects_unknown_spec():
+    with pytest.raises(TypeError, match="unknown layer spec"):
+        check_tiling(object(), Tiling())
