@@ -74,10 +74,10 @@ def _calib_config(calib: Any, args: argparse.Namespace) -> Any:
     if cls is None:
         return None
     names = {f.name for f in dataclasses.fields(cls)}
-    wanted = {"iters": args.iters, "seed": args.seed}
+    wanted = {"iters": args.iters, "act_iters": args.act_iters, "seed": args.seed, "num_samples": args.num_samples}
     missing = [k for k, v in wanted.items() if v is not None and k not in names]
     if missing:
-        raise CLIError(f"this calibration engine has no setting for --{' --'.join(missing)}")
+        raise CLIError(f"this calibration engine has no setting for {', '.join(missing)}")
     return cls(**{k: v for k, v in wanted.items() if v is not None})
 
 
@@ -86,8 +86,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     for flag in ("wbits", "abits"):
         if not 2 <= getattr(args, flag) <= 8:
             raise CLIError(f"--{flag} must be in 2..8, got {getattr(args, flag)}")
-    if args.iters is not None and args.iters < 0:
-        raise CLIError(f"--iters must be >= 0, got {args.iters}")
+    for flag in ("iters", "act_iters"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 0:
+            raise CLIError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     out = Path(args.output)
     if out.suffix != ".onnx":
         raise CLIError(f"-o/--output must name an .onnx file, got {args.output!r}")
@@ -109,11 +110,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise CLIError(f"calibration is not available in this installation ({one_line(e)})") from None
     if not (hasattr(calib, "calibrate") and hasattr(export, "export_onnx")):
         raise CLIError("calibration is not available in this installation (ioso_tvm.calib.calibrate missing)")
+    calib_config = _calib_config(calib, args)
 
     torch.manual_seed(args.seed if args.seed is not None else 0)
     model = models.load_pretrained(args.model) if args.pretrained else models.build_model(args.model).eval()
     qmodel = ioso_tvm.calibrate(model, torch.from_numpy(x), method=args.method, wbits=args.wbits, abits=args.abits,
-                                config=_calib_config(calib, args))
+                                config=calib_config)
     out.parent.mkdir(parents=True, exist_ok=True)
     ioso_tvm.export_onnx(qmodel, str(out), input_shape=(1, *models.INPUT_SHAPES[args.model]))
     print(f"calibrated {args.model} ({args.method}, W{args.wbits}A{args.abits}, {len(x)} samples) -> {out}")
@@ -133,6 +135,7 @@ def build_parser() -> Parser:
     p.add_argument("--wbits", type=int, default=4, help="weight bits, 2..8 (default 4)")
     p.add_argument("--abits", type=int, default=4, help="activation bits, 2..8 (default 4)")
     p.add_argument("--iters", type=int, help="reconstruction iterations per block (default: the method's)")
+    p.add_argument("--act-iters", type=int, help="activation-step iterations per block (default: the method's)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("-o", "--output", required=True, help="quantized ONNX file to write")
     p.set_defaults(func=cmd_calibrate)
