@@ -44,7 +44,9 @@ y_test = test_labels[:n_test]
 #    three scale groups (x1, x(1-2^-4), x(1+2^-4)) and, per output channel, a scale and an
 #    offset folded into the NORM constants. The result is still a torch module.
 config = NPUConfig()  # four 16x16 PE arrays at 800 MHz (hw_model/config.py says where each number comes from)
-calib_config = ioso_tvm.CalibConfig(iters=iters, seed=0) if iters else ioso_tvm.CalibConfig(seed=0)
+# --quick shortens the reconstruction (the published 20000 weight / 5000 activation iterations
+# per block take hours on a laptop CPU).
+calib_config = ioso_tvm.CalibConfig(seed=0, npu=config, **({"iters": iters, "act_iters": iters} if iters else {}))
 qmodel = ioso_tvm.calibrate(float_model, x_calib, method="ioso", wbits=4, abits=4, config=calib_config)
 
 # 3. Export to ONNX (QDQ + IOSO attributes, docs/onnx_format.md) and compile it for the NPU.

@@ -2,9 +2,9 @@
 
 The NPU's accumulator can scale the partial sum of a group of input channels by
 x(1-2^-4) or x(1+2^-4) with a shift and an add. IOSO calibration learns, per conv, which
-group each input channel belongs to. Here we calibrate the same ResNet-20 twice, once
-without groups (the round-only baseline BRECQ: every channel in the x1 group) and once
-with IOSO and the NPU's three groups, then compare top-1 accuracy and cycles, and plot the
+group each input channel belongs to. Here we calibrate the same ResNet-20 twice, with
+IOSO, once for an NPU with a single group (``isg_group_signs=(0,)``: x1 only) and once for
+the default three groups, then compare top-1 accuracy and cycles, and plot the
 learned group of every input channel of one layer.
 
     python tutorials/c_isg_groups.py [--quick] [--out tutorial_out/c]
@@ -64,15 +64,15 @@ def learned_groups(onnx_path: Path, config: NPUConfig) -> dict[str, np.ndarray]:
 
 
 results = {}
-config = NPUConfig()  # three groups: x1, x(1-2^-4), x(1+2^-4)
-for label, method in (("1 group", "brecq"), ("3 groups", "ioso")):
-    # "1 group" is the round-only baseline BRECQ: every input channel stays in the x1 group,
-    # so the compiler emits no group shift-add. "3 groups" is IOSO, which learns the group
-    # of every input channel (and an output scale / offset) on the same blocks and data.
+for label, signs in (("1 group", (0,)), ("3 groups", (0, -1, 1))):
+    # The group factors are part of the hardware description: calibration and compiler share
+    # one NPUConfig. With a single group (x1) ISG has nothing to choose and the compiler
+    # emits no group shift-add; with three, IOSO learns the group of every input channel.
+    config = NPUConfig(isg_group_signs=signs)
     torch.manual_seed(0)
-    calib_config = ioso_tvm.CalibConfig(iters=iters, seed=0) if iters else ioso_tvm.CalibConfig(seed=0)
-    qmodel = ioso_tvm.calibrate(float_model, x_calib, method=method, wbits=args.wbits, abits=4, config=calib_config)
-    path = out / f"resnet20_{method}.onnx"
+    calib_config = ioso_tvm.CalibConfig(seed=0, npu=config, **({"iters": iters, "act_iters": iters} if iters else {}))
+    qmodel = ioso_tvm.calibrate(float_model, x_calib, method="ioso", wbits=args.wbits, abits=4, config=calib_config)
+    path = out / f"resnet20_{len(signs)}g.onnx"
     ioso_tvm.export_onnx(qmodel, str(path), input_shape=(n_test, 1, 32, 32))
     compiled = ioso_tvm.compile(str(path), target="ioso_npu", input_shapes={"input": (n_test, 1, 32, 32)},
                                 config=config)
@@ -91,7 +91,8 @@ print(f"3 vs 1 group: accuracy {100 * (three['acc'] - one['acc']):+.1f} pp, "
       f"cycles {100 * (three['cycles'] / max(one['cycles'], 1) - 1):+.2f} %")
 
 # Plot the learned group of each input channel of the layer with the most mixed groups.
-groups = learned_groups(out / "resnet20_ioso.onnx", config)
+config = NPUConfig()
+groups = learned_groups(out / "resnet20_3g.onnx", config)
 name = max(groups, key=lambda k: (np.bincount(groups[k], minlength=3) > 0).sum() * 1000 + len(groups[k]))
 g = groups[name]
 fig, ax = plt.subplots(figsize=(8, 2.5))
