@@ -1,9 +1,57 @@
 """Post-training calibration in torch (AdaRound / BRECQ / QDrop / IOSO, QFT plug-in), integer deploy mode.
 
 ``calibrate(model, calib_data, method=..., wbits=4, abits=4, config=CalibConfig()) -> QuantModel``.
+IOSO runs on top of BRECQ (default) or QDrop: ``calibrate(..., method="ioso", config=CalibConfig(base="qdrop"))``.
 """
 from __future__ import annotations
 
-from .qmodel import Block, QuantModel, Step, build_qmodel
+import importlib
+import importlib.util
 
-__all__ = ["Block", "QuantModel", "Step", "build_qmodel"]
+import numpy as np
+import torch
+from torch import nn
+
+from .methods import METHODS, CalibConfig, MethodSpec, method_spec
+from .qmodel import Block, QuantModel, Step, build_qmodel, check_calib_data
+from .quantizers import check_bits
+
+__all__ = ["Block", "CalibConfig", "MethodSpec", "QuantModel", "Step", "build_qmodel", "calibrate"]
+
+
+def calibrate(model: nn.Module, calib_data: torch.Tensor | np.ndarray, method: str = "ioso", wbits: int = 4,
+              abits: int = 4, config: CalibConfig | None = None) -> QuantModel:
+    """Calibrate float ``model`` on ``calib_data`` (float32 (N, C, H, W), N >= batch size).
+
+    ``method``: "ioso" | "brecq" | "qdrop" | "adaround" | "rtn" | "qft" (``ioso_tvm.calib.qft``).
+    Returns a QuantModel with hardened rounding and groups (``forward`` fake-quant, ``deploy``
+    integer mode, ``ioso_tvm.export_onnx``). Seeded by ``config.seed``: CPU runs are bit-identical.
+    """
+    config = CalibConfig() if config is None else config
+    if not isinstance(config, CalibConfig):
+        raise TypeError(f"config must be a CalibConfig, got {type(config).__name__}")
+    config.validate()
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    wbits, abits = check_bits(wbits, "wbits"), check_bits(abits, "abits")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    data = check_calib_data(calib_data, None, min(config.batch_size, config.num_samples))
+    data = data[: config.num_samples]
+    if method == "qft":
+        if importlib.util.find_spec("ioso_tvm.calib.qft") is None:
+            raise ValueError("method 'qft' needs the module ioso_tvm.calib.qft, which is not installed")
+        qft = importlib.import_module("ioso_tvm.calib.qft")
+        return qft.calibrate_qft(model, data, wbits, abits, config)
+    from .engine import Engine
+
+    torch.manual_seed(config.seed)
+    qm = build_qmodel(model, tuple(data.shape[1:]), wbits, abits, config.first_last_bits, config.npu)
+    qm.init_act_scales(data[: config.act_init_samples])
+    spec = method_spec(method, config)
+    engine = Engine(qm, spec, config)
+    if spec.adaround:
+        engine.run(data)
+    qm.calib_history = engine.history
+    qm.set_act_quant(True)
+    return qm.eval()

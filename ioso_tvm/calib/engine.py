@@ -1,0 +1,201 @@
+"""Block-reconstruction engine shared by AdaRound, BRECQ, QDrop and IOSO (IOSO Algorithm 1).
+
+Per block, in program order: cache the block's float input, quantized input and float output
+for all calibration samples (the program runs only up to the block: early stop), spill the
+caches to disk above ``CalibConfig.memory_budget_mb``; weight step (AdaRound V, ISG logits R,
+OSO) with the annealed regulariser, ISG hardening, fine-tuning; activation step (LSQ step
+sizes and OSO); then the block's quantized output becomes the next block's input.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .methods import CalibConfig, MethodSpec
+from .qmodel import Block, QuantModel, _find_blocks
+from .qmodules import QLayer
+
+
+class TensorCache:
+    """N samples of one tensor kept in memory, or in a ``np.memmap`` file when ``spill_to`` is given."""
+
+    def __init__(self, t: torch.Tensor, spill_to: Path | None = None) -> None:
+        if spill_to is None:
+            self.data, self.mm = t.contiguous(), None
+        else:
+            self.mm = np.memmap(spill_to, np.float32, "w+", shape=tuple(t.shape))
+            self.mm[:] = t.numpy()
+            self.mm.flush()
+            self.data = None
+
+    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.data is not None:
+            return self.data[idx]
+        return torch.from_numpy(np.ascontiguousarray(self.mm[np.sort(idx.numpy())]))[
+            torch.from_numpy(np.argsort(np.argsort(idx.numpy())))]
+
+    def full(self) -> torch.Tensor:
+        return self.data if self.data is not None else torch.from_numpy(np.asarray(self.mm))
+
+
+def rec_loss(pred: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    """BRECQ ``lp_loss`` (p = 2): squared error summed over channels, mean over the rest."""
+    d = (pred - tgt).pow(2)
+    return d.sum(1).mean() if d.dim() > 1 else d.mean()
+
+
+def beta_at(it: int, iters: int, cfg: CalibConfig) -> float | None:
+    """Regulariser beta at iteration ``it``: None during warm-up, then linear start -> end (AdaRound)."""
+    warm = int(cfg.warmup * iters)
+    if it < warm:
+        return None
+    frac = (it - warm) / max(iters - warm, 1)
+    return cfg.beta[1] + (cfg.beta[0] - cfg.beta[1]) * max(0.0, 1 - frac)
+
+
+class Engine:
+    """Runs the reconstruction of every block of ``qm`` for method ``spec``."""
+
+    def __init__(self, qm: QuantModel, spec: MethodSpec, cfg: CalibConfig) -> None:
+        self.qm, self.spec, self.cfg = qm, spec, cfg
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.blocks = qm.blocks if spec.blocks == "block" else _find_blocks(
+            qm.program, [""] * len(qm.program), dict(qm.ops))
+        self.spill = None
+        self.history: dict[str, dict[str, float]] = {}
+
+    # --------------------------------------------------------------------------- caching
+    def _cache(self, t: torch.Tensor, tag: str) -> TensorCache:
+        mb = t.numel() * 4 / 2**20
+        if mb <= self.cfg.memory_budget_mb / 3:
+            return TensorCache(t)
+        if self.spill is None:
+            self.spill = Path(self.cfg.spill_dir or tempfile.mkdtemp(prefix="ioso_calib_"))
+            self.spill.mkdir(parents=True, exist_ok=True)
+        return TensorCache(t, self.spill / f"{tag}.f32")
+
+    @torch.no_grad()
+    def _run_block(self, block: Block, x: torch.Tensor, quant: bool) -> torch.Tensor:
+        outs = []
+        for i in range(0, x.shape[0], 64):
+            env = self.qm.run({block.inp: x[i:i + 64]}, block.start, block.stop, quant=quant)
+            outs.append(env[block.out])
+        return torch.cat(outs)
+
+    def _forward(self, block: Block, x: torch.Tensor) -> torch.Tensor:
+        return self.qm.run({block.inp: x}, block.start, block.stop)[block.out]
+
+    # --------------------------------------------------------------------------- driver
+    def run(self, data: torch.Tensor) -> None:
+        fp_in = q_in = self._cache(data, "input")
+        for bi, block in enumerate(self.blocks):
+            target = self._cache(self._run_block(block, fp_in.full(), quant=False), f"b{bi}_fp")
+            self.calibrate_block(block, q_in, fp_in, target)
+            q_out = self._run_block(block, q_in.full(), quant=True)
+            fp_in, q_in = target, self._cache(q_out, f"b{bi}_q")
+
+    def _layers(self, block: Block) -> list[QLayer]:
+        return [self.qm.ops[k] for k in (st.op for st in self.qm.program[block.start:block.stop])
+                if isinstance(self.qm.ops[k], QLayer)]
+
+    def _quantizers(self, block: Block):
+        return [self.qm.ops[st.op].outq for st in self.qm.program[block.start:block.stop]
+                if hasattr(self.qm.ops[st.op], "outq")]
+
+    def _batch(self, q_in: TensorCache, fp_in: TensorCache, target: TensorCache) -> tuple[torch.Tensor, torch.Tensor]:
+        n = target.full().shape[0]
+        idx = torch.randperm(n, generator=self.gen)[: self.cfg.batch_size]
+        x = q_in[idx]
+        if self.spec.qdrop:  # QDrop: keep the float input element-wise with probability drop_prob
+            keep = torch.rand(x.shape, generator=self.gen) < self.cfg.drop_prob
+            x = torch.where(keep, fp_in[idx], x)
+        return x, target[idx]
+
+    def calibrate_block(self, block: Block, q_in: TensorCache, fp_in: TensorCache, target: TensorCache) -> None:
+        """Algorithm 1 for one block: weight step (V, R, OSO) then activation step (step sizes, OSO)."""
+        cfg, spec = self.cfg, self.spec
+        layers = self._layers(block)
+        quantizers = self._quantizers(block)
+        hist = self.history.setdefault(block.name, {})
+        if spec.adaround and layers and cfg.iters > 0:
+            for q in quantizers:
+                q.enabled = spec.qdrop
+            self._weight_step(block, layers, q_in, fp_in, target, hist)
+            for q in quantizers:
+                q.enabled = True
+        for layer in layers:
+            layer.wq.mode = "hard" if layer.wq.v is not None else "nearest"
+            if not layer.isg.hard:
+                layer.isg.harden(cfg.granularity)
+        if spec.adaround and cfg.act_iters > 0 and quantizers:
+            self._act_step(block, layers, quantizers, q_in, fp_in, target, hist)
+
+    def _weight_step(self, block, layers, q_in, fp_in, target, hist) -> None:
+        cfg, spec = self.cfg, self.spec
+        groups = [{"params": [], "lr": cfg.lr_round}, {"params": [], "lr": cfg.lr_isg},
+                  {"params": [], "lr": cfg.lr_oso}]
+        for layer in layers:
+            layer.wq.init_adaround(layer.weight)
+            groups[0]["params"].append(layer.wq.v)
+            if spec.isg and not layer.depthwise and layer.in_channels > 1:
+                layer.isg.init_soft()
+                groups[1]["params"].append(layer.isg.r)
+            if spec.oso:
+                groups[2]["params"] += [layer.oso_scale, layer.oso_offset]
+        opt = torch.optim.Adam([g for g in groups if g["params"]])
+        harden_it = int(cfg.harden_at * cfg.iters) if spec.isg else cfg.iters + 1
+        bar = tqdm(range(cfg.iters), desc=f"{spec.name} W {block.name}", disable=not cfg.progress, leave=False)
+        for it in bar:
+            if it == harden_it:
+                for layer in layers:
+                    if not layer.isg.hard:
+                        layer.isg.harden(cfg.granularity)
+            x, y = self._batch(q_in, fp_in, target)
+            rec = rec_loss(self._forward(block, x), y)
+            loss = rec
+            beta = beta_at(it, cfg.iters, cfg)
+            if beta is not None:
+                reg = sum(layer.wq.round_reg(beta) + layer.isg.reg(beta) for layer in layers)
+                loss = loss + cfg.reg_weight * reg
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            for layer in layers:
+                layer.isg.track(it)
+            if it % 50 == 0 or it == cfg.iters - 1:
+                bar.set_postfix(rec=f"{rec.item():.4g}")
+        hist["weight_rec_loss"] = float(rec.item())
+
+    def _act_step(self, block, layers, quantizers, q_in, fp_in, target, hist) -> None:
+        cfg, spec = self.cfg, self.spec
+        groups = [{"params": [q.step for q in quantizers], "lr": cfg.lr_act}]
+        if spec.oso and layers:
+            groups.append({"params": [p for layer in layers for p in (layer.oso_scale, layer.oso_offset)],
+                           "lr": cfg.lr_act})
+        opt = torch.optim.Adam(groups)
+        bar = tqdm(range(cfg.act_iters), desc=f"{spec.name} A {block.name}", disable=not cfg.progress, leave=False)
+        for it in bar:
+            x, y = self._batch(q_in, fp_in, target)
+            rec = rec_loss(self._forward(block, x), y)
+            opt.zero_grad(set_to_none=True)
+            rec.backward()
+            opt.step()
+            if it % 50 == 0 or it == cfg.act_iters - 1:
+                bar.set_postfix(rec=f"{rec.item():.4g}")
+        hist["act_rec_loss"] = float(rec.item())
+
+    @torch.no_grad()
+    def block_losses(self, data: torch.Tensor) -> dict[str, float]:
+        """Reconstruction loss of every block (quantized input chain vs float), on ``data``."""
+        out = {}
+        fp, q = data, data
+        for block in self.blocks:
+            t = self._run_block(block, fp, quant=False)
+            qo = self._run_block(block, q, quant=True)
+            out[block.name] = float(rec_loss(qo, t))
+            fp, q = t, qo
+        return out

@@ -1,0 +1,105 @@
+"""Calibration methods and their defaults: AdaRound, BRECQ, QDrop, IOSO (on BRECQ or QDrop), RTN.
+
+A method is a :class:`MethodSpec`: block granularity, whether activations are quantized (with
+QDrop's random drop) during the weight step, and whether ISG / OSO are learned.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hw_model.config import DEFAULT_CONFIG, NPUConfig
+
+
+@dataclass
+class CalibConfig:
+    """Calibration hyper-parameters; defaults are the published ones (source in each comment)."""
+
+    num_samples: int = 1024
+    """Calibration images. BRECQ Sec. 4 / QDrop Sec. 5 / IOSO journal Sec. IV: 1,024."""
+    batch_size: int = 32
+    """Mini-batch. BRECQ code (yhhhli/BRECQ main_imagenet.py --batch_size 32 for reconstruction)."""
+    iters: int = 20000
+    """Weight-step iterations per block. AdaRound Sec. 5 / BRECQ main_imagenet.py --iters_w 20000."""
+    lr_round: float = 1e-3
+    """Adam lr of the rounding logits V. AdaRound Sec. 5 / BRECQ code (default Adam lr 1e-3)."""
+    lr_isg: float = 1e-3
+    """Adam lr of the group logits R. Chosen: same as V (the journal trains R "like h(V)", Sec. III-D)."""
+    lr_oso: float = 1e-4
+    """Adam lr of the OSO scale / offset. Chosen: 10x below V so OSO refines, not replaces, the weights."""
+    reg_weight: float = 0.01
+    """Rounding regulariser weight lambda_r (= lambda_g). BRECQ main_imagenet.py --weight 0.01 (0.1 for MobileNetV2)."""
+    warmup: float = 0.2
+    """Fraction of iterations without regulariser. AdaRound Sec. 5 / BRECQ --warmup 0.2."""
+    beta: tuple[float, float] = (20.0, 2.0)
+    """Regulariser beta annealed start -> end. AdaRound Sec. 5 / BRECQ --b_start 20 --b_end 2."""
+    act_iters: int = 5000
+    """Activation-step (LSQ) iterations per block. BRECQ main_imagenet.py --iters_a 5000."""
+    lr_act: float = 4e-5
+    """Adam lr of the activation step sizes. BRECQ main_imagenet.py --lr 4e-5."""
+    drop_prob: float = 0.5
+    """QDrop probability of keeping the float activation at the block input. QDrop Sec. 4 (p = 0.5)."""
+    base: str = "brecq"
+    """IOSO on top of "brecq" or "qdrop". Journal Sec. IV: the code is based on BRECQ."""
+    granularity: int = DEFAULT_CONFIG.granularity
+    """Channels per ISG group come in multiples of this (1 = free). NPUConfig.granularity (journal App. A-C)."""
+    harden_at: float = 0.9
+    """Fraction of the weight step after which groups are hardened; the rest fine-tunes V and OSO.
+    Chosen: leaves 10 % of the iterations to adapt the rounding to the final groups (journal App. A-C)."""
+    first_last_bits: int | None = 8
+    """Bits of the first / last layer (weights and their activations). BRECQ / QDrop / journal Sec. IV: 8."""
+    act_init_samples: int = 256
+    """Samples used for the MSE initialisation of activation scales. Chosen: enough for stable statistics."""
+    memory_budget_mb: float = 2048.0
+    """Cached block inputs/outputs above this size are spilled to disk. Chosen: fits a laptop."""
+    spill_dir: str | None = None
+    """Folder for spilled caches (default: a temporary folder)."""
+    seed: int = 0
+    """Seed of the torch generator (batch order, QDrop masks)."""
+    progress: bool = True
+    """Show a tqdm bar per block with the current loss."""
+    npu: NPUConfig = DEFAULT_CONFIG
+    """Hardware description (ISG group factors)."""
+
+    def validate(self) -> None:
+        for name in ("num_samples", "batch_size", "act_init_samples"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"CalibConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("iters", "act_iters"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"CalibConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.base not in ("brecq", "qdrop"):
+            raise ValueError(f"CalibConfig.base must be 'brecq' or 'qdrop', got {self.base!r}")
+        if not 0 <= self.drop_prob <= 1 or not 0 <= self.warmup < 1 or not 0 < self.harden_at <= 1:
+            raise ValueError("CalibConfig.drop_prob, warmup and harden_at must be fractions in [0, 1]")
+        if self.granularity < 1:
+            raise ValueError(f"CalibConfig.granularity must be >= 1, got {self.granularity}")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a method learns. ``blocks``: "block" (BRECQ) or "layer" (AdaRound)."""
+
+    name: str
+    blocks: str = "block"
+    adaround: bool = True
+    qdrop: bool = False
+    isg: bool = False
+    oso: bool = False
+
+
+METHODS = ("rtn", "adaround", "brecq", "qdrop", "ioso", "qft")
+
+
+def method_spec(method: str, config: CalibConfig) -> MethodSpec:
+    """The :class:`MethodSpec` of ``method``; ``"ioso"`` builds on ``config.base``."""
+    if method == "rtn":
+        return MethodSpec("rtn", adaround=False)
+    if method == "adaround":
+        return MethodSpec("adaround", blocks="layer")
+    if method == "brecq":
+        return MethodSpec("brecq")
+    if method == "qdrop":
+        return MethodSpec("qdrop", qdrop=True)
+    if method == "ioso":
+        return MethodSpec("ioso", qdrop=config.base == "qdrop", isg=True, oso=True)
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
