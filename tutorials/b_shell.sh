@@ -2,14 +2,14 @@
 # Tutorial (b): the quick start from the shell, in three commands.
 #
 #   bash tutorials/b_shell.sh            # full size
-#   QUICK=1 bash tutorials/b_shell.sh    # small: 64 calibration images, 20 iterations
+#   QUICK=1 bash tutorials/b_shell.sh    # small: 64 calibration images, 20 iterations per block
 #
 # OUT (default tutorial_out/b) receives the ONNX file, the .tar, the outputs and the profile.
 set -euo pipefail
 OUT=${OUT:-tutorial_out/b}
 mkdir -p "$OUT"
 SMALL=()
-if [[ "${QUICK:-0}" == 1 ]]; then SMALL=(--num-samples 64 --iters 20); fi
+if [[ "${QUICK:-0}" == 1 ]]; then SMALL=(--num-samples 64 --iters 20 --act-iters 20); fi
 
 # 1. Calibrate the shipped float ResNet-20 with IOSO at W4A4 on the shipped calibration
 #    subset of Fashion-MNIST, and export the quantized model as ONNX (docs/onnx_format.md).
