@@ -47,6 +47,10 @@ def calibrate(model: nn.Module, calib_data: torch.Tensor | np.ndarray, method: s
 
     torch.manual_seed(config.seed)
     qm = build_qmodel(model, tuple(data.shape[1:]), wbits, abits, config.first_last_bits, config.npu)
+    try:
+        qm.float_forward(data[:1])
+    except RuntimeError as e:
+        raise ValueError(f"calib_data samples of shape {tuple(data.shape[1:])} do not fit the model: {e}") from e
     qm.init_act_scales(data[: config.act_init_samples])
     spec = method_spec(method, config)
     engine = Engine(qm, spec, config)

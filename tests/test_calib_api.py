@@ -1,0 +1,96 @@
+"""calibrate(): bad input errors, seeded determinism, hardened state, calibrated nets in deploy == reference."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_calib_helpers import TinyRes, reference_walk
+
+from ioso_tvm.calib import CalibConfig, calibrate
+
+SMALL = dict(num_samples=32, batch_size=8, iters=30, act_iters=10, progress=False, act_init_samples=32)
+
+
+def _data(n=32, shape=(1, 12, 12), seed=0):
+    return torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(wbits=1), "wbits"), (dict(abits=9), "abits"), (dict(method="gptq"), "method"),
+])
+def test_bad_arguments(bad, match):
+    kw = dict(method="brecq", wbits=4, abits=4)
+    kw.update(bad)
+    with pytest.raises(ValueError, match=match):
+        calibrate(TinyRes(), _data(), config=CalibConfig(**SMALL), **kw)
+
+
+def test_bad_data():
+    cfg = CalibConfig(**SMALL)
+    x = _data()
+    x[3, 0, 1, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        calibrate(TinyRes(), x, "rtn", config=cfg)
+    with pytest.raises(ValueError, match="shape"):
+        calibrate(TinyRes(), torch.randn(32, 12, 12), "rtn", config=cfg)
+    with pytest.raises(ValueError, match="at least"):
+        calibrate(TinyRes(), _data(n=4), "rtn", config=cfg)
+    with pytest.raises(ValueError, match="Conv2d|shape"):  # 3 channels for a 1-channel net
+        calibrate(TinyRes(), _data(shape=(3, 12, 12)), "rtn", config=cfg)
+
+
+def test_unsupported_layer_is_named():
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Sigmoid(), torch.nn.Flatten(), torch.nn.Linear(400, 2))
+    with pytest.raises(ValueError, match="'1'.*Sigmoid"):
+        calibrate(net, _data(), "rtn", config=CalibConfig(**SMALL))
+
+
+def test_qft_dispatch_or_clear_error():
+    import importlib.util
+    if importlib.util.find_spec("ioso_tvm.calib.qft") is None:
+        with pytest.raises(ValueError, match="qft"):
+            calibrate(TinyRes(), _data(), "qft", config=CalibConfig(**SMALL))
+
+
+def test_seeded_runs_are_bit_identical():
+    cfg = CalibConfig(**SMALL, granularity=4)
+    a = calibrate(TinyRes(c=8), _data(), "ioso", 2, 4, cfg)
+    b = calibrate(TinyRes(c=8), _data(), "ioso", 2, 4, cfg)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    x = _data(seed=5)
+    assert torch.equal(a.deploy(x), b.deploy(x))
+
+
+@pytest.mark.parametrize("gran", [1, 4])
+def test_ioso_hardened_groups_respect_granularity(gran):
+    torch.manual_seed(0)
+    net = TinyRes(c=10).eval()
+    qm = calibrate(net, _data(), "ioso", 2, 4, CalibConfig(**{**SMALL, "iters": 60}, granularity=gran,
+                                                            lr_isg=0.05))
+    for layer in qm.layers():
+        assert layer.isg.hard and layer.wq.mode == "hard"
+        counts = np.bincount(layer.isg.groups.numpy(), minlength=3)
+        if layer.depthwise:
+            assert counts[0] == layer.in_channels
+        off = [c for c in counts if c % gran]
+        assert len(off) <= 1 and sum(counts) == layer.in_channels
+        if off:
+            assert off[0] % gran == layer.in_channels % gran
+
+
+@pytest.mark.parametrize("method", ["rtn", "adaround", "brecq", "qdrop", "ioso"])
+def test_methods_run_and_deploy_matches_reference(method):
+    torch.manual_seed(1)
+    net = TinyRes(c=8).eval()
+    x = _data()
+    qm = calibrate(net, x, method, 2, 4, CalibConfig(**SMALL, granularity=2))
+    im = qm.integer_model()
+    env = im.run(x[:4])
+    ref_env = reference_walk(qm, x[:4].numpy())
+    assert np.array_equal(env[qm.output].numpy(), ref_env[qm.output].astype(np.int64))
+    with torch.no_grad():
+        err = (qm(x) - qm.float_forward(x)).pow(2).mean()
+    assert torch.isfinite(err)
