@@ -9,6 +9,7 @@ sizes and OSO); then the block's quantized output becomes the next block's input
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -149,6 +150,7 @@ class Engine:
         opt = torch.optim.Adam([g for g in groups if g["params"]])
         harden_it = int(cfg.harden_at * cfg.iters) if spec.isg else cfg.iters + 1
         bar = tqdm(range(cfg.iters), desc=f"{spec.name} W {block.name}", disable=not cfg.progress, leave=False)
+        t0 = time.perf_counter()
         for it in bar:
             if it == harden_it:
                 for layer in layers:
@@ -168,6 +170,7 @@ class Engine:
                 layer.isg.track(it)
             if it % 50 == 0 or it == cfg.iters - 1:
                 bar.set_postfix(rec=f"{rec.item():.4g}")
+        hist["weight_step_s"] = time.perf_counter() - t0
         hist["weight_rec_loss"] = float(rec.item())
 
     def _act_step(self, block, layers, quantizers, q_in, fp_in, target, hist) -> None:
