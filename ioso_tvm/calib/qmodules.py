@@ -40,7 +40,7 @@ class QInput(nn.Module):
 class QLayer(nn.Module):
     """Conv2d (``kind="conv"``) or Linear (``kind="linear"``) with weight quantizer, ISG, OSO, act quantizer.
 
-    Fake-quant forward: ``outq(oso_scale * conv(x * gamma_isg, s_w * W_int) + bias) + oso_offset)``.
+    Fake-quant forward: ``outq(oso_scale * (conv(x * gamma_isg, s_w * W_int) + bias) + oso_offset)``.
     Weight (K, C/groups, KH, KW) or (K, C) and bias (K,) are float32 buffers (BN already folded).
     """
 
@@ -85,7 +85,14 @@ class QLayer(nn.Module):
     def pre_act(self, x: torch.Tensor) -> torch.Tensor:
         """Output before the activation quantizer (float32)."""
         w = self.wq(self.weight)
-        x = x * self._shape(self.isg.gamma())
+        if self.isg.r is not None or bool(self.isg.groups.any()):
+            # ISG scales input channel c; applied to the weights' input-channel axis (same product,
+            # and the gradient of gamma then needs no extra backward pass through the input).
+            g = self.isg.gamma()
+            if self.groups > 1:  # grouped conv: weights have no full input-channel axis
+                x = x * g.view(1, -1, 1, 1)
+            else:
+                w = w * (g.view(1, -1, 1, 1) if self.kind == "conv" else g.view(1, -1))
         y = self._op(x, w, self.bias)
         return y * self._shape(self.oso_scale) + self._shape(self.oso_offset)
 
