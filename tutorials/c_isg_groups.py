@@ -47,19 +47,25 @@ x_test, y_test = datasets.to_model_input(test_images[:n_test]), test_labels[:n_t
 
 
 def learned_groups(onnx_path: Path, config: NPUConfig) -> dict[str, np.ndarray]:
-    """Group index of every input channel, per layer, read back from the exported ONNX file:
-    the ``Mul(gamma)`` in front of a Conv/Gemm holds the group factor of each channel
-    (docs/onnx_format.md)."""
-    model = onnx.load(str(onnx_path))
-    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    factors = np.array(config.group_factors, dtype=np.float32)
+    """Group index of every input channel of each Conv/Gemm, read back from the exported ONNX:
+    a ``Mul(gamma)`` in front of the layer holds each channel's group factor; without it every
+    channel is in group 0, x1 (docs/onnx_format.md)."""
+    graph = onnx.load(str(onnx_path)).graph
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    factors = list(np.asarray(config.group_factors, dtype=np.float32))
     groups = {}
-    for node in model.graph.node:
-        gammas = [inits[i] for i in node.input if i in inits and inits[i].ndim in (2, 4) and inits[i].shape[0] == 1]
-        if node.op_type == "Mul" and gammas:
-            gamma = gammas[0].reshape(-1).astype(np.float32)
-            if np.isin(gamma, factors).all():
-                groups[node.name] = np.array([int(np.flatnonzero(factors == g)[0]) for g in gamma])
+    for node in graph.node:
+        if node.op_type not in ("Conv", "Gemm"):
+            continue
+        w_dq = producer[node.input[1]]  # DequantizeLinear of the integer weights
+        channels = inits[w_dq.input[0]].shape[1]
+        mul = producer.get(node.input[0])
+        gamma = [inits[i] for i in (mul.input if mul is not None and mul.op_type == "Mul" else []) if i in inits]
+        g = np.zeros(channels, dtype=np.int64)
+        if gamma:
+            g = np.array([factors.index(np.float32(v)) for v in gamma[0].reshape(-1)])
+        groups[node.name] = g
     return groups
 
 
