@@ -1,7 +1,8 @@
 """Schedule features for the cost model: one float row per (spec, tiling).
 
 Read from the tiling and :func:`space.tile_stats` only (no measurement): tile sizes, loop
-extents, bytes moved, buffer occupancy, instruction count, PE-array fill. MetaSchedule's
+extents, bytes moved, buffer occupancy, instruction count, PE-array fill, and the closed-form
+roofline estimate of :func:`measure.estimate_cycles` (the model learns its error). MetaSchedule's
 TIR feature extractor sees nothing in tensorized TIR (DESIGN.md), hence these.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ import numpy as np
 
 from hw_model.config import NPUConfig
 
+from .measure import estimate_cycles
 from .space import ORDERS, ConvSpec, Tiling, tile_stats
 
 FEATURE_NAMES = (
@@ -20,7 +22,7 @@ FEATURE_NAMES = (
     "log2_n_oc", "log2_n_sp", "log2_n_ic", "log2_tiles",
     "log2_in_bytes", "log2_w_bytes", "log2_dma_bytes", "log2_instructions", "log2_mac_cycles",
     "scratch_frac", "weight_frac", "acc_frac", "array_fill", "log2_dma_over_mac",
-    "log2_in_tile_bytes", "log2_w_tile_bytes", "log2_first_load_bytes",
+    "log2_in_tile_bytes", "log2_w_tile_bytes", "log2_first_load_bytes", "log2_roofline_cycles",
 )
 
 
@@ -43,5 +45,6 @@ def features(spec: ConvSpec, tilings: Sequence[Tiling], cfg: NPUConfig) -> np.nd
             s.scratch_frac, s.weight_frac, s.acc_frac, fill,
             _l2(dma / cfg.dram_bytes_per_cycle) - _l2(s.mac_cycles),
             _l2(s.in_tile_bytes), _l2(s.w_tile_bytes), _l2(s.in_tile_bytes + s.w_tile_bytes),
+            _l2(estimate_cycles(spec, t, cfg)),
         ))
     return np.asarray(rows, dtype=np.float32).reshape(len(rows), len(FEATURE_NAMES))
