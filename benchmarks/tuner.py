@@ -20,7 +20,7 @@ from tqdm import tqdm
 from hw_model.config import DEFAULT_CONFIG
 from ioso_tvm.models import resnet18
 from target_npu.tuner import ConvSpec, Measurer, default_tiling, enumerate_space, make_tuner
-from target_npu.tuner.measure import get_measure
+from target_npu.tuner.measure import default_backend, get_measure
 
 MAX_SPACE = 5000
 """Layers with more valid points than this are not enumerated. Chosen: every ResNet-18 layer fits (<= 500)."""
@@ -68,7 +68,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=5, help="tuner seeds per layer (default 5)")
     ap.add_argument("--budget", type=float, default=0.10, help="trials as a fraction of the space (default 0.10)")
-    ap.add_argument("--measure", default="estimate", help="measurement backend (default: estimate)")
+    ap.add_argument("--measure", default=default_backend(),
+                    help="measurement backend: builder (hw_model program + cycle model, default) or estimate")
     ap.add_argument("--jobs", type=int, default=1, help="measurement processes (default 1)")
     ap.add_argument("--plot", default="benchmarks/out/tuner_best_so_far.png", help="plot path")
     args = ap.parse_args()
