@@ -3,7 +3,8 @@
 Prints one JSON line: {"layers", "xgb_gap_pct", "random_gap_pct", "default_gap_pct", "mac_utilisation", ...};
 gap = mean over layers (and seeds) of (best cycles / exhaustive optimum - 1) in %. mac_utilisation is
 useful MACs / (xgb-tuned cycles x peak MACs per cycle x pixels per cycle) summed over the 3x3 convs. Writes a plot of
-best-so-far vs trials (xgboost vs random). Usage: python benchmarks/tuner.py [--seeds 5] [--measure estimate|builder] [--jobs N] [--plot PNG]
+best-so-far vs trials (xgboost vs random). Usage:
+    python benchmarks/tuner.py [--seeds 5] [--measure builder|estimate] [--jobs N] [--plot PNG]
 """
 from __future__ import annotations
 
