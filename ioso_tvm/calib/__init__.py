@@ -23,26 +23,28 @@ def calibrate(model: nn.Module, calib_data: torch.Tensor | np.ndarray, method: s
               abits: int = 4, config: CalibConfig | None = None) -> QuantModel:
     """Calibrate float ``model`` on ``calib_data`` (float32 (N, C, H, W), N >= batch size).
 
-    ``method``: "ioso" | "brecq" | "qdrop" | "adaround" | "rtn" | "qft" (``ioso_tvm.calib.qft``).
+    ``method``: "ioso" | "brecq" | "qdrop" | "adaround" | "rtn" | "qft" (dispatched to
+    ``ioso_tvm.calib.qft.calibrate_qft(model, data, wbits, abits, config)``, config passed as given).
     Returns a QuantModel with hardened rounding and groups (``forward`` fake-quant, ``deploy``
     integer mode, ``ioso_tvm.export_onnx``). Seeded by ``config.seed``: CPU runs are bit-identical.
     """
-    config = CalibConfig() if config is None else config
-    if not isinstance(config, CalibConfig):
-        raise TypeError(f"config must be a CalibConfig, got {type(config).__name__}")
-    config.validate()
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     wbits, abits = check_bits(wbits, "wbits"), check_bits(abits, "abits")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    data = check_calib_data(calib_data, None, min(config.batch_size, config.num_samples))
-    data = data[: config.num_samples]
-    if method == "qft":
+    if method == "qft":  # config may be a QFTConfig or a CalibConfig (qft.py decides)
         if importlib.util.find_spec("ioso_tvm.calib.qft") is None:
             raise ValueError("method 'qft' needs the module ioso_tvm.calib.qft, which is not installed")
+        data = check_calib_data(calib_data, None, int(getattr(config, "batch_size", 1)))
         qft = importlib.import_module("ioso_tvm.calib.qft")
         return qft.calibrate_qft(model, data, wbits, abits, config)
+    config = CalibConfig() if config is None else config
+    if not isinstance(config, CalibConfig):
+        raise TypeError(f"config must be a CalibConfig, got {type(config).__name__}")
+    config.validate()
+    data = check_calib_data(calib_data, None, min(config.batch_size, config.num_samples))
+    data = data[: config.num_samples]
     from .engine import Engine
 
     torch.manual_seed(config.seed)
