@@ -50,6 +50,12 @@ def test_qft_dispatch_or_clear_error():
     if importlib.util.find_spec("ioso_tvm.calib.qft") is None:
         with pytest.raises(ValueError, match="qft"):
             calibrate(TinyRes(), _data(), "qft", config=CalibConfig(**SMALL))
+    x = _data()
+    x[0, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):  # checked before QFT starts
+        calibrate(TinyRes(), x, "qft")
+    with pytest.raises(ValueError, match="wbits"):
+        calibrate(TinyRes(), _data(), "qft", wbits=9)
 
 
 def test_seeded_runs_are_bit_identical():
