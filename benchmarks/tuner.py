@@ -95,7 +95,7 @@ def main() -> None:
                 curves[kind].append(np.asarray(res.best_curve()) / opt)
             row[f"{kind}_gap_pct"] = float(np.mean(gaps))
             row[f"{kind}_best_cycles_mean"] = float(np.mean(best))
-        row["ideal_cycles"] = spec.macs / (cfg.macs_per_cycle * cfg.pixels_per_cycle)
+        row["ideal_cycles"] = spec.macs / (cfg.macs_per_cycle)
         row["is3x3"] = spec.kh == spec.kw == 3
         rows.append(row)
     c3 = [r for r in rows if r["is3x3"]]

@@ -81,8 +81,8 @@ class NPUConfig:
 
     @property
     def macs_per_cycle(self) -> int:
-        """Peak int8 MACs per cycle of the whole NPU."""
-        return self.pe_arrays * self.mac_rows * self.mac_cols
+        """Peak int8 MACs per cycle of the whole NPU (every array, every pixel slice)."""
+        return self.pe_arrays * self.pixels_per_cycle * self.mac_rows * self.mac_cols
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

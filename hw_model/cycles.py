@@ -104,7 +104,7 @@ def layer_report(prog: Program, cfg: NPUConfig = DEFAULT_CONFIG, total: int | No
     if total is None or busy is None:
         total, busy, _ = timeline(prog, cfg)
     macs = int(prog.meta.get("macs", 0))
-    peak = cfg.macs_per_cycle * cfg.pixels_per_cycle
+    peak = cfg.macs_per_cycle
     nbytes = {q: sum(i.n0 * i.n1 * i.n2 * np.dtype(prog.regions[i.region].dtype).itemsize
                      for i in prog.instrs if isinstance(i, cls)) for q, cls in (("load", Load), ("store", Store))}
     return {"layer": prog.meta.get("layer", "?"), "cycles": int(total), "us": total / cfg.clock_mhz,

@@ -16,7 +16,7 @@ def network_report(layers: list[dict[str, Any]], cfg: NPUConfig = DEFAULT_CONFIG
         raise ValueError("network_report: layers must be a list of layer reports (dicts with 'cycles')")
     cycles = sum(r["cycles"] for r in layers)
     macs = sum(r["macs"] for r in layers)
-    peak = cfg.macs_per_cycle * cfg.pixels_per_cycle
+    peak = cfg.macs_per_cycle
     return {"cycles": cycles, "us": cycles / cfg.clock_mhz, "macs": macs,
             "mac_utilisation": macs / (cycles * peak) if cycles else 0.0, "layers": layers,
             "config": cfg.to_dict()}

@@ -165,3 +165,15 @@ def test_hazard_check_catches_missing_back_pressure():
     prog.validate(CFG)
     with pytest.raises(AssertionError):
         _hazard_free(prog, CFG)
+
+
+@pytest.mark.parametrize("c,k,hw,kernel", [(64, 64, 56, 3), (256, 512, 28, 1), (16, 16, 8, 3)])
+def test_mac_utilisation_never_exceeds_the_peak(c, k, hw, kernel):
+    """The peak counts every array and every pixel slice: no layer can beat it."""
+    rng = np.random.default_rng(c + k)
+    w = rng.integers(-8, 8, (k, c, kernel, kernel)).astype(np.int8)
+    spec = ConvSpec(1, c, hw, hw, k, w, np.full(k, 1e-3, np.float32), np.zeros(k, np.float32),
+                    pads=(kernel // 2,) * 4)
+    rep = layer_report(build_conv(spec, cfg=CFG), CFG)
+    assert rep["macs"] == hw * hw * c * k * kernel * kernel
+    assert 0.05 < rep["mac_utilisation"] <= 1.0
