@@ -33,6 +33,9 @@ def calibrate(model: nn.Module, calib_data: torch.Tensor | np.ndarray, method: s
     wbits, abits = check_bits(wbits, "wbits"), check_bits(abits, "abits")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"model {name!r} holds NaN or Inf values: calibrate a finite float model")
     if method == "qft":  # config may be a QFTConfig or a CalibConfig (qft.py decides)
         if importlib.util.find_spec("ioso_tvm.calib.qft") is None:
             raise ValueError("method 'qft' needs the module ioso_tvm.calib.qft, which is not installed")
