@@ -1,8 +1,8 @@
 """The NPU's parameters: one frozen dataclass, the single source of hardware numbers.
 
 Every field says where its value comes from. "Journal" is the WAPS-Quant paper
-(`papers/001`), "fit" means fitted to the journal's Table 7 latencies by the
-procedure in `docs/cycle_model.md` (see `benchmarks/latency_table7.py`).
+(`papers/001`). No field is fitted: `benchmarks/latency_table7.py` compares the cycle
+model with the journal's Table 7 and `docs/cycle_model.md` says why the fit is not reached.
 """
 from __future__ import annotations
 
@@ -50,12 +50,13 @@ class NPUConfig:
     pixels_per_cycle: int = 4
     """Output pixels one PE array serves per cycle (each with its own 16x16 MAC slice). Chosen so Table 7 is
     reachable: ResNet-50 (4.1 GMAC) at 4 arrays x 256 MAC x 800 MHz alone takes ~5 ms > 1762 us; see
-    docs/cycle_model.md. The fit may change it."""
+    docs/cycle_model.md (the fit to Table 7 is not reached)."""
     dram_bytes_per_cycle: float = 16.0
     """DRAM bandwidth in bytes per core cycle. Chosen default (12.8 GB/s at 800 MHz, LPDDR4-class);
-    refit in docs/cycle_model.md."""
+    the Table 7 fit is not reached, see docs/cycle_model.md."""
     instr_overhead_cycles: int = 8
-    """Fixed issue/setup cycles per instruction. Chosen default; refit in cycle docs."""
+    """Fixed issue/setup cycles per instruction. Chosen default; the Table 7 fit is not reached
+    (docs/cycle_model.md)."""
 
     def __post_init__(self) -> None:
         for f in fields(self):
