@@ -238,3 +238,36 @@ class QDQBuilder:
         for step in self.steps:
             step(env)
         return [env[o.name] for o in outputs]
+
+
+def random_graph(rng: np.random.Generator, max_layers: int = 5) -> tuple[QDQBuilder, list[T]]:
+    """A random QDQ graph: conv / depthwise / grouped conv, residual add (fan-out), max pool,
+    global average pool + linear; odd channel counts and sizes, bits 2-8, random ISG groups.
+    Returns the builder and the graph outputs (one or two: a fan-out tensor may be an output)."""
+    c, hw = int(rng.choice([1, 3, 8, 16, 20, 24, 32])), int(rng.integers(3, 10))
+    b = QDQBuilder((1, c, hw, hw), rng, abits=int(rng.integers(2, 9)), signed=bool(rng.integers(2)))
+    x, outs = b.input, []
+    for _ in range(int(rng.integers(1, max_layers + 1))):
+        bits = {"wbits": int(rng.integers(2, 9)), "abits": int(rng.integers(2, 9))}
+        op = rng.choice(["conv", "conv", "depthwise", "residual", "maxpool"])
+        cin, h = x.shape[1], x.shape[2]
+        if op == "depthwise" and cin > 1:
+            x = b.conv(x, cin, groups=cin, isg=False, act=rng.choice([None, "relu", "relu6"]), **bits)
+        elif op == "residual":
+            k = int(rng.choice([8, 16, 24]))
+            y = b.conv(x, k, kernel=1, pad=0, **bits)
+            z = b.conv(y, k, act=None, signed_out=True, **bits)
+            if rng.integers(4) == 0:
+                outs.append(y)  # fan-out to a graph output
+            x = b.add(y, z, act=rng.choice([None, "relu"]), abits=bits["abits"])
+        elif op == "maxpool" and h >= 3:
+            x = b.maxpool(x, kernel=int(rng.choice([2, 3])), stride=int(rng.choice([1, 2])), pad=0)
+        else:
+            kernel = int(rng.choice([1, 3, 5])) if h >= 5 else int(rng.choice([1, 3]))
+            stride = int(rng.choice([1, 2])) if h >= 4 else 1
+            x = b.conv(x, int(rng.choice([4, 16, 20, 32])), kernel=kernel, stride=stride, pad=kernel // 2,
+                       act=rng.choice([None, "relu", "relu6"]), isg=bool(rng.integers(2)),
+                       oso=bool(rng.integers(2)), signed_out=bool(rng.integers(2)), **bits)
+    if rng.integers(2):
+        x = b.linear(b.gap(x), int(rng.integers(2, 12)), wbits=int(rng.integers(2, 9)))
+    return b, [*outs, x]
