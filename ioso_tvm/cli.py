@@ -74,7 +74,8 @@ def _calib_config(calib: Any, args: argparse.Namespace) -> Any:
     if cls is None:
         return None
     names = {f.name for f in dataclasses.fields(cls)}
-    wanted = {"iters": args.iters, "act_iters": args.act_iters, "seed": args.seed, "num_samples": args.num_samples}
+    wanted = {"iters": args.iters, "act_iters": args.act_iters, "seed": args.seed, "num_samples": args.num_samples,
+              "checkpoint_dir": args.resume}
     missing = [k for k, v in wanted.items() if v is not None and k not in names]
     if missing:
         raise CLIError(f"this calibration engine has no setting for {', '.join(missing)}")
@@ -137,6 +138,8 @@ def build_parser() -> Parser:
     p.add_argument("--iters", type=int, help="reconstruction iterations per block (default: the method's)")
     p.add_argument("--act-iters", type=int, help="activation-step iterations per block (default: the method's)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--resume", metavar="DIR", help="checkpoint folder: one checkpoint per finished block; "
+                   "running again with the same folder and arguments resumes after the last finished block")
     p.add_argument("-o", "--output", required=True, help="quantized ONNX file to write")
     p.set_defaults(func=cmd_calibrate)
     return p

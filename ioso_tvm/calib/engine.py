@@ -5,9 +5,15 @@ for all calibration samples (the program runs only up to the block: early stop),
 caches to disk above ``CalibConfig.memory_budget_mb``; weight step (AdaRound V, ISG logits R,
 OSO) with the annealed regulariser, ISG hardening, fine-tuning; activation step (LSQ step
 sizes and OSO); then the block's quantized output becomes the next block's input.
+
+With ``CalibConfig.checkpoint_dir`` every finished block writes ``block<i>.pt`` (the model's
+tensors, the generator state and the rounding modes; no pickled objects) tagged with a
+fingerprint of the run; a new run with the same fingerprint loads the last one, recomputes the
+caches by forward passes and goes on with the next block.
 """
 from __future__ import annotations
 
+import hashlib
 import tempfile
 import time
 from pathlib import Path
@@ -74,10 +80,16 @@ class Engine:
         mb = t.numel() * 4 / 2**20
         if mb <= self.cfg.memory_budget_mb / 3:
             return TensorCache(t)
-        if self.spill is None:
-            self.spill = Path(self.cfg.spill_dir or tempfile.mkdtemp(prefix="ioso_calib_"))
-            self.spill.mkdir(parents=True, exist_ok=True)
-        return TensorCache(t, self.spill / f"{tag}.f32")
+        try:
+            if self.spill is None:
+                self.spill = Path(self.cfg.spill_dir or tempfile.mkdtemp(prefix="ioso_calib_"))
+                self.spill.mkdir(parents=True, exist_ok=True)
+            return TensorCache(t, self.spill / f"{tag}.f32")
+        except OSError as e:
+            raise MemoryError(f"a calibration cache of {mb:.0f} MiB is over CalibConfig.memory_budget_mb / 3 "
+                              f"({self.cfg.memory_budget_mb / 3:.0f} MiB) and cannot be spilled to {self.spill} "
+                              f"({e}); free disk space there, set CalibConfig.spill_dir, or use fewer "
+                              f"num_samples") from e
 
     @torch.no_grad()
     def _run_block(self, block: Block, x: torch.Tensor, quant: bool) -> torch.Tensor:
@@ -93,11 +105,71 @@ class Engine:
     # --------------------------------------------------------------------------- driver
     def run(self, data: torch.Tensor) -> None:
         fp_in = q_in = self._cache(data, "input")
+        start = self._resume(data)
+        for bi in range(start):  # caches of the finished blocks: forward passes only
+            block = self.blocks[bi]
+            target = self._cache(self._run_block(block, fp_in.full(), quant=False), f"b{bi}_fp")
+            q_in = self._cache(self._run_block(block, q_in.full(), quant=True), f"b{bi}_q")
+            fp_in = target
         for bi, block in enumerate(self.blocks):
+            if bi < start:
+                continue
             target = self._cache(self._run_block(block, fp_in.full(), quant=False), f"b{bi}_fp")
             self.calibrate_block(block, q_in, fp_in, target)
             q_out = self._run_block(block, q_in.full(), quant=True)
             fp_in, q_in = target, self._cache(q_out, f"b{bi}_q")
+            self._checkpoint(bi, data)
+
+    # --------------------------------------------------------------------------- checkpoints
+    def _fingerprint(self, data: torch.Tensor) -> str:
+        """What must match to resume: method, settings, model structure and calibration data."""
+        h = hashlib.sha256(repr((self.spec, {k: v for k, v in vars(self.cfg).items()
+                                             if k not in ("progress", "checkpoint_dir", "spill_dir")},
+                                 [b.name for b in self.blocks],
+                                 [(n, m.bits) for n, m in self.qm.named_modules() if hasattr(m, "bits")],
+                                 sorted((k, tuple(v.shape)) for k, v in self.qm.state_dict().items()
+                                        if not k.endswith(".wq.v"))  # v exists once a block is calibrated
+                                 )).encode())
+        h.update(data.detach().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def _checkpoint(self, bi: int, data: torch.Tensor) -> None:
+        if self.cfg.checkpoint_dir is None:
+            return
+        folder = Path(self.cfg.checkpoint_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        modes = {name: m.wq.mode for name, m in self.qm.ops.items() if isinstance(m, QLayer)}
+        state = {"fingerprint": self._fingerprint(data), "block": bi, "generator": self.gen.get_state(),
+                 "modes": modes, "history": self.history,
+                 "model": {k: v.detach().clone() for k, v in self.qm.state_dict().items()}}
+        tmp = folder / f"block{bi:04d}.pt.tmp"
+        torch.save(state, tmp)
+        tmp.replace(folder / f"block{bi:04d}.pt")
+
+    def _resume(self, data: torch.Tensor) -> int:
+        """Load the last finished block's checkpoint; returns the index of the next block (0: none)."""
+        if self.cfg.checkpoint_dir is None:
+            return 0
+        files = sorted(Path(self.cfg.checkpoint_dir).glob("block*.pt"))
+        if not files:
+            return 0
+        try:
+            state = torch.load(files[-1], weights_only=True)
+        except Exception as e:  # a truncated or foreign file: say which one
+            raise ValueError(f"checkpoint {files[-1]} cannot be read ({e}); delete it to restart that block") from e
+        if state.get("fingerprint") != self._fingerprint(data):
+            raise ValueError(f"checkpoint_dir {self.cfg.checkpoint_dir!r} holds a calibration of another model, "
+                             f"data or settings; use an empty folder")
+        for name, m in self.qm.ops.items():
+            key = f"ops.{name}.wq.v"
+            if isinstance(m, QLayer) and key in state["model"] and m.wq.v is None:
+                m.wq.v = torch.nn.Parameter(torch.zeros_like(state["model"][key]))
+        self.qm.load_state_dict(state["model"])
+        for name, mode in state["modes"].items():
+            self.qm.ops[name].wq.mode = mode
+        self.gen.set_state(state["generator"])
+        self.history.update(state["history"])
+        return int(state["block"]) + 1
 
     def _layers(self, block: Block) -> list[QLayer]:
         return [self.qm.ops[k] for k in (st.op for st in self.qm.program[block.start:block.stop])

@@ -55,6 +55,10 @@ class CalibConfig:
     """Folder for spilled caches (default: a temporary folder)."""
     seed: int = 0
     """Seed of the torch generator (batch order, QDrop masks)."""
+    checkpoint_dir: str | None = None
+    """Folder for one checkpoint per finished block (tensors only, ``torch.load(weights_only=True)``);
+    a calibration started again with the same folder, model, data and settings resumes after the
+    last finished block and gives the same result as an uninterrupted run. None: no checkpoints."""
     progress: bool = True
     """Show a tqdm bar per block with the current loss."""
     npu: NPUConfig = DEFAULT_CONFIG
