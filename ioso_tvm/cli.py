@@ -23,7 +23,7 @@ import numpy as np
 
 from target_npu.cli import CLIError, Parser, existing_file, one_line, run_main
 
-METHODS = ("ioso", "brecq", "qdrop", "adaround", "rtn", "qft")
+METHODS = ("ioso", "brecq", "qdrop", "adaround", "rtn", "qft", "qft+isg")
 DEFAULT_SAMPLES = 1024
 """Calibration images (DESIGN "Calibration methods": the published default of 1024 samples)."""
 

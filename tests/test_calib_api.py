@@ -46,10 +46,6 @@ def test_unsupported_layer_is_named():
 
 
 def test_qft_dispatch_or_clear_error():
-    import importlib.util
-    if importlib.util.find_spec("ioso_tvm.calib.qft") is None:
-        with pytest.raises(ValueError, match="qft"):
-            calibrate(TinyRes(), _data(), "qft", config=CalibConfig(**SMALL))
     x = _data()
     x[0, 0, 0, 0] = float("inf")
     with pytest.raises(ValueError, match="NaN or Inf"):  # checked before QFT starts
@@ -103,3 +99,19 @@ def test_methods_run_and_deploy_matches_reference(method):
     with torch.no_grad():
         err = (qm(x) - qm.float_forward(x)).pow(2).mean()
     assert torch.isfinite(err)
+
+
+def test_qft_isg_through_calibrate_learns_groups(monkeypatch):
+    """calibrate(method="qft+isg") reaches calibrate_qft with ISG on, not plain QFT."""
+    from ioso_tvm.calib import qft
+
+    seen = []
+    original = qft.run_qft
+    monkeypatch.setattr(qft, "run_qft", lambda m, x, w, a, cfg: (seen.append(cfg.isg), original(m, x, w, a, cfg))[1])
+    cfg = qft.QFTConfig(epochs=1, images_per_epoch=16, batch_size=8, calib_batch=16, progress=False)
+    torch.manual_seed(0)
+    qm = calibrate(TinyRes(c=16).eval(), _data(), "qft+isg", 4, 8, cfg)
+    qm2 = calibrate(TinyRes(c=16).eval(), _data(), "qft", 4, 8, cfg)
+    assert seen == [True, False]
+    x = _data(seed=9)
+    assert qm.deploy(x).shape == qm2.deploy(x).shape

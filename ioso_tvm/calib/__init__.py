@@ -5,9 +5,6 @@ IOSO runs on top of BRECQ (default) or QDrop: ``calibrate(..., method="ioso", co
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
-
 import numpy as np
 import torch
 from torch import nn
@@ -23,8 +20,8 @@ def calibrate(model: nn.Module, calib_data: torch.Tensor | np.ndarray, method: s
               abits: int = 4, config: CalibConfig | None = None) -> QuantModel:
     """Calibrate float ``model`` on ``calib_data`` (float32 (N, C, H, W), N >= batch size).
 
-    ``method``: "ioso" | "brecq" | "qdrop" | "adaround" | "rtn" | "qft" (dispatched to
-    ``ioso_tvm.calib.qft.calibrate_qft(model, data, wbits, abits, config)``, config passed as given).
+    ``method``: "ioso" | "brecq" | "qdrop" | "adaround" | "rtn" | "qft" | "qft+isg" (dispatched to
+    ``ioso_tvm.calib.qft.calibrate_qft(model, data, wbits, abits, config, method)``, config passed as given).
     Returns a QuantModel with hardened rounding and groups (``forward`` fake-quant, ``deploy``
     integer mode, ``ioso_tvm.export_onnx``). Seeded by ``config.seed``: CPU runs are bit-identical.
     """
@@ -36,12 +33,11 @@ def calibrate(model: nn.Module, calib_data: torch.Tensor | np.ndarray, method: s
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ValueError(f"model {name!r} holds NaN or Inf values: calibrate a finite float model")
-    if method == "qft":  # config may be a QFTConfig or a CalibConfig (qft.py decides)
-        if importlib.util.find_spec("ioso_tvm.calib.qft") is None:
-            raise ValueError("method 'qft' needs the module ioso_tvm.calib.qft, which is not installed")
+    if method in ("qft", "qft+isg"):  # config may be a QFTConfig or a CalibConfig (qft.py decides)
+        from . import qft
+
         data = check_calib_data(calib_data, None, int(getattr(config, "batch_size", 1)))
-        qft = importlib.import_module("ioso_tvm.calib.qft")
-        return qft.calibrate_qft(model, data, wbits, abits, config)
+        return qft.calibrate_qft(model, data, wbits, abits, config, method=method)
     config = CalibConfig() if config is None else config
     if not isinstance(config, CalibConfig):
         raise TypeError(f"config must be a CalibConfig, got {type(config).__name__}")

@@ -91,7 +91,7 @@ class MethodSpec:
     oso: bool = False
 
 
-METHODS = ("rtn", "adaround", "brecq", "qdrop", "ioso", "qft")
+METHODS = ("rtn", "adaround", "brecq", "qdrop", "ioso", "qft", "qft+isg")
 
 
 def method_spec(method: str, config: CalibConfig) -> MethodSpec:
