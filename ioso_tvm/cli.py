@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from target_npu.cli import CLIError, Parser, existing_file, one_line, run_main
+from target_npu.cli_common import CLIError, Parser, existing_file, one_line, run_main
 
 METHODS = ("ioso", "brecq", "qdrop", "adaround", "rtn", "qft", "qft+isg")
 DEFAULT_SAMPLES = 1024

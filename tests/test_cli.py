@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from hw_model.config import NPUConfig
 from ioso_tvm import cli as calib_cli
-from target_npu import cli
+from target_npu import cli, cli_run
 
 ALL_FIELDS = list(NPUConfig().to_dict())
 
@@ -201,8 +201,8 @@ SPECS = [("input", (2, 1, 4, 4), "float32"), ("mask", (2, 3), "int8")]
 
 @pytest.mark.parametrize("mode", ["random", "zeros", "ones"])
 def test_fill_modes(mode):
-    a = cli.make_inputs(SPECS, None, mode, seed=3)
-    b = cli.make_inputs(SPECS, None, mode, seed=3)
+    a = cli_run.make_inputs(SPECS, None, mode, seed=3)
+    b = cli_run.make_inputs(SPECS, None, mode, seed=3)
     for name, shape, dtype in SPECS:
         assert a[name].shape == shape and a[name].dtype == np.dtype(dtype)
         assert np.array_equal(a[name], b[name])
@@ -217,34 +217,34 @@ def test_fill_modes(mode):
 def test_inputs_from_npz(tmp_path):
     x = np.random.default_rng(0).standard_normal((2, 1, 4, 4)).astype(np.float32)
     np.savez(tmp_path / "in.npz", input=x)
-    got = cli.make_inputs(SPECS, str(tmp_path / "in.npz"), "zeros", seed=0)
+    got = cli_run.make_inputs(SPECS, str(tmp_path / "in.npz"), "zeros", seed=0)
     assert np.array_equal(got["input"], x) and not got["mask"].any()
     np.savez(tmp_path / "bad_name.npz", image=x)
     with pytest.raises(cli.CLIError, match=r"unknown input\(s\) \['image'\]; the model's inputs are \['input'"):
-        cli.make_inputs(SPECS, str(tmp_path / "bad_name.npz"), "zeros", 0)
+        cli_run.make_inputs(SPECS, str(tmp_path / "bad_name.npz"), "zeros", 0)
     np.savez(tmp_path / "bad_shape.npz", input=x[:1])
     with pytest.raises(cli.CLIError, match=r"input 'input' is float32\[1, 1, 4, 4\], the model expects float32\[2, 1"):
-        cli.make_inputs(SPECS, str(tmp_path / "bad_shape.npz"), "zeros", 0)
+        cli_run.make_inputs(SPECS, str(tmp_path / "bad_shape.npz"), "zeros", 0)
     np.savez(tmp_path / "bad_dtype.npz", input=x.astype(np.float64))
     with pytest.raises(cli.CLIError, match="is float64"):
-        cli.make_inputs(SPECS, str(tmp_path / "bad_dtype.npz"), "zeros", 0)
+        cli_run.make_inputs(SPECS, str(tmp_path / "bad_dtype.npz"), "zeros", 0)
     np.savez(tmp_path / "pickled.npz", input=np.array([{"a": 1}], dtype=object))
     with pytest.raises(cli.CLIError, match="not a readable npz without pickle"):
-        cli.make_inputs(SPECS, str(tmp_path / "pickled.npz"), "zeros", 0)
+        cli_run.make_inputs(SPECS, str(tmp_path / "pickled.npz"), "zeros", 0)
     (tmp_path / "junk.npz").write_bytes(b"junk")
     with pytest.raises(cli.CLIError, match="not a readable npz"):
-        cli.make_inputs(SPECS, str(tmp_path / "junk.npz"), "zeros", 0)
+        cli_run.make_inputs(SPECS, str(tmp_path / "junk.npz"), "zeros", 0)
 
 
 def test_profile_table_and_plot(tmp_path):
     report = {"layers": [{"name": "conv0", "device": "npu", "cycles": 1600, "mac_utilisation": 0.5, "groups": 3},
                          {"name": "softmax", "device": "cpu"}]}
-    table = cli.format_profile(report, clock_mhz=800.0).splitlines()
+    table = cli_run.format_profile(report, clock_mhz=800.0).splitlines()
     assert table[0].split() == ["layer", "on", "cycles", "us", "MAC", "util", "groups"]
     assert table[1].split() == ["conv0", "NPU", "1600", "2.00", "50.0%", "3"]
     assert table[2].split() == ["softmax", "CPU", "-", "-", "-", "-"]
     assert table[3].split() == ["total", "1600", "2.00"]
-    png = cli.plot_profile(report, tmp_path / "p.png")
+    png = cli_run.plot_profile(report, tmp_path / "p.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -324,7 +324,7 @@ def stand_in(tmp_path, monkeypatch):
             made.append(_StandInModel(p))
             return made[-1]
 
-    monkeypatch.setattr(cli, "_compile_api", lambda: _API)
+    monkeypatch.setattr(cli_run, "compile_api", lambda: _API)
     return path, made
 
 
@@ -405,7 +405,7 @@ def test_compile_passes_target_config_shapes_and_records(tmp_path, monkeypatch, 
             calls.update(model=model, **kw)
             return _Compiled()
 
-    monkeypatch.setattr(cli, "_compile_api", lambda: _API)
+    monkeypatch.setattr(cli, "compile_api", lambda: _API)
     model, records = _tiny_onnx(tmp_path, ["N", 1, 32, 32]), tmp_path / "r.json"
     records.write_text("")
     opts = ["--target-ioso_npu-clock_mhz=500"] if kind == "ioso_npu" else []

@@ -20,7 +20,7 @@ import torch
 import ioso_tvm
 from hw_model import NPUConfig
 from ioso_tvm import datasets, models
-from target_npu.cli import format_profile, plot_profile
+from target_npu.cli_run import format_profile, plot_profile
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--quick", action="store_true", help="small sizes, for the test suite")
