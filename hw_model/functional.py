@@ -51,6 +51,12 @@ def _check32(a: np.ndarray, what: str, k: int) -> None:
         raise OverflowError(f"instruction #{k}: {what} leaves int32 (range {a.min():.0f}..{a.max():.0f})")
 
 
+def _as_bytes(vals: np.ndarray, dtype: str) -> np.ndarray:
+    """Scratchpad values read as the 8-bit ``dtype`` the instruction names (the byte is reinterpreted,
+    as the hardware would: a uint8 200 read as int8 is -56)."""
+    return vals.astype(np.int64).astype(np.uint8).view(dtype)
+
+
 class Machine:
     """The NPU state: DRAM regions and the four on-chip memories."""
 
@@ -172,8 +178,8 @@ class Machine:
     def alu_add(self, i: AluAdd, k: int) -> None:
         spad, cb = self.mem["spad"], self.mem["cbuf"]
         n = i.rows * i.cols
-        a = spad[i.a_addr:i.a_addr + n].reshape(i.rows, i.cols)
-        b = spad[i.b_addr:i.b_addr + n].reshape(i.rows, i.cols)
+        a = _as_bytes(spad[i.a_addr:i.a_addr + n], i.a_dtype).reshape(i.rows, i.cols)
+        b = _as_bytes(spad[i.b_addr:i.b_addr + n], i.b_dtype).reshape(i.rows, i.cols)
         c = [cb[x:x + i.cols] for x in (i.ma_addr, i.mb_addr, i.bias_addr)]
         q = ref.add(a, i.a_zp, c[0], b, i.b_zp, c[1], c[2], i.lo, i.hi, np.dtype(i.out_dtype))
         spad[i.out_addr:i.out_addr + n] = q.reshape(-1)

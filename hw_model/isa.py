@@ -210,7 +210,10 @@ class NormActQuant(Instr):
 
 @dataclass
 class AluAdd(Instr):
-    """Residual add on dense (rows, cols) spad tiles: fl(fl(fl(xa*ma) + fl(xb*mb)) + bias) -> ACT + QUANT."""
+    """Residual add on dense (rows, cols) spad tiles: fl(fl(fl(xa*ma) + fl(xb*mb)) + bias) -> ACT + QUANT.
+
+    xa = a - a_zp with the spad bytes of ``a`` read as ``a_dtype`` (int8 / uint8); the same for b.
+    """
 
     a_addr: int
     b_addr: int
@@ -225,6 +228,8 @@ class AluAdd(Instr):
     lo: int
     hi: int
     out_dtype: str = "int8"
+    a_dtype: str = "int8"
+    b_dtype: str = "int8"
     opcode: ClassVar[str] = "ALU_ADD"
 
     def accesses(self):
@@ -394,6 +399,10 @@ def _check_fields(k: int, ins: Instr, prog: Program, cfg: NPUConfig) -> None:
         if not info.min <= ins.lo <= ins.hi <= info.max:
             raise ValueError(f"{where}: clip bounds lo={ins.lo}, hi={ins.hi} must satisfy "
                              f"{info.min} <= lo <= hi <= {info.max} for {ins.out_dtype}")
+    if isinstance(ins, AluAdd):
+        for f in ("a_dtype", "b_dtype"):
+            if getattr(ins, f) not in ("int8", "uint8"):
+                raise ValueError(f"{where}: {f} must be int8 or uint8, got {getattr(ins, f)!r}")
     if isinstance(ins, GroupShiftAdd) and ins.sign not in cfg.isg_group_signs:
         raise ValueError(f"{where}: sign {ins.sign} is not one of NPUConfig.isg_group_signs {cfg.isg_group_signs}")
     if isinstance(ins, Gemm) and ins.depthwise and ins.n_cb != ins.n_ob:

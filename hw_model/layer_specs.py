@@ -141,7 +141,10 @@ class LinearSpec:
 
 @dataclass
 class AddSpec:
-    """Residual add of two (N, C, H, W) tensors; ma, mb, bias scalars or per channel (C,)."""
+    """Residual add of two (N, C, H, W) tensors; ma, mb, bias scalars or per channel (C,).
+
+    a_dtype and b_dtype may differ (ResNet: a ReLU branch in uint8 plus a signed shortcut in int8):
+    the ALU reads each operand with its own signedness (``AluAdd.a_dtype`` / ``b_dtype``)."""
 
     n: int
     c: int
@@ -164,9 +167,10 @@ class AddSpec:
                 raise ValueError(f"AddSpec.{f} must be a positive int, got {getattr(self, f)!r}")
         for f in ("a_dtype", "b_dtype", "out_dtype"):
             _check_dtype(f"AddSpec.{f}", getattr(self, f))
-        if self.a_dtype != self.b_dtype:
-            raise ValueError(f"AddSpec: a_dtype {self.a_dtype} and b_dtype {self.b_dtype} must match "
-                             "(one scratchpad dtype per tile)")
+        for zp, dt in (("a_zp", self.a_dtype), ("b_zp", self.b_dtype)):
+            info = np.iinfo(dt)
+            if not info.min <= getattr(self, zp) <= info.max:
+                raise ValueError(f"AddSpec.{zp}={getattr(self, zp)} outside {dt}")
         for f in ("ma", "mb", "bias"):
             if np.ndim(getattr(self, f)) and np.shape(getattr(self, f)) != (self.c,):
                 raise ValueError(f"AddSpec.{f} must be a scalar or shape ({self.c},)")

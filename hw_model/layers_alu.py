@@ -108,7 +108,8 @@ def build_add(spec: AddSpec, tiling: Tiling | None = None, cfg: NPUConfig = DEFA
             b.load(**ld, pop_next=j == 0 and tok.load_pop(s), push_next=j == len(loads) - 1)
         b.alu_add(a_addr=base, b_addr=base + tile, out_addr=base + 2 * tile, rows=p1 - p0, cols=cp,
                   a_zp=spec.a_zp, b_zp=spec.b_zp, ma_addr=0, mb_addr=cp, bias_addr=2 * cp, lo=spec.lo,
-                  hi=spec.hi, out_dtype=spec.out_dtype, pop_prev=True, push_prev=tok.compute_push_prev(s),
+                  hi=spec.hi, out_dtype=spec.out_dtype, a_dtype=spec.a_dtype, b_dtype=spec.b_dtype,
+                  pop_prev=True, push_prev=tok.compute_push_prev(s),
                   pop_next=tok.out_pop(s), push_next=True)
         b.store(base + 2 * tile, "out", p0 * cp, 1, 1, n, 0, 0, pop_prev=True, push_prev=tok.store_push(s))
     shape = [spec.n, spec.c, spec.h, spec.w]
