@@ -37,7 +37,7 @@ METHODS = {  # row key -> (calibrate's method, CalibConfig overrides)
     "qft": ("qft", {}),
 }
 ABLATIONS = {  # row key -> (method, CalibConfig overrides, NPUConfig overrides); ResNet-20 W2A4 in the issue
-    "ioso_groups2": ("ioso", {}, {"group_factors": (1.0, 1.0 - 2.0 ** -4)}),
+    "ioso_groups2": ("ioso", {}, {"isg_group_signs": (0, -1)}),
     "ioso_gran1": ("ioso", {"granularity": 1}, {"granularity": 1}),
     "ioso_gran8": ("ioso", {"granularity": 8}, {"granularity": 8}),
     "ioso_gran32": ("ioso", {"granularity": 32}, {"granularity": 32}),
@@ -123,6 +123,67 @@ def fp_row(model_name: str, x: np.ndarray, y: np.ndarray) -> dict:
     return {"model": model_name, "fp_top1": top1(logits, y), "test_images": int(len(y))}
 
 
+def summarize(rows: list[dict]) -> list[dict]:
+    """Mean / spread (max - min) of top-1 over seeds per (model, bits, method), sorted."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if "method" in r:
+            groups.setdefault((r["model"], r["wbits"], r["abits"], r["method"]), []).append(r)
+    out = []
+    for (model, w, a, method), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1], -kv[0][2],
+                                                                             kv[0][3])):
+        top = np.array([r["top1"] for r in rs]) * 100
+        out.append({"model": model, "bits": f"W{w}A{a}", "method": method, "seeds": len(rs),
+                    "top1_mean": round(float(top.mean()), 2), "top1_spread": round(float(top.max() - top.min()), 2),
+                    "sim_equals_deploy": all(r["top1"] == r["top1_deploy"] and r.get("logit_mismatches", 0) == 0
+                                             for r in rs),
+                    "calib_s_mean": round(float(np.mean([r["calib_seconds"] for r in rs])), 1)})
+    return out
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The summary as a Markdown table (top-1 in %, mean and spread over seeds)."""
+    fp = {r["model"]: 100 * r["fp_top1"] for r in rows if "fp_top1" in r}
+    lines = ["| model | bits | method | top-1 % (mean) | spread (max-min) | seeds | simulator == deploy | "
+             "calib s |", "|---|---|---|---|---|---|---|---|"]
+    for m, v in fp.items():
+        lines.append(f"| {m} | float | - | {v:.2f} | - | - | - | - |")
+    for r in summarize(rows):
+        lines.append(f"| {r['model']} | {r['bits']} | {r['method']} | {r['top1_mean']:.2f} | {r['top1_spread']:.2f} "
+                     f"| {r['seeds']} | {'yes' if r['sim_equals_deploy'] else 'NO'} | {r['calib_s_mean']} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], png: str | Path) -> Path:
+    """Grouped bars: mean top-1 per method for each (model, bits), error bars = seed range."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summ = summarize(rows)
+    cases = sorted({(r["model"], r["bits"]) for r in summ})
+    methods = [m for m in [*METHODS, *ABLATIONS] if any(r["method"] == m for r in summ)]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(cases)), 4))
+    width = 0.8 / max(len(methods), 1)
+    for j, m in enumerate(methods):
+        xs, ys, err = [], [], []
+        for i, case in enumerate(cases):
+            r = next((r for r in summ if (r["model"], r["bits"]) == case and r["method"] == m), None)
+            if r is not None:
+                xs.append(i + j * width)
+                ys.append(r["top1_mean"])
+                err.append(r["top1_spread"] / 2)
+        ax.bar(xs, ys, width, yerr=err, label=m, capsize=2)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))], [f"{m}\n{b}" for m, b in cases])
+    ax.set_ylabel("top-1 % (NPU simulator)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+    return Path(png)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["resnet20", "mobilenetv2_small"])
@@ -140,7 +201,13 @@ def main(argv: list[str] | None = None) -> dict:
                    help="use the shipped subsets instead of drawing from the Debian package's data")
     p.add_argument("--out", default="benchmarks/results/accuracy.json")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny sizes")
+    p.add_argument("--report", metavar="PNG", help="no runs: print the Markdown table of --out and plot it to PNG")
     args = p.parse_args(argv)
+    if args.report:
+        rows = load_rows(Path(args.out))
+        print(markdown_table(rows))
+        plot(rows, args.report)
+        return {"rows": len(rows)}
     if args.quick:
         args.models, args.bits, args.methods, args.seeds = ["resnet20"], ["W4A4"], ["rtn"], [0]
         args.iters, args.act_iters, args.calib_images, args.test_images, args.full_data = 2, 2, 32, 50, False

@@ -1,0 +1,45 @@
+"""benchmarks/accuracy.py machinery on a tiny run: row schema, simulator == deploy, resume, report."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy.py"
+
+
+@pytest.fixture(scope="module")
+def accuracy():
+    spec = importlib.util.spec_from_file_location("accuracy_benchmark", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_quick_run_rows_resume_and_report(accuracy, tmp_path, capsys):
+    out = tmp_path / "acc.json"
+    first = accuracy.main(["--quick", "--out", str(out)])
+    rows = json.loads(out.read_text())
+    run = [r for r in rows if "method" in r]
+    assert first["rows_written"] == len(run) == 1 and first["simulator_vs_deploy_mismatching_rows"] == 0
+    r = run[0]
+    assert {"model", "wbits", "abits", "method", "seed", "top1", "top1_deploy", "calib_images", "iters",
+            "calib_seconds"} <= set(r)
+    assert r["top1"] == r["top1_deploy"] and r["logit_mismatches"] == 0 and 0 <= r["top1"] <= 1
+    assert any("fp_top1" in x for x in rows)
+    again = accuracy.main(["--quick", "--out", str(out)])
+    assert again["rows_written"] == 0 and len(json.loads(out.read_text())) == len(rows)  # resumed: nothing re-run
+    capsys.readouterr()
+    accuracy.main(["--out", str(out), "--report", str(tmp_path / "acc.png")])
+    table = capsys.readouterr().out
+    assert "| resnet20 | W4A4 | rtn |" in table
+    assert (tmp_path / "acc.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bad_arguments(accuracy):
+    with pytest.raises(ValueError, match="W4A4"):
+        accuracy.parse_bits("4x4")
+    with pytest.raises(SystemExit):
+        accuracy.main(["--methods", "gptq", "--out", "/nonexistent/x.json"])
