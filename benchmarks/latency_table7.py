@@ -7,7 +7,7 @@ NPU (group permutation, default tilings) and sums the cycle model's perf-mode cy
 layer twice: with one unity group per conv ("no ISG", the BRECQ column) and with three groups
 (a third of the input channels, rounded to the granularity, in each scaled group; the rest
 unity; depthwise convs carry no groups, journal Sec. IV-D). The first and last layer stay as
-compiled. An add whose inputs mix uint8 and int8 is costed as an int8 add (same instructions).
+compiled.
 
 ``--fit`` searches the parameters the paper does not give (``pixels_per_cycle``,
 ``dram_bytes_per_cycle``, ``instr_overhead_cycles``) on a small grid for the smallest worst
@@ -55,8 +55,6 @@ def layer_specs(name: str, cfg: NPUConfig) -> list:
     specs = []
     for ly in cm.layers:
         spec = to_spec(ly)
-        if isinstance(spec, AddSpec) and spec.a_dtype != spec.b_dtype:
-            spec = dataclasses.replace(spec, a_dtype="int8", b_dtype="int8")
         if spec is not None:
             specs.append(spec)
     return specs

@@ -1,0 +1,220 @@
+"""The Program container (instructions + DRAM regions + meta, JSON round trip) and its validation:
+field ranges, memory bounds, DRAM regions, dependency-token deadlocks."""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import functools
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from hw_model.config import DEFAULT_CONFIG, NPUConfig
+from hw_model.instructions import (
+    DTYPES,
+    MEMS,
+    OPCODES,
+    AluAdd,
+    Gemm,
+    GroupShiftAdd,
+    Instr,
+    Load,
+    NormActQuant,
+    Store,
+    _span,
+    mem_size,
+)
+
+ISA_VERSION = 1
+
+@dataclass
+class Region:
+    """A named DRAM tensor: ``kind`` is input / output / const / scratch; ``data`` only for const."""
+
+    name: str
+    dtype: str
+    size: int
+    kind: str
+    data: np.ndarray | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * np.dtype(self.dtype).itemsize
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"name": self.name, "dtype": self.dtype, "size": self.size, "kind": self.kind}
+        if self.data is not None:
+            d["data_b64"] = base64.b64encode(np.ascontiguousarray(self.data, np.dtype(self.dtype).newbyteorder("<"))
+                                             .tobytes()).decode("ascii")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Region:
+        data = None
+        if "data_b64" in d:
+            data = np.frombuffer(base64.b64decode(d["data_b64"]), np.dtype(d["dtype"]).newbyteorder("<"))
+            data = data.astype(d["dtype"])
+        return cls(d["name"], d["dtype"], int(d["size"]), d["kind"], data)
+
+
+@dataclass
+class Program:
+    """Instructions (in issue order) + DRAM regions + free-form JSON ``meta`` (layer description, layouts)."""
+
+    instrs: list[Instr]
+    regions: dict[str, Region]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self, cfg: NPUConfig = DEFAULT_CONFIG) -> None:
+        """Raise ValueError naming the instruction and field on any bad program."""
+        validate_program(self, cfg)
+
+    def to_json(self) -> str:
+        return json.dumps({"isa_version": ISA_VERSION, "meta": self.meta,
+                           "regions": [r.to_dict() for r in self.regions.values()],
+                           "instrs": [i.to_dict() for i in self.instrs]})
+
+    @classmethod
+    def from_json(cls, text: str) -> Program:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"Program.from_json: not JSON ({e})") from None
+        if not isinstance(d, dict) or d.get("isa_version") != ISA_VERSION:
+            raise ValueError(f"Program.from_json: expected isa_version {ISA_VERSION}, "
+                             f"got {d.get('isa_version') if isinstance(d, dict) else type(d).__name__}")
+        instrs = []
+        for k, item in enumerate(d["instrs"]):
+            item = dict(item)
+            op = item.pop("op", None)
+            if op not in OPCODES:
+                raise ValueError(f"Program.from_json: instruction #{k} has unknown opcode {op!r}")
+            try:
+                instrs.append(OPCODES[op](**item))
+            except TypeError as e:
+                raise ValueError(f"Program.from_json: instruction #{k} ({op}): {e}") from None
+        regions = {r["name"]: Region.from_dict(r) for r in d["regions"]}
+        return cls(instrs, regions, d.get("meta", {}))
+
+
+# ------------------------------------------------------------------------------ validation
+_NONNEG = ("dram_offset", "sram_addr", "acc_addr", "in_addr", "w_addr", "out_addr", "d1_addr", "d2_addr",
+           "m_addr", "b_addr", "a_addr", "ma_addr", "mb_addr", "bias_addr", "pad_top", "pad_bottom",
+           "pad_left", "pad_right", "dram_stride0", "dram_stride1", "acc_stride", "in_row_stride",
+           "in_pix_stride", "w_row_stride", "d1_stride", "d2_stride", "out_stride")
+_POS = ("n0", "n1", "n2", "n_ob", "n_cb", "kh", "kw", "oh", "ow", "rows", "cols", "stride_h", "stride_w",
+        "dil_h", "dil_w")
+_QUEUE_FLAGS = {"load": ("pop_prev", "push_prev"), "store": ("pop_next", "push_next")}
+
+
+@functools.cache
+def _int_fields(cls: type) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Names of the non-negative and of the positive integer fields of an instruction class."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    return tuple(n for n in names if n in _NONNEG), tuple(n for n in names if n in _POS)
+
+
+def _check_fields(k: int, ins: Instr, prog: Program, cfg: NPUConfig) -> None:
+    where = f"instruction #{k} ({ins.opcode})"
+    nonneg, pos = _int_fields(type(ins))
+    for name in nonneg:
+        v = getattr(ins, name)
+        if type(v) is not int and (not isinstance(v, (int, np.integer)) or isinstance(v, bool)) or v < 0:
+            raise ValueError(f"{where}: field {name} must be a non-negative int, got {v!r}")
+    for name in pos:
+        v = getattr(ins, name)
+        zero_ok = name == "n0" and isinstance(ins, Load) and v == 0  # a LOAD may write padding only
+        if type(v) is not int and (not isinstance(v, (int, np.integer)) or isinstance(v, bool)) or \
+                (v <= 0 and not zero_ok):
+            raise ValueError(f"{where}: field {name} must be a positive int, got {v!r}")
+    for flag in _QUEUE_FLAGS.get(ins.queue, ()):
+        if getattr(ins, flag):
+            raise ValueError(f"{where}: the {ins.queue} queue has no neighbour for {flag}")
+    if isinstance(ins, (NormActQuant, AluAdd)):
+        if ins.out_dtype not in ("int8", "uint8"):
+            raise ValueError(f"{where}: out_dtype must be int8 or uint8, got {ins.out_dtype!r}")
+        info = np.iinfo(ins.out_dtype)
+        if not info.min <= ins.lo <= ins.hi <= info.max:
+            raise ValueError(f"{where}: clip bounds lo={ins.lo}, hi={ins.hi} must satisfy "
+                             f"{info.min} <= lo <= hi <= {info.max} for {ins.out_dtype}")
+    if isinstance(ins, AluAdd):
+        for f in ("a_dtype", "b_dtype"):
+            if getattr(ins, f) not in ("int8", "uint8"):
+                raise ValueError(f"{where}: {f} must be int8 or uint8, got {getattr(ins, f)!r}")
+    if isinstance(ins, GroupShiftAdd) and ins.sign not in cfg.isg_group_signs:
+        raise ValueError(f"{where}: sign {ins.sign} is not one of NPUConfig.isg_group_signs {cfg.isg_group_signs}")
+    if isinstance(ins, Gemm) and ins.depthwise and ins.n_cb != ins.n_ob:
+        raise ValueError(f"{where}: depthwise GEMM needs n_cb == n_ob, got {ins.n_cb} and {ins.n_ob}")
+    if isinstance(ins, Load) and ins.mem not in MEMS:
+        raise ValueError(f"{where}: unknown memory {ins.mem!r}; known: {', '.join(MEMS)}")
+    if isinstance(ins, (Load, Store)):
+        reg = prog.regions.get(ins.region)
+        if reg is None:
+            raise ValueError(f"{where}: unknown DRAM region {ins.region!r}; known: {', '.join(prog.regions)}")
+        lo, hi = _span(ins.dram_offset, [(ins.n0, ins.dram_stride0), (ins.n1, ins.dram_stride1)], ins.n2)
+        if hi > reg.size:
+            raise ValueError(f"{where}: DRAM address {hi - 1} out of range of region {ins.region!r} "
+                             f"({reg.size} elements)")
+        if isinstance(ins, Store) and reg.kind == "const":
+            raise ValueError(f"{where}: STORE into constant region {ins.region!r}")
+        if isinstance(ins, Load) and np.dtype(reg.dtype).itemsize != (4 if ins.mem in ("cbuf", "acc") else 1):
+            raise ValueError(f"{where}: region {ins.region!r} ({reg.dtype}) does not fit memory {ins.mem}")
+    for mem, _lo, hi, role in ins.accesses():
+        size = mem_size(mem, cfg)
+        if hi > size:
+            raise ValueError(f"{where}: {role} overflows {mem} (needs addresses up to {hi - 1}, "
+                             f"{mem} holds {size} elements)")
+
+
+def check_tokens(instrs: list[Instr]) -> None:
+    """Run the three queues with token counters; raise ValueError on a deadlock / token underflow."""
+    queues = {q: [k for k, i in enumerate(instrs) if i.queue == q] for q in ("load", "compute", "store")}
+    pos = dict.fromkeys(queues, 0)
+    tok = {("load", "compute"): 0, ("compute", "load"): 0, ("compute", "store"): 0, ("store", "compute"): 0}
+    prev = {"compute": "load", "store": "compute"}
+    nxt = {"load": "compute", "compute": "store"}
+    progress = True
+    while progress:
+        progress = False
+        for q, idx in queues.items():
+            while pos[q] < len(idx):
+                ins = instrs[idx[pos[q]]]
+                need = []
+                if ins.pop_prev:
+                    need.append((prev[q], q))
+                if ins.pop_next:
+                    need.append((nxt[q], q))
+                if any(tok[t] == 0 for t in need):
+                    break
+                for t in need:
+                    tok[t] -= 1
+                if ins.push_prev:
+                    tok[(q, prev[q])] += 1
+                if ins.push_next:
+                    tok[(q, nxt[q])] += 1
+                pos[q] += 1
+                progress = True
+    stuck = [(q, idx[pos[q]]) for q, idx in queues.items() if pos[q] < len(idx)]
+    if stuck:
+        desc = "; ".join(f"{q} queue waits at instruction #{k} ({instrs[k].opcode})" for q, k in stuck)
+        raise ValueError(f"dependency tokens deadlock (a pop without a matching push): {desc}")
+
+
+def validate_program(prog: Program, cfg: NPUConfig = DEFAULT_CONFIG) -> None:
+    """All checks of :meth:`Program.validate`."""
+    if not isinstance(prog, Program):
+        raise TypeError(f"expected a Program, got {type(prog).__name__}")
+    for name, r in prog.regions.items():
+        if r.dtype not in DTYPES:
+            raise ValueError(f"DRAM region {name!r}: dtype {r.dtype!r} not in {DTYPES}")
+        if r.kind not in ("input", "output", "const", "scratch"):
+            raise ValueError(f"DRAM region {name!r}: kind {r.kind!r} not in input/output/const/scratch")
+        if r.kind == "const" and (r.data is None or r.data.size != r.size):
+            raise ValueError(f"DRAM region {name!r}: a const region needs data of {r.size} elements")
+    for k, ins in enumerate(prog.instrs):
+        if not isinstance(ins, Instr) or type(ins) not in OPCODES.values():
+            raise ValueError(f"instruction #{k}: not an NPU instruction ({type(ins).__name__})")
+        _check_fields(k, ins, prog, cfg)
+    check_tokens(prog.instrs)
