@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from onnx_builders import QDQBuilder
 
 import ioso_tvm
+from hw_model.config import NPUConfig
 from hw_model.layer_specs import Tiling
 from hw_model.layers import check_tiling, default_tiling
 from target_npu import runtime
@@ -46,8 +47,8 @@ def test_knobs_change_program_not_results(seed, c, k, hw, knobs):
         assert p_default.instrs != p_knob.instrs
 
 
-def test_rejected_layer_runs_on_cpu_with_reason():
-    """An add of a uint8 and an int8 tensor: hw_model needs one dtype per tile -> contract on the CPU."""
+def test_mixed_dtype_residual_add_runs_on_the_npu():
+    """An add of a uint8 (after ReLU) and an int8 tensor (no activation): on the NPU, exact."""
     rng = np.random.default_rng(7)
     b = QDQBuilder((1, 16, 4, 4), rng)
     x = b.conv(b.input, 16)
@@ -55,7 +56,19 @@ def test_rejected_layer_runs_on_cpu_with_reason():
     out = b.add(x, y)
     cm = ioso_tvm.compile(b.model([out]))
     row = next(r for r in cm.report()["layers"] if r["kind"] == "add")
-    assert row["device"] == "cpu" and "dtype" in row["cpu_reason"]
+    assert row["device"] == "npu" and row["cycles"] > 0
+    xin = rng.standard_normal(b.shape).astype(np.float32)
+    assert np.array_equal(cm.run(xin, mode="both"), b.run_reference(xin, [out])[0])
+
+
+def test_rejected_layer_runs_on_cpu_with_reason():
+    """A conv whose smallest tile does not fit a 1 KiB accumulator: the contract on the CPU, reason given."""
+    rng = np.random.default_rng(7)
+    b = QDQBuilder((1, 16, 6, 6), rng)
+    out = b.conv(b.input, 16)
+    cm = ioso_tvm.compile(b.model([out]), config=NPUConfig(scratchpad_kib=1, weight_buf_kib=1, acc_buf_kib=1))
+    row = next(r for r in cm.report()["layers"] if r["kind"] == "conv")
+    assert row["device"] == "cpu" and "hw_model rejects" in row["cpu_reason"]
     xin = rng.standard_normal(b.shape).astype(np.float32)
     assert np.array_equal(cm.run(xin, mode="both"), b.run_reference(xin, [out])[0])
 
