@@ -10,8 +10,10 @@ unity; depthwise convs carry no groups, journal Sec. IV-D). The first and last l
 compiled.
 
 ``--fit`` searches the parameters the paper does not give (``pixels_per_cycle``,
-``dram_bytes_per_cycle``, ``instr_overhead_cycles``) on a small grid for the smallest worst
-relative error over the four Table 7 numbers. Prints one JSON line.
+``dram_bytes_per_cycle``, ``acc_buf_kib`` = ``isg_d1_kib``, ``instr_overhead_cycles``) on a grid
+(``FIT_GRID``) for the smallest ``fit_score`` = the largest of |ResNet-50 error| / 10 % (both
+columns) and |ResNet-50 ISG overhead error| / 0.5 pp: score <= 1 meets the targets. Deterministic:
+first best point in grid order. The NPUConfig defaults are the result. Prints one JSON line.
 
     python benchmarks/latency_table7.py [--fit]
 """
@@ -31,7 +33,7 @@ from tqdm import tqdm
 import ioso_tvm
 from hw_model.config import NPUConfig
 from hw_model.cycles import simulate
-from hw_model.layer_specs import AddSpec, ConvSpec, LinearSpec
+from hw_model.layer_specs import ConvSpec, LinearSpec
 from hw_model.layers import default_tiling
 from hw_model.layers_alu import build_layer
 from ioso_tvm.calib.qmodel import build_qmodel
@@ -41,9 +43,13 @@ from target_npu.runtime import to_spec
 
 PAPER_US = {"resnet50": (1762.0, 1780.0), "mobilenetv2": (7994.0, 8187.0)}
 """Journal Table 7: (BRECQ latency, WAPS latency) in microseconds."""
-FIT_GRID = {"pixels_per_cycle": (1, 2, 4, 8), "dram_bytes_per_cycle": (8.0, 16.0, 32.0, 64.0),
-            "instr_overhead_cycles": (8, 32, 128)}
-"""Chosen: powers of two around the defaults, wide enough to bracket Table 7."""
+FIT_GRID = {"pixels_per_cycle": (4, 8), "dram_bytes_per_cycle": (32.0, 48.0, 64.0, 96.0),
+            "acc_buf_kib": (64, 128, 256), "instr_overhead_cycles": (4, 8, 16)}
+"""Chosen: powers of two (and midpoints) around the values that bracket ResNet-50's Table 7 latency.
+``isg_d1_kib`` follows ``acc_buf_kib`` (one D1 per D2, journal App. A-A)."""
+FIT_ON = "resnet50"
+"""Chosen: the fit uses ResNet-50 only (dense convs, what the journal's App. A describes); MobileNetV2 is
+a prediction (its Table 7 latency is not reachable, see docs/cycle_model.md)."""
 
 
 def layer_specs(name: str, cfg: NPUConfig) -> list:
@@ -94,6 +100,9 @@ def evaluate(specs: dict[str, list], cfg: NPUConfig) -> dict:
         out[f"{name}_isg_overhead_pp_err"] = round(overhead - paper_overhead, 2)
         errs += [abs(out[f"{name}_err_pct"]), abs(out[f"{name}_isg_err_pct"])]
     out["max_abs_err_pct"] = max(errs)
+    out["isg_overhead_pp_err"] = max(abs(out[f"{n}_isg_overhead_pp_err"]) for n in PAPER_US)
+    out["fit_score"] = max(abs(out[f"{FIT_ON}_err_pct"]) / 10, abs(out[f"{FIT_ON}_isg_err_pct"]) / 10,
+                           abs(out[f"{FIT_ON}_isg_overhead_pp_err"]) / 0.5)
     return out
 
 
@@ -109,13 +118,14 @@ def main(argv: list[str] | None = None) -> dict:
         best = None
         points = list(itertools.product(*FIT_GRID.values()))
         for point in tqdm(points, desc="fit", file=sys.stderr):
-            cfg = base.replace(**dict(zip(FIT_GRID, point)))
+            point_cfg = dict(zip(FIT_GRID, point))
+            cfg = base.replace(**point_cfg, isg_d1_kib=point_cfg["acc_buf_kib"])
             try:
                 ev = evaluate(specs, cfg)
             except ValueError as e:  # a tiling that no longer fits: not a candidate
                 tqdm.write(f"skip {point}: {e}", file=sys.stderr)
                 continue
-            if best is None or ev["max_abs_err_pct"] < best[1]["max_abs_err_pct"]:
+            if best is None or ev["fit_score"] < best[1]["fit_score"]:
                 best = (dict(zip(FIT_GRID, point)), ev)
         result["fit"] = {"config": best[0], **best[1]}
     result["seconds"] = round(time.perf_counter() - t0, 1)

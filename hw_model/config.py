@@ -1,8 +1,9 @@
 """The NPU's parameters: one frozen dataclass, the single source of hardware numbers.
 
 Every field says where its value comes from. "Journal" is the WAPS-Quant paper
-(`papers/001`). No field is fitted: `benchmarks/latency_table7.py` compares the cycle
-model with the journal's Table 7 and `docs/cycle_model.md` says why the fit is not reached.
+(`papers/001`). Fields marked "fitted to Table 7" come from the grid fit of
+`benchmarks/latency_table7.py --fit` on ResNet-50 (the journal's Table 7); `docs/cycle_model.md`
+gives the result and what it does not explain (MobileNetV2).
 """
 from __future__ import annotations
 
@@ -43,20 +44,27 @@ class NPUConfig:
     weight_buf_kib: int = 256
     """Weight buffer in KiB. Chosen: holds the largest ResNet-50 3x3 filter tile (256 oc x 16 ic x 9)
     many times over."""
-    acc_buf_kib: int = 64
-    """Accumulator buffer (D1/D2 tiles, int32) in KiB. Chosen: 16 oc x 1024 pixels x 4 B."""
+    acc_buf_kib: int = 256
+    """Accumulator (D2) buffer, int32, in KiB. Fitted to Table 7 by benchmarks/latency_table7.py
+    (grid 64/128/256; the journal gives no size)."""
+    isg_d1_kib: int = 256
+    """ISG D1 partial-sum bank (int32) in KiB, beside the D2 accumulator. Journal App. A-A, Fig. 5: D2 is
+    the baseline accumulator register, ISG adds D1 registers "necessary for accumulation"; chosen equal
+    to ``acc_buf_kib`` (one D1 per D2; fitted with it). Only programs with scaled groups use it."""
     const_buf_kib: int = 32
     """NORM / ALU constant buffer (float32) in KiB. Chosen: ma, mb, bias of a 2048-channel add (ResNet-50) = 24 KiB."""
-    pixels_per_cycle: int = 4
-    """Output pixels one PE array serves per cycle (each with its own 16x16 MAC slice). Chosen so Table 7 is
-    reachable: ResNet-50 (4.1 GMAC) at 4 arrays x 256 MAC x 800 MHz alone takes ~5 ms > 1762 us; see
-    docs/cycle_model.md (the fit to Table 7 is not reached)."""
-    dram_bytes_per_cycle: float = 16.0
-    """DRAM bandwidth in bytes per core cycle. Chosen default (12.8 GB/s at 800 MHz, LPDDR4-class);
-    the Table 7 fit is not reached, see docs/cycle_model.md."""
-    instr_overhead_cycles: int = 8
-    """Fixed issue/setup cycles per instruction. Chosen default; the Table 7 fit is not reached
+    pixels_per_cycle: int = 8
+    """Output pixels one PE array serves per cycle (each with its own 16x16 MAC slice sharing the weights).
+    Fitted to Table 7 by benchmarks/latency_table7.py (grid 4/8): ResNet-50 (4.1 GMAC) at 4 arrays x 256 MAC
+    x 800 MHz alone would take ~5 ms > 1762 us, so the journal's arrays must do more than 256 MAC/cycle
     (docs/cycle_model.md)."""
+    dram_bytes_per_cycle: float = 96.0
+    """DRAM bandwidth in bytes per core cycle (96 = 76.8 GB/s at 800 MHz). Fitted to Table 7 by
+    benchmarks/latency_table7.py (grid 32/48/64/96); high for an edge part: it also stands for the
+    on-chip reuse between layers that the per-layer model does not capture (docs/cycle_model.md)."""
+    instr_overhead_cycles: int = 16
+    """Fixed issue/setup cycles per instruction. Fitted to Table 7 by benchmarks/latency_table7.py
+    (grid 4/8/16)."""
 
     def __post_init__(self) -> None:
         for f in fields(self):

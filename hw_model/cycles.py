@@ -4,11 +4,11 @@ Costs (cycles; see docs/cycle_model.md), every instruction adds ``cfg.instr_over
   LOAD / STORE      ceil(bytes moved / dram_bytes_per_cycle)                      unit load / store
   GEMM              ceil(pixels * n_ob * n_cb * kh * kw / (pe_arrays * pixels_per_cycle)) unit mac
                     (depthwise: n_cb = 1 per output block: one 16-lane block-tap per cycle)
-  GROUP_SHIFT_ADD   ceil(pixels * cols/16 / (pe_arrays * pixels_per_cycle)) * steps, unit acc;
+  GROUP_SHIFT_ADD   steps (pipelined behind the MACs: only the stage latency shows), unit acc;
                     steps = (sign != 0: one shift cycle) + (not init: one combine cycle).
                     3 groups: 1 + 2 + 1 = 4 (journal App. A-B), 2 groups: 1 + 1 = 2, 1 group: none.
-  NORM_ACT_QUANT    ceil(values / post_lanes)                                     unit post
-  ALU_ADD / MAX / SUM  ceil(values read / post_lanes)                            unit alu
+  NORM_ACT_QUANT    ceil(values / (post_lanes * pe_arrays))                       unit post
+  ALU_ADD / MAX / SUM  ceil(values read / (post_lanes * pe_arrays))              unit alu
 The three queues run in order; an instruction starts when its queue is free and every token it
 pops has been pushed (FIFO per token channel).
 
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from hw_model.config import DEFAULT_CONFIG, NPUConfig
-from hw_model.isa import BLOCK, AluAdd, AluMax, AluSum, Gemm, GroupShiftAdd, Instr, Load, NormActQuant, Program, Store
+from hw_model.isa import AluAdd, AluMax, AluSum, Gemm, GroupShiftAdd, Instr, Load, NormActQuant, Program, Store
 
 UNITS = ("load", "mac", "acc", "post", "alu", "store")
 
@@ -32,6 +32,9 @@ UNITS = ("load", "mac", "acc", "post", "alu", "store")
 def instr_cost(ins: Instr, prog: Program, cfg: NPUConfig = DEFAULT_CONFIG) -> tuple[str, int]:
     """(unit, cycles) of one instruction, overhead included."""
     lanes = cfg.pe_arrays * cfg.pixels_per_cycle
+    # journal App. A-D synthesises MAC -> WAPS -> BN -> ACT -> Quant as one block per 16x16 array, each
+    # post stage "8 data in 1 cycle": every array has its own 8-lane post path (ALU ops use it too)
+    post = cfg.post_lanes * cfg.pe_arrays
     if isinstance(ins, (Load, Store)):
         nbytes = ins.n0 * ins.n1 * ins.n2 * np.dtype(prog.regions[ins.region].dtype).itemsize
         unit, c = ("load" if isinstance(ins, Load) else "store"), math.ceil(nbytes / cfg.dram_bytes_per_cycle)
@@ -39,14 +42,17 @@ def instr_cost(ins: Instr, prog: Program, cfg: NPUConfig = DEFAULT_CONFIG) -> tu
         work = ins.oh * ins.ow * ins.n_ob * (1 if ins.depthwise else ins.n_cb) * ins.kh * ins.kw
         unit, c = "mac", math.ceil(work / lanes)
     elif isinstance(ins, GroupShiftAdd):
+        # the D1 -> shift -> D2 path is pipelined behind the MACs (journal Sec. V-E / Table 8: WAPS adds a
+        # flip-flop stage, 1129.278 -> 1129.283 us per layer; App. A-B: 4 cycles per accumulation), so an
+        # instruction costs its pipeline steps, not a pass over the tile
         steps = (ins.sign != 0) + (not ins.init)
-        unit, c = "acc", math.ceil(ins.rows * math.ceil(ins.cols / BLOCK) / lanes) * steps
+        unit, c = "acc", steps
     elif isinstance(ins, NormActQuant):
-        unit, c = "post", math.ceil(ins.rows * ins.cols / cfg.post_lanes)
+        unit, c = "post", math.ceil(ins.rows * ins.cols / post)
     elif isinstance(ins, AluAdd):
-        unit, c = "alu", math.ceil(ins.rows * ins.cols / cfg.post_lanes)
+        unit, c = "alu", math.ceil(ins.rows * ins.cols / post)
     elif isinstance(ins, (AluMax, AluSum)):
-        unit, c = "alu", math.ceil(ins.oh * ins.ow * ins.cols * ins.kh * ins.kw / cfg.post_lanes)
+        unit, c = "alu", math.ceil(ins.oh * ins.ow * ins.cols * ins.kh * ins.kw / post)
     else:
         raise TypeError(f"instr_cost: not an NPU instruction: {type(ins).__name__}")
     return unit, c + cfg.instr_overhead_cycles

@@ -5,7 +5,8 @@ Memories (addresses and sizes in *elements*, see ``docs/isa.md``):
   ``spad`` activation scratchpad, 1-byte elements (int8 / uint8), ``cfg.scratchpad_kib`` KiB;
   ``wbuf`` weight buffer, int8, ``cfg.weight_buf_kib`` KiB;
   ``cbuf`` NORM / ALU constants, float32, ``cfg.const_buf_kib`` KiB;
-  ``acc``  accumulator (D1 / D2 tiles), int32, ``cfg.acc_buf_kib`` KiB.
+  ``acc``  accumulator (D2 tiles, and D1 tiles of ISG layers), int32, ``cfg.acc_buf_kib``
+           + ``cfg.isg_d1_kib`` KiB (layer plans keep each tile within its bank).
 DRAM is a set of named regions (dtype + element count); constants are packed at build time.
 
 Queues: LOAD runs on the load queue, STORE on the store queue, everything else on the compute
@@ -29,7 +30,7 @@ DTYPES = ("int8", "uint8", "int32", "float32")
 def mem_size(mem: str, cfg: NPUConfig) -> int:
     """Capacity of an on-chip memory in elements."""
     sizes = {"spad": cfg.scratchpad_kib * 1024, "wbuf": cfg.weight_buf_kib * 1024,
-             "cbuf": cfg.const_buf_kib * 1024 // 4, "acc": cfg.acc_buf_kib * 1024 // 4}
+             "cbuf": cfg.const_buf_kib * 1024 // 4, "acc": (cfg.acc_buf_kib + cfg.isg_d1_kib) * 1024 // 4}
     if mem not in sizes:
         raise ValueError(f"unknown memory {mem!r}; known: {', '.join(MEMS)}")
     return sizes[mem]

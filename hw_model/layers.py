@@ -58,7 +58,10 @@ def check_tiling(spec, tiling: Tiling, cfg: NPUConfig = DEFAULT_CONFIG) -> None:
     if isinstance(spec, ConvSpec):
         pl = _conv_plan(spec, tiling, cfg)
         need = {"spad": tiling.nbuf * (pl.in_tile + pl.out_tile), "wbuf": tiling.nbuf * pl.w_tile,
-                "cbuf": tiling.nbuf * pl.c_tile, "acc": pl.acc}
+                "cbuf": tiling.nbuf * pl.c_tile, "acc": pl.out_tile}
+        if pl.acc > pl.out_tile and pl.out_tile > cfg.isg_d1_kib * 256:
+            raise ValueError(f"tiling {tiling} overflows the ISG D1 bank: needs {pl.out_tile} elements, "
+                             f"it holds {cfg.isg_d1_kib * 256}")
     elif isinstance(spec, PoolSpec):
         oh, ow = pool_geometry(spec)
         kh, kw = spec.window
@@ -76,9 +79,9 @@ def check_tiling(spec, tiling: Tiling, cfg: NPUConfig = DEFAULT_CONFIG) -> None:
     else:
         raise TypeError(f"unknown layer spec {type(spec).__name__}")
     for mem, n in need.items():
-        if n > mem_size(mem, cfg):
-            raise ValueError(f"tiling {tiling} overflows {mem}: needs {n} elements, {mem} holds "
-                             f"{mem_size(mem, cfg)}")
+        size = cfg.acc_buf_kib * 256 if mem == "acc" else mem_size(mem, cfg)  # D2 bank only
+        if n > size:
+            raise ValueError(f"tiling {tiling} overflows {mem}: needs {n} elements, {mem} holds {size}")
 
 
 def default_tiling(spec, cfg: NPUConfig = DEFAULT_CONFIG) -> Tiling:
@@ -96,9 +99,10 @@ def default_tiling(spec, cfg: NPUConfig = DEFAULT_CONFIG) -> Tiling:
                  for nb in (2, 1) for cb in sorted({cbl, 16, 8, 4, 2, 1}, reverse=True)
                  for ob in sorted({nblk, 8, 4, 2, 1}, reverse=True)
                  for r in sorted({oh, 64, 32, 16, 8, 4, 2, 1}, reverse=True)]
-        # chosen: biggest tile volume first; on ties more output blocks (an input tile is re-read once per
-        # output-block tile), then more rows
-        cands.sort(key=lambda t: (-(min(t.rows, oh) * min(t.ob_tile, nblk) * min(t.cb_tile, cbl) * t.nbuf),
+        # chosen: double buffered first (DMA of tile s+1 overlaps the compute of tile s), then the biggest
+        # tile volume; on ties more output blocks (an input tile is re-read once per output-block tile),
+        # then more rows
+        cands.sort(key=lambda t: (-t.nbuf, -(min(t.rows, oh) * min(t.ob_tile, nblk) * min(t.cb_tile, cbl)),
                                   -min(t.ob_tile, nblk), -min(t.rows, oh)))
     for t in cands:
         try:

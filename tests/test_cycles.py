@@ -9,7 +9,8 @@ from hw_model.config import NPUConfig
 from hw_model.cycles import instr_cost, layer_report, simulate, timeline
 from hw_model.report import network_report, plot_breakdown, save_report
 
-CFG = NPUConfig(instr_overhead_cycles=8, dram_bytes_per_cycle=16.0, pe_arrays=4, pixels_per_cycle=4, post_lanes=8)
+CFG = NPUConfig(instr_overhead_cycles=8, dram_bytes_per_cycle=16.0, pe_arrays=4, pixels_per_cycle=4, post_lanes=2)
+"""post path: post_lanes x pe_arrays = 8 values per cycle in the hand counts below."""
 
 
 def _b():
@@ -32,8 +33,8 @@ def test_single_instruction_costs_by_hand():
     prog = b.finish(validate=False)
     assert instr_cost(ld, prog, CFG) == ("load", 6 + 8)
     assert instr_cost(g, prog, CFG) == ("mac", 1 + 8)
-    # 40 px x 1 block / 16 lanes = 3 vectors; steps: scaled+init 1, scaled+combine 2, unity+combine 1 -> 4 in all
-    assert [instr_cost(s, prog, CFG)[1] - 8 for s in (s1, s2, s3)] == [3, 6, 3]
+    # pipelined behind the MACs: each costs its steps; scaled+init 1, scaled+combine 2, unity+combine 1 -> 4
+    assert [instr_cost(s, prog, CFG)[1] - 8 for s in (s1, s2, s3)] == [1, 2, 1]
     assert instr_cost(n, prog, CFG) == ("post", 12 + 8)
 
 
@@ -177,3 +178,32 @@ def test_mac_utilisation_never_exceeds_the_peak(c, k, hw, kernel):
     rep = layer_report(build_conv(spec, cfg=CFG), CFG)
     assert rep["macs"] == hw * hw * c * k * kernel * kernel
     assert 0.05 < rep["mac_utilisation"] <= 1.0
+
+
+def test_post_path_scales_with_arrays():
+    """NORM/ACT/QUANT runs on one 8-lane post path per PE array (journal App. A-D)."""
+    b = _b()
+    n = b.norm_act_quant(acc_addr=0, acc_stride=16, out_addr=0, out_stride=16, rows=64, cols=16, m_addr=0,
+                         b_addr=16, lo=-128, hi=127)
+    prog = b.finish(validate=False)
+    for arrays in (1, 2, 4):
+        cfg = CFG.replace(pe_arrays=arrays, instr_overhead_cycles=1)
+        assert instr_cost(n, prog, cfg) == ("post", 64 * 16 // (cfg.post_lanes * arrays) + 1)
+
+
+def test_isg_tile_uses_the_d1_bank():
+    """A 3-group conv may use a D2 tile as large as a 1-group conv's: D1 lives in its own bank."""
+    from hw_model.layers import check_tiling
+    rng = np.random.default_rng(5)
+    c = 48
+    one = ConvSpec(1, c, 64, 64, 64, rng.integers(-3, 3, (64, c, 1, 1)).astype(np.int8),
+                   np.ones(64, np.float32), np.zeros(64, np.float32))
+    three = ConvSpec(**{**one.__dict__, "isg_groups": np.repeat([1, 2, 0], 16)})
+    cfg = CFG.replace(acc_buf_kib=64, isg_d1_kib=64)
+    t = Tiling(ob_tile=4, rows=4, cb_tile=3, nbuf=1)                        # D2 tile 4*64 px * 64 = 16 Ki elements
+    check_tiling(one, t, cfg)
+    check_tiling(three, t, cfg)
+    with pytest.raises(ValueError, match="D1 bank"):
+        check_tiling(three, t, cfg.replace(isg_d1_kib=32))
+    with pytest.raises(ValueError, match="overflows acc"):
+        check_tiling(one, Tiling(ob_tile=4, rows=5, cb_tile=3, nbuf=1), cfg)

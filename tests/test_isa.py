@@ -84,7 +84,7 @@ def _mutate(attr_path, value):
     (1, "out_dtype", "int16", "out_dtype must be int8 or uint8"),
     (1, "lo", -129, "clip bounds"),
     (1, "hi", 300, "clip bounds"),
-    (1, "acc_addr", 16384, "D2 overflows acc"),
+    (1, "acc_addr", mem_size("acc", DEFAULT_CONFIG), "D2 overflows acc"),
     (1, "m_addr", 8192, "m overflows cbuf"),
     (1, "pop_prev", False, None),
     (2, "pop_prev", False, None),
