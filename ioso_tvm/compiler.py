@@ -32,6 +32,8 @@ from ioso_tvm.frontend import import_onnx, load_onnx
 from ioso_tvm.passes.fold_qdq import Layer, find_layers, fold_qdq
 from ioso_tvm.passes.permute_groups import apply_plan, plan_permutations
 from target_npu import runtime
+from target_npu.partition import partition
+from target_npu.patterns import PartitionContext
 
 log = logging.getLogger("ioso_tvm.compiler")
 TARGETS = ("ioso_npu", "llvm")
@@ -61,14 +63,21 @@ class CompiledModel:
 
     def __init__(self, executable: Any, layers: list[Layer], prefix: str, config: NPUConfig,
                  inputs: list[dict[str, Any]], target: str, fallbacks: list[tuple[str, str]],
-                 permutes: dict[str, int] | None = None, tilings: list[Any] | None = None) -> None:
+                 permutes: dict[str, int] | None = None, tilings: list[Any] | None = None,
+                 npu: list[bool] | None = None, cpu_reasons: dict[int, str] | None = None,
+                 programs: dict[int, Any] | None = None) -> None:
         self.executable, self.layers, self.prefix, self.config = executable, layers, prefix, config
         self.inputs, self.target, self.fallbacks = inputs, target, fallbacks
         self.permutes = permutes or {"permutes_needed": 0, "gathered_loads": 0, "permuted_tensors": 0}
         self.profile = runtime.Profile()
         self.tilings = list(tilings) if tilings is not None else [None] * len(layers)
-        self.programs = [runtime.register_layer(f"{prefix}.{i}", ly, config, self.profile, t)
-                         for i, (ly, t) in enumerate(zip(layers, self.tilings))]
+        self.npu = list(npu) if npu is not None else [ly.kind != "input" for ly in layers]
+        self.cpu_reasons = dict(cpu_reasons or {})
+        self.programs = []
+        for i, (ly, t) in enumerate(zip(layers, self.tilings)):
+            runtime.register_layer(f"{prefix}.{i}", ly, config, self.profile, t, on_npu=False)
+            self.programs.append(runtime.register_layer(f"{prefix}.npu.{i}", ly, config, self.profile, t,
+                                                        program=(programs or {}).get(i)) if self.npu[i] else None)
         self._cycles: list[int] | None = None
         self.vm = relax.VirtualMachine(executable, tvm.cpu())
 
@@ -98,7 +107,7 @@ class CompiledModel:
         if self._cycles is None:
             self._cycles = [runtime.layer_cycles(ly, self.config, p) for ly, p in zip(self.layers, self.programs)]
         rows = []
-        for ly, prog, cyc in zip(self.layers, self.programs, self._cycles):
+        for i, (ly, prog, cyc) in enumerate(zip(self.layers, self.programs, self._cycles)):
             macs = ly.macs()
             gvec = ly.consts.get("isg_groups")
             rows.append({"name": ly.name, "kind": ly.kind, "device": "cpu" if prog is None else "npu",
@@ -107,12 +116,15 @@ class CompiledModel:
                          "us": cyc / self.config.clock_mhz,
                          "mac_utilisation": macs / (cyc * self.config.macs_per_cycle) if macs and cyc else 0.0,
                          "cpu_reason": None if prog is None and ly.kind == "input" else
-                         (runtime.make_program(ly, self.config)[1] if prog is None else None),
+                         (self.cpu_reasons.get(i) or runtime.make_program(ly, self.config)[1]
+                          if prog is None else None),
                          "isg_groups_used": 0 if gvec is None else int(len(np.unique(gvec)))})
         total = sum(r["cycles"] for r in rows)
         return {"target": self.target, "layers": rows, "total_cycles": total,
                 "total_us": total / self.config.clock_mhz,
-                "fallbacks": [{"tensor": n, "reason": r} for n, r in self.fallbacks],
+                "fallbacks": [{"tensor": n, "op": "qdq", "reason": r} for n, r in self.fallbacks]
+                + [{"tensor": self.layers[i].out_name or self.layers[i].name, "op": self.layers[i].name, "reason": r}
+                   for i, r in sorted(self.cpu_reasons.items())],
                 "permutes": dict(self.permutes)}
 
     def export(self, path: str | Path) -> Path:
@@ -132,7 +144,8 @@ class CompiledModel:
                                 "tiling": None if self.tilings[i] is None else self.tilings[i].to_dict()}
         meta = {"inputs": self.inputs, "prefix": self.prefix, "target": self.target,
                 "fallbacks": [list(f) for f in self.fallbacks], "num_layers": len(self.layers),
-                "permutes": self.permutes}
+                "permutes": self.permutes, "npu": self.npu,
+                "cpu_reasons": {str(k): v for k, v in self.cpu_reasons.items()}}
         return save_artifact(path, config=self.config, meta=meta, programs=programs, constants=constants,
                              report=self.report(), executable=self.executable)
 
@@ -152,7 +165,8 @@ def load(path: str | Path) -> CompiledModel:
         layers.append(Layer(p["kind"], p["name"], [], tuple(p["out_shape"]), p["out_dtype"], consts))
         tilings.append(None if p.get("tiling") is None else Tiling(**p["tiling"]))
     cm = CompiledModel(art.load_host_module(), layers, art.meta["prefix"], art.config, art.meta["inputs"],
-                       art.meta["target"], [tuple(f) for f in art.meta["fallbacks"]], art.meta.get("permutes"), tilings)
+                       art.meta["target"], [tuple(f) for f in art.meta["fallbacks"]], art.meta.get("permutes"), tilings,
+                       art.meta.get("npu"), {int(k): v for k, v in art.meta.get("cpu_reasons", {}).items()})
     cm._artifact = art  # keeps the extracted host library alive
     return cm
 
@@ -193,12 +207,20 @@ def compile(model: Any, target: str = "ioso_npu", input_shapes: dict[str, list[i
                              f"of the granularity {config.granularity}")
         layers, permutes = apply_plan(layers, plan), plan.counts()
         log.info("group permutation: %s", permutes)
+        tilings = _tilings(layers, tuning_records, config)
+        ctx = PartitionContext(layers, config, tilings, profile=runtime.Profile())
+        mod = partition(mod, ctx, prefix)
+        for i, why in sorted(ctx.rejected.items()):
+            log.info("CPU fallback for layer %s: %s", layers[i].name, why)
+        # a layer absent from the partitioned graph (dead, removed by DCE) keeps its NPU program
+        npu = [i in ctx.symbols or (i not in ctx.rejected and ly.kind != "input") for i, ly in enumerate(layers)]
+        reasons, programs = ctx.rejected, ctx.programs
     else:
-        prefix, permutes = "ioso_npu.cpu", None
+        prefix, permutes, tilings, npu, reasons, programs = "ioso_npu.cpu", None, [], [], {}, {}
     ex = tvm.compile(mod, target="llvm")
-    log.info("compiled %d NPU layer(s), %d CPU fallback(s)", len(layers), len(fallbacks))
-    return CompiledModel(ex, layers, prefix, config, inputs, target, fallbacks, permutes,
-                         _tilings(layers, tuning_records, config))
+    log.info("compiled %d NPU layer(s), %d CPU fallback(s)", sum(npu), len(fallbacks) + len(reasons))
+    return CompiledModel(ex, layers, prefix, config, inputs, target, fallbacks, permutes, tilings, npu, reasons,
+                         programs)
 
 
 def _tilings(layers: list[Layer], records: str | Path | None, config: NPUConfig) -> list[Any]:

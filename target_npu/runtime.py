@@ -116,13 +116,21 @@ def execute(layer: Any, xs: list[np.ndarray], cfg: NPUConfig) -> np.ndarray:
     raise ValueError(f"layer {layer.name}: unknown kind {layer.kind!r}")
 
 
-def register_layer(fname: str, layer: Any, cfg: NPUConfig, profile: Profile,
-                   tiling: Tiling | None = None) -> Any:
-    """Register ``fname`` as the DPS function of ``layer``: f(*inputs, out). Returns the program (or None)."""
-    prog, _why = make_program(layer, cfg, tiling)
+def register_layer(fname: str, layer: Any, cfg: NPUConfig, profile: Profile | None,
+                   tiling: Tiling | None = None, on_npu: bool = True, program: Any = None) -> Any:
+    """Register ``fname`` as the DPS function of ``layer``. Returns the program (None: CPU).
+
+    Arguments of a call: the layer's input tensors then the output tensor; anything else (the
+    marker's callee of an offloaded call, the layer-index constant of a CPU call) is ignored.
+    ``on_npu=False`` computes the layer with ``hw_model.reference``; ``program`` skips the build.
+    """
+    prog = None if not on_npu else program if program is not None else make_program(layer, cfg, tiling)[0]
+    n_in = len(layer.consts.get("in_dtypes", [])) or 1
+    profile = Profile() if profile is None else profile
 
     def run(*args: Any) -> None:
-        xs, out = [a.numpy() for a in args[:-1]], args[-1]
+        tensors = [a for a in args if hasattr(a, "numpy") and hasattr(a, "copyfrom")]
+        xs, out = [a.numpy() for a in tensors[:n_in]], tensors[-1]
         cycles = 0
         if prog is None:
             y = execute(layer, xs, cfg)

@@ -13,8 +13,10 @@ integers and constants of the contract (``hw_model.reference``):
 - max pool: kernel/stride/pads (same scale and zero point in and out);
 - the graph input's quantizer (a CPU step: ``reference.quantize``).
 
-Representation: :class:`FoldQDQ` replaces the ``quantize`` of each layer by
-``R.call_dps_packed("<prefix>.<index>", integer inputs)``; the float ops it made dead are
+Representation: :class:`FoldQDQ` replaces the ``quantize`` of each layer by the marker
+``R.call_dps_packed("<prefix>.<index>", (*integer inputs, R.const(index, "int64")))`` that
+``target_npu.patterns`` matches (the CPU function of that name computes the layer with
+``hw_model.reference`` when the partition keeps it on the CPU); the float ops it made dead are
 removed by ``DeadCodeElimination``. The constants live in the :class:`Layer` objects, which
 ``target_npu.runtime`` packs once at compile time into the registered global function.
 A chain that is not recognised, or that fails an NPU check, stays a float QDQ chain that
@@ -306,7 +308,7 @@ def find_layers(mod: tvm.IRModule, cfg: NPUConfig, wbits: dict[str, int] | None 
 
 @mutator
 class FoldQDQ(PyExprMutator):
-    """Replace each layer's ``quantize`` call by ``call_dps_packed(f"{prefix}.{i}", inputs)``."""
+    """Replace each layer's ``quantize`` call by ``call_dps_packed(f"{prefix}.{i}", (*inputs, const(i)))``."""
 
     def __init__(self, mod: tvm.IRModule, layers: list[Layer], prefix: str) -> None:
         super().__init__(mod)
@@ -316,8 +318,8 @@ class FoldQDQ(PyExprMutator):
         hit = self.repl.get(call)
         if hit is None:
             return super().visit_call_(call)
-        fname, ly = hit
-        return relax.call_dps_packed(fname, [self.visit_expr(v) for v in ly.inputs],
+        (fname, ly), idx = hit, int(hit[0].rsplit(".", 1)[1])
+        return relax.call_dps_packed(fname, [*(self.visit_expr(v) for v in ly.inputs), relax.const(idx, "int64")],
                                      relax.TensorType(ly.out_shape, ly.out_dtype))
 
 
