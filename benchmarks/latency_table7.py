@@ -47,6 +47,8 @@ FIT_GRID = {"pixels_per_cycle": (4, 8), "dram_bytes_per_cycle": (32.0, 48.0, 64.
             "acc_buf_kib": (64, 128, 256), "instr_overhead_cycles": (4, 8, 16)}
 """Chosen: powers of two (and midpoints) around the values that bracket ResNet-50's Table 7 latency.
 ``isg_d1_kib`` follows ``acc_buf_kib`` (one D1 per D2, journal App. A-A)."""
+SHORT = {"resnet50": "resnet50", "mobilenetv2": "mbv2"}
+"""Model name -> key prefix in the JSON line."""
 FIT_ON = "resnet50"
 """Chosen: the fit uses ResNet-50 only (dense convs, what the journal's App. A describes); MobileNetV2 is
 a prediction (its Table 7 latency is not reachable, see docs/cycle_model.md)."""
@@ -89,8 +91,9 @@ def network_us(specs: list, cfg: NPUConfig, isg: bool) -> float:
 
 def evaluate(specs: dict[str, list], cfg: NPUConfig) -> dict:
     out, errs = {}, []
-    for name, (base_paper, isg_paper) in PAPER_US.items():
-        base, isg = network_us(specs[name], cfg, False), network_us(specs[name], cfg, True)
+    for model, (base_paper, isg_paper) in PAPER_US.items():
+        name = SHORT[model]
+        base, isg = network_us(specs[model], cfg, False), network_us(specs[model], cfg, True)
         out[f"{name}_us"], out[f"{name}_isg_us"] = round(base, 1), round(isg, 1)
         out[f"{name}_paper_us"], out[f"{name}_paper_isg_us"] = base_paper, isg_paper
         out[f"{name}_err_pct"] = round(100 * (base - base_paper) / base_paper, 2)
@@ -100,7 +103,7 @@ def evaluate(specs: dict[str, list], cfg: NPUConfig) -> dict:
         out[f"{name}_isg_overhead_pp_err"] = round(overhead - paper_overhead, 2)
         errs += [abs(out[f"{name}_err_pct"]), abs(out[f"{name}_isg_err_pct"])]
     out["max_abs_err_pct"] = max(errs)
-    out["isg_overhead_pp_err"] = max(abs(out[f"{n}_isg_overhead_pp_err"]) for n in PAPER_US)
+    out["isg_overhead_pp_err"] = max(abs(out[f"{SHORT[m]}_isg_overhead_pp_err"]) for m in PAPER_US)
     out["fit_score"] = max(abs(out[f"{FIT_ON}_err_pct"]) / 10, abs(out[f"{FIT_ON}_isg_err_pct"]) / 10,
                            abs(out[f"{FIT_ON}_isg_overhead_pp_err"]) / 0.5)
     return out
