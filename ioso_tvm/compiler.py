@@ -172,8 +172,13 @@ def load(path: str | Path) -> CompiledModel:
 
 
 def compile(model: Any, target: str = "ioso_npu", input_shapes: dict[str, list[int]] | None = None,
-            config: NPUConfig | None = None, tuning_records: str | Path | None = None) -> CompiledModel:
-    """Compile an ONNX path / ModelProto / calibrated torch model for ``target`` (ioso_npu or llvm)."""
+            config: NPUConfig | None = None, tuning_records: str | Path | None = None,
+            offload: bool = True) -> CompiledModel:
+    """Compile an ONNX path / ModelProto / calibrated torch model for ``target`` (ioso_npu or llvm).
+
+    ``offload=False`` (ioso_npu only) skips the partition: every folded layer runs on the CPU with
+    ``hw_model.reference`` (the contract itself, for three-way comparisons).
+    """
     config = NPUConfig() if config is None else config
     if not isinstance(config, NPUConfig):
         raise TypeError(f"config must be an NPUConfig, got {type(config).__name__}")
@@ -209,7 +214,9 @@ def compile(model: Any, target: str = "ioso_npu", input_shapes: dict[str, list[i
         log.info("group permutation: %s", permutes)
         tilings = _tilings(layers, tuning_records, config)
         ctx = PartitionContext(layers, config, tilings, profile=runtime.Profile())
-        mod = partition(mod, ctx, prefix)
+        mod = partition(mod, ctx, prefix) if offload else mod
+        if not offload:
+            ctx.rejected.update({i: "offload=False" for i, ly in enumerate(layers) if ly.kind != "input"})
         for i, why in sorted(ctx.rejected.items()):
             log.info("CPU fallback for layer %s: %s", layers[i].name, why)
         # a layer absent from the partitioned graph (dead, removed by DCE) keeps its NPU program

@@ -1,0 +1,113 @@
+"""BYOC partition: pattern checks decide NPU vs CPU per layer; both paths equal hw_model.reference."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import tvm
+from onnx_builders import QDQBuilder
+from tvm import relax
+
+import ioso_tvm
+from hw_model.config import NPUConfig
+from ioso_tvm.passes.fold_qdq import Layer
+from target_npu.patterns import KINDS, _limits
+
+TINY = NPUConfig(scratchpad_kib=1, weight_buf_kib=1, acc_buf_kib=1)
+
+
+def _packed_names(mod: tvm.IRModule) -> list[str]:
+    names: list[str] = []
+
+    def visit(e):
+        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == "relax.call_dps_packed":
+            names.append(str(e.args[0].global_symbol))
+
+    relax.analysis.post_order_visit(mod["main"], visit)
+    return names
+
+
+def _two_convs(rng, c2: int):
+    """A small conv (fits anything) then a wide one (needs more than TINY's buffers)."""
+    b = QDQBuilder((1, 16, 6, 6), rng)
+    x = b.conv(b.input, 16, kernel=1, pad=0)
+    y = b.conv(x, c2, kernel=3)
+    return b, y
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_rejected_layer_stays_on_cpu_and_result_is_exact(caplog, seed):
+    rng = np.random.default_rng(seed)
+    b, y = _two_convs(rng, 64)
+    caplog.set_level(logging.INFO)
+    cm = ioso_tvm.compile(b.model([y]), config=TINY)
+    rep = cm.report()
+    dev = {r["name"]: r["device"] for r in rep["layers"]}
+    assert dev["conv1"] == "npu" and dev["conv2"] == "cpu"
+    fb = [f for f in rep["fallbacks"] if f["op"] == "conv2"]
+    assert len(fb) == 1 and "fits the on-chip memories" in fb[0]["reason"]
+    assert any("conv2" in r.getMessage() and "fits" in r.getMessage() for r in caplog.records)
+    x = rng.standard_normal(b.shape).astype(np.float32)
+    assert np.array_equal(cm.run(x), b.run_reference(x, [y])[0])
+
+
+def test_offloaded_calls_use_codegen_symbols():
+    rng = np.random.default_rng(1)
+    b, y = _two_convs(rng, 64)
+    cm = ioso_tvm.compile(b.model([y]), config=TINY)
+    from target_npu.partition import partition  # noqa: F401  (codegen registered on import)
+
+    assert tvm.get_global_func(f"{cm.prefix}.npu.1") is not None
+    assert cm.npu == [False, True, False]
+    ref = ioso_tvm.compile(b.model([y]), config=TINY, offload=False)
+    assert ref.npu == [False, False, False]
+    x = rng.standard_normal(b.shape).astype(np.float32)
+    assert np.array_equal(cm.run(x), ref.run(x))
+
+
+def test_partitioned_module_calls_npu_and_cpu_functions():
+    from hw_model.config import NPUConfig as Cfg
+    from ioso_tvm.frontend import import_onnx
+    from ioso_tvm.passes.fold_qdq import find_layers, fold_qdq
+    from target_npu import runtime
+    from target_npu.partition import partition
+    from target_npu.patterns import PartitionContext
+
+    rng = np.random.default_rng(2)
+    b, y = _two_convs(rng, 64)
+    mod, _ = import_onnx(b.model([y]), Cfg(), None)
+    layers, _ = find_layers(mod, TINY)
+    mod = fold_qdq(mod, layers, "ioso_npu.tpart")
+    ctx = PartitionContext(layers, TINY, [None] * len(layers), profile=runtime.Profile())
+    out = partition(mod, ctx, "ioso_npu.tpart")
+    names = _packed_names(out)
+    assert names.count("ioso_npu.tpart.npu.1") == 1
+    assert "ioso_npu.tpart.2" in names and "ioso_npu.tpart.npu.2" not in names
+    assert set(ctx.rejected) == {2} and set(ctx.symbols) == {1}  # 0: the input quantizer, matched by no pattern
+
+
+def _layer(**over) -> Layer:
+    consts = {"in_dtypes": ["int8"], "lo": -128, "hi": 127, "w": np.ones((16, 16, 3, 3), np.int8),
+              "in_shape": [1, 16, 8, 8], "groups": 1, "stride": [1, 1]}
+    consts.update(over.pop("consts", {}))
+    return Layer(over.pop("kind", "conv"), "convX", [], over.pop("out_shape", (1, 16, 8, 8)),
+                 over.pop("out_dtype", "int8"), consts)
+
+
+@pytest.mark.parametrize("layer, words", [
+    (_layer(consts={"in_dtypes": ["int16"]}), "int16"),
+    (_layer(out_dtype="int32"), "output dtype"),
+    (_layer(consts={"lo": 5, "hi": 4}), "clip"),
+    (_layer(consts={"w": np.ones((16, 16, 9, 9), np.int8)}), "kernel"),
+    (_layer(consts={"stride": [5, 5]}), "stride"),
+    (_layer(consts={"groups": 3}), "groups"),
+])
+def test_limits_name_the_violation(layer, words):
+    why = _limits(layer, "conv2d")
+    assert why is not None and words in why
+
+
+def test_limits_accept_a_plain_conv():
+    assert _limits(_layer(), "conv2d") is None
+    assert set(KINDS.values()) == {"conv", "add", "maxpool", "gap"}
