@@ -58,8 +58,8 @@ class NPUConfig:
     Fitted to Table 7 by benchmarks/latency_table7.py (grid 4/8): ResNet-50 (4.1 GMAC) at 4 arrays x 256 MAC
     x 800 MHz alone would take ~5 ms > 1762 us, so the journal's arrays must do more than 256 MAC/cycle
     (docs/cycle_model.md)."""
-    dram_bytes_per_cycle: float = 96.0
-    """DRAM bandwidth in bytes per core cycle (96 = 76.8 GB/s at 800 MHz). Fitted to Table 7 by
+    dram_bytes_per_cycle: float = 64.0
+    """DRAM bandwidth in bytes per core cycle (64 = 51.2 GB/s at 800 MHz). Fitted to Table 7 by
     benchmarks/latency_table7.py (grid 32/48/64/96); high for an edge part: it also stands for the
     on-chip reuse between layers that the per-layer model does not capture (docs/cycle_model.md)."""
     instr_overhead_cycles: int = 16

@@ -58,6 +58,14 @@ def instr_cost(ins: Instr, prog: Program, cfg: NPUConfig = DEFAULT_CONFIG) -> tu
     return unit, c + cfg.instr_overhead_cycles
 
 
+def _acc_spans(ins: Instr) -> list[tuple[int, int]]:
+    return [(lo, hi) for mem, lo, hi, _ in ins.accesses() if mem == "acc"]
+
+
+def _acc_span(ins: NormActQuant) -> tuple[int, int]:
+    return _acc_spans(ins)[0]
+
+
 def timeline(prog: Program, cfg: NPUConfig = DEFAULT_CONFIG,
              order: list[int] | None = None) -> tuple[int, dict[str, int], list[tuple[int, int]]]:
     """(total cycles, busy cycles per unit, (start, end) per instruction) of the queue overlap."""
@@ -72,6 +80,7 @@ def timeline(prog: Program, cfg: NPUConfig = DEFAULT_CONFIG,
     span: list[tuple[int, int]] = [(0, 0)] * len(instrs)
     queues = {q: [k for k in order if instrs[k].queue == q] for q in free}
     pos = dict.fromkeys(free, 0)
+    post_busy = (0, 0, 0)  # (acc lo, acc hi, end) of the NORM_ACT_QUANT last issued
     done = 0
     while done < len(order):
         moved = False
@@ -87,10 +96,21 @@ def timeline(prog: Program, cfg: NPUConfig = DEFAULT_CONFIG,
                     start = max(start, pushed[c][popped.get(c, 0)])
                     popped[c] = popped.get(c, 0) + 1
                 unit, cyc = instr_cost(ins, prog, cfg)
+                if isinstance(ins, NormActQuant):
+                    # its own pipeline stage (journal App. A-D: MAC -> WAPS -> BN -> ACT -> Quant): issued in
+                    # order, it runs beside the next tile's MACs; the compute queue moves on after one
+                    # issue cycle. Only the latest one can still be running (it starts after the previous).
+                    start = max(start, post_busy[2])
+                    post_busy = (*_acc_span(ins), start + cyc)
+                elif q == "compute":
+                    # an accumulator access waits for the post stage still reading the same addresses
+                    for lo, hi in _acc_spans(ins):
+                        if lo < post_busy[1] and post_busy[0] < hi:
+                            start = max(start, post_busy[2])
                 end = start + cyc
                 busy[unit] += cyc
                 span[k] = (start, end)
-                free[q] = end
+                free[q] = start + 1 if isinstance(ins, NormActQuant) else end
                 if ins.push_prev:
                     pushed.setdefault((q, prev[q]), []).append(end)
                 if ins.push_next:

@@ -58,7 +58,7 @@ def check_tiling(spec, tiling: Tiling, cfg: NPUConfig = DEFAULT_CONFIG) -> None:
     if isinstance(spec, ConvSpec):
         pl = _conv_plan(spec, tiling, cfg)
         need = {"spad": tiling.nbuf * (pl.in_tile + pl.out_tile), "wbuf": tiling.nbuf * pl.w_tile,
-                "cbuf": tiling.nbuf * pl.c_tile, "acc": pl.out_tile}
+                "cbuf": tiling.nbuf * pl.c_tile, "acc": tiling.nbuf * pl.out_tile}
         if pl.acc > pl.out_tile and pl.out_tile > cfg.isg_d1_kib * 256:
             raise ValueError(f"tiling {tiling} overflows the ISG D1 bank: needs {pl.out_tile} elements, "
                              f"it holds {cfg.isg_d1_kib * 256}")
@@ -173,9 +173,12 @@ def build_conv(spec: ConvSpec, tiling: Tiling | None = None, cfg: NPUConfig = DE
     out_steps = [s if st[3] == cbtiles - 1 else None for s, st in enumerate(steps)]
     tok = StepTokens([bool(x) for x in loads_of], out_steps, nb, nb)
     u = 0
-    d2 = 0 if single else pl.out_tile
+    # D2 tiles alternate between nbuf slots of the D2 bank so that NORM/ACT/QUANT of tile u (post
+    # path) overlaps the MACs of tile u+1; D1 (ISG only) follows the D2 slots
+    d1 = nb * pl.out_tile
     for s, (i, ob, y, c) in enumerate(steps):
         slot = s % nb
+        d2 = (u % nb) * pl.out_tile
         ob0, ob1 = ob * n_ob_t, min(kb, (ob + 1) * n_ob_t)
         nob = ob1 - ob0
         c0, c1 = (ob0, ob1) if dw else (c * n_cb_t, min(cbn, (c + 1) * n_cb_t))
@@ -217,14 +220,14 @@ def build_conv(spec: ConvSpec, tiling: Tiling | None = None, cfg: NPUConfig = DE
             last = dw or e == next(en for gg, _, en in order if gg == g)
             lo_off = (a - ob0) if dw else 0
             comp.append(("gemm", dict(
-                acc_addr=(d2 if single else 0) + lo_off * BLOCK, acc_stride=wrow,
+                acc_addr=(d2 if single else d1) + lo_off * BLOCK, acc_stride=wrow,
                 in_addr=spad_in[slot] + (a - c0) * BLOCK, in_row_stride=wp * pix, in_pix_stride=pix,
                 w_addr=slot * pl.w_tile + (lo_off * BLOCK if dw else (a - c0) * spec.kh * spec.kw * BLOCK * wrow),
                 w_row_stride=wrow, n_ob=(e - a) if dw else nob, n_cb=e - a, kh=spec.kh, kw=spec.kw,
                 oh=y1 - y0, ow=ow, stride_h=sh, stride_w=sw, dil_h=dh, dil_w=dwl, zp=spec.x_zp,
                 accumulate=not first, depthwise=dw)))
             if last and not single:
-                comp.append(("gsa", dict(d1_addr=lo_off * BLOCK, d1_stride=wrow, d2_addr=d2 + lo_off * BLOCK,
+                comp.append(("gsa", dict(d1_addr=d1 + lo_off * BLOCK, d1_stride=wrow, d2_addr=d2 + lo_off * BLOCK,
                                          d2_stride=wrow, rows=(y1 - y0) * ow, cols=(e - a) * BLOCK if dw else wrow,
                                          sign=cfg.isg_group_signs[g], init=dw or g == order[0][0])))
         final = c == cbtiles - 1

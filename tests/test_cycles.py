@@ -207,3 +207,20 @@ def test_isg_tile_uses_the_d1_bank():
         check_tiling(three, t, cfg.replace(isg_d1_kib=32))
     with pytest.raises(ValueError, match="overflows acc"):
         check_tiling(one, Tiling(ob_tile=4, rows=5, cb_tile=3, nbuf=1), cfg)
+
+
+def test_post_stage_overlaps_next_macs_but_not_a_write_to_its_tile():
+    """NORM_ACT_QUANT runs beside the next GEMM into another D2 slot; a GEMM into its own tile waits."""
+    def prog(next_acc):
+        b = _b()
+        g = dict(acc_stride=16, in_addr=0, in_row_stride=16, in_pix_stride=16, w_addr=0, w_row_stride=16,
+                 n_ob=1, n_cb=1, kh=1, kw=1, oh=16, ow=16)                 # 256 px / 16 lanes = 16 + 8
+        b.gemm(acc_addr=0, **g)
+        b.norm_act_quant(acc_addr=0, acc_stride=16, out_addr=4096, out_stride=16, rows=256, cols=16, m_addr=0,
+                         b_addr=16, lo=-128, hi=127)                       # 4096 / 8 = 512 + 8: 24 -> 544
+        b.gemm(acc_addr=next_acc, **g)
+        return b.finish()
+    _, _, span = timeline(prog(4096), CFG)
+    assert span[1] == (24, 544) and span[2] == (25, 49)
+    total, _, span = timeline(prog(0), CFG)
+    assert span[2] == (544, 568) and total == 568
