@@ -168,7 +168,7 @@ def tile_stats(spec: ConvSpec, t: Tiling, cfg: NPUConfig) -> TileStats:
         blocks = min(oc_blocks, ocp // cfg.mac_cols - oc_i * oc_blocks)
         waves = -(-blocks // cfg.pe_arrays)
         mac_cycles += waves * -(-spec.out_h * spec.out_w // ppc) * ic_blocks * k
-    post_cycles = -(-ocp * spec.out_h * spec.out_w // cfg.post_lanes)
+    post_cycles = -(-ocp * spec.out_h * spec.out_w // (cfg.post_lanes * cfg.pe_arrays))  # a post path per array
     # One load per operand tile, one MAC instruction per (tile, ic tile, kernel tap), one store per tile.
     instructions = n_oc * n_sp * (n_ic * (2 + k) + 2)
     return TileStats(
