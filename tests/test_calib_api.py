@@ -115,3 +115,56 @@ def test_qft_isg_through_calibrate_learns_groups(monkeypatch):
     assert seen == [True, False]
     x = _data(seed=9)
     assert qm.deploy(x).shape == qm2.deploy(x).shape
+
+
+def test_calib_config_fields_reach_qft(monkeypatch):
+    """A CalibConfig lends QFT seed/progress always, and batch_size / beta / act_init_samples /
+    num_samples only when the user changed them (QFT keeps its published defaults otherwise)."""
+    from ioso_tvm.calib import qft
+
+    seen = []
+    monkeypatch.setattr(qft, "run_qft", lambda m, x, w, a, cfg: (seen.append((cfg, len(x))), (_ for _ in ()).throw(
+        RuntimeError("stop")))[1])
+    with pytest.raises(RuntimeError, match="stop"):
+        calibrate(TinyRes(), _data(n=40), "qft", 4, 8,
+                  CalibConfig(seed=7, progress=False, batch_size=4, beta=(10.0, 3.0), act_init_samples=24,
+                              num_samples=36))
+    with pytest.raises(RuntimeError, match="stop"):
+        calibrate(TinyRes(), _data(n=40), "qft", 4, 8, CalibConfig(batch_size=32, progress=False))
+    (changed, n1), (default, n2) = seen
+    assert (changed.seed, changed.progress, changed.batch_size, changed.isg_beta, changed.calib_batch) == (
+        7, False, 4, (10.0, 3.0), 24)
+    assert n1 == 36 and n2 == 40
+    ref = qft.QFTConfig()
+    assert (default.batch_size, default.isg_beta, default.calib_batch) == (
+        ref.batch_size, ref.isg_beta, ref.calib_batch)
+
+
+def test_mobilenet_v2_gets_brecq_regulariser_weight(monkeypatch, caplog):
+    """reg_weight=None: 0.1 for a MobileNetV2 (logged), 0.01 otherwise; an explicit value is kept."""
+    import logging
+
+    import ioso_tvm.calib as calib
+    from ioso_tvm.calib import engine
+    from ioso_tvm.calib.methods import default_reg_weight
+    from ioso_tvm.models import MobileNetV2
+
+    mbv2 = MobileNetV2(width_mult=0.25, num_classes=10).eval()
+    assert default_reg_weight(mbv2) == 0.1 and default_reg_weight(TinyRes()) == 0.01
+    real_build = calib.build_qmodel
+
+    def stop(*a, **k):  # the resolved weight is logged before the (slow) MobileNetV2 tracing
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(calib, "build_qmodel", stop)
+    with caplog.at_level(logging.INFO, logger="ioso_tvm.calib"), pytest.raises(RuntimeError, match="stop"):
+        calibrate(mbv2, _data(n=8, shape=(3, 16, 16)), "brecq", config=CalibConfig(**SMALL))
+    assert "0.1 (BRECQ's MobileNetV2 setting)" in caplog.text
+    monkeypatch.setattr(calib, "build_qmodel", real_build)
+    seen = []
+    monkeypatch.setattr(engine.Engine, "run", lambda self, data: seen.append(self.cfg.reg_weight))
+    calibrate(TinyRes(), _data(), "brecq", config=CalibConfig(**SMALL))
+    calibrate(TinyRes(), _data(), "brecq", config=CalibConfig(**SMALL, reg_weight=0.05))
+    assert seen == [0.01, 0.05]
+    with pytest.raises(ValueError, match="reg_weight"):
+        calibrate(TinyRes(), _data(), "brecq", config=CalibConfig(**SMALL, reg_weight=-1.0))

@@ -5,13 +5,18 @@ IOSO runs on top of BRECQ (default) or QDrop: ``calibrate(..., method="ioso", co
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
+
 import numpy as np
 import torch
 from torch import nn
 
-from .methods import METHODS, CalibConfig, MethodSpec, method_spec
+from .methods import METHODS, CalibConfig, MethodSpec, default_reg_weight, is_mobilenet_v2, method_spec
 from .qmodel import Block, QuantModel, Step, build_qmodel, check_calib_data
 from .quantizers import check_bits
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Block", "CalibConfig", "MethodSpec", "QuantModel", "Step", "build_qmodel", "calibrate"]
 
@@ -21,7 +26,9 @@ def calibrate(model: nn.Module, calib_data: torch.Tensor | np.ndarray, method: s
     """Calibrate float ``model`` on ``calib_data`` (float32 (N, C, H, W), N >= batch size).
 
     ``method``: "ioso" | "brecq" | "qdrop" | "adaround" | "rtn" | "qft" | "qft+isg" (dispatched to
-    ``ioso_tvm.calib.qft.calibrate_qft(model, data, wbits, abits, config, method)``, config passed as given).
+    ``ioso_tvm.calib.qft.calibrate_qft(model, data, wbits, abits, config, method)``; a CalibConfig
+    lends QFT its seed, progress and the fields of the same meaning the user changed, see ``qft._SHARED``,
+    and ``num_samples``). ``CalibConfig.reg_weight=None`` becomes 0.1 for a MobileNetV2, else 0.01 (logged).
     Returns a QuantModel with hardened rounding and groups (``forward`` fake-quant, ``deploy``
     integer mode, ``ioso_tvm.export_onnx``). Seeded by ``config.seed``: CPU runs are bit-identical.
     """
@@ -37,11 +44,17 @@ def calibrate(model: nn.Module, calib_data: torch.Tensor | np.ndarray, method: s
         from . import qft
 
         data = check_calib_data(calib_data, None, int(getattr(config, "batch_size", 1)))
+        if isinstance(config, CalibConfig) and config.num_samples != CalibConfig.num_samples:
+            data = data[: config.num_samples]  # same meaning: calibration images (set by the user)
         return qft.calibrate_qft(model, data, wbits, abits, config, method=method)
     config = CalibConfig() if config is None else config
     if not isinstance(config, CalibConfig):
         raise TypeError(f"config must be a CalibConfig, got {type(config).__name__}")
     config.validate()
+    if config.reg_weight is None:
+        config = dataclasses.replace(config, reg_weight=default_reg_weight(model))
+        log.info("calibrate: CalibConfig.reg_weight not set, using %g (%s)", config.reg_weight,
+                 "BRECQ's MobileNetV2 setting" if is_mobilenet_v2(model) else "BRECQ default")
     data = check_calib_data(calib_data, None, min(config.batch_size, config.num_samples))
     data = data[: config.num_samples]
     from .engine import Engine

@@ -26,8 +26,9 @@ class CalibConfig:
     """Adam lr of the group logits R. Chosen: same as V (the journal trains R "like h(V)", Sec. III-D)."""
     lr_oso: float = 1e-4
     """Adam lr of the OSO scale / offset. Chosen: 10x below V so OSO refines, not replaces, the weights."""
-    reg_weight: float = 0.01
-    """Rounding regulariser weight lambda_r (= lambda_g). BRECQ main_imagenet.py --weight 0.01 (0.1 for MobileNetV2)."""
+    reg_weight: float | None = None
+    """Rounding regulariser weight lambda_r (= lambda_g); None: :func:`default_reg_weight` of the model,
+    BRECQ main_imagenet.py --weight 0.01, and 0.1 for MobileNetV2 (BRECQ README, MobileNetV2 setting)."""
     warmup: float = 0.2
     """Fraction of iterations without regulariser. AdaRound Sec. 5 / BRECQ --warmup 0.2."""
     beta: tuple[float, float] = (20.0, 2.0)
@@ -75,6 +76,8 @@ class CalibConfig:
             raise ValueError(f"CalibConfig.base must be 'brecq' or 'qdrop', got {self.base!r}")
         if not 0 <= self.drop_prob <= 1 or not 0 <= self.warmup < 1 or not 0 < self.harden_at <= 1:
             raise ValueError("CalibConfig.drop_prob, warmup and harden_at must be fractions in [0, 1]")
+        if self.reg_weight is not None and not self.reg_weight >= 0:
+            raise ValueError(f"CalibConfig.reg_weight must be >= 0 or None, got {self.reg_weight}")
         if self.granularity < 1:
             raise ValueError(f"CalibConfig.granularity must be >= 1, got {self.granularity}")
 
@@ -89,6 +92,23 @@ class MethodSpec:
     qdrop: bool = False
     isg: bool = False
     oso: bool = False
+
+
+REG_WEIGHT = 0.01
+"""BRECQ main_imagenet.py --weight 0.01 (ResNets)."""
+REG_WEIGHT_MOBILENETV2 = 0.1
+"""BRECQ's published setting for MobileNetV2 (--weight 0.1)."""
+
+
+def is_mobilenet_v2(model) -> bool:
+    """True for a MobileNetV2: its class is named so, or it is built of InvertedResidual blocks."""
+    return type(model).__name__ == "MobileNetV2" or any(
+        type(m).__name__ == "InvertedResidual" for m in model.modules())
+
+
+def default_reg_weight(model) -> float:
+    """lambda_r when the user left ``CalibConfig.reg_weight`` at None: 0.1 for MobileNetV2, else 0.01."""
+    return REG_WEIGHT_MOBILENETV2 if is_mobilenet_v2(model) else REG_WEIGHT
 
 
 METHODS = ("rtn", "adaround", "brecq", "qdrop", "ioso", "qft", "qft+isg")

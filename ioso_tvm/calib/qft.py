@@ -9,6 +9,7 @@ loss between the quantized and the float model outputs.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass, replace
 
@@ -227,12 +228,24 @@ def _as_tensor(calib_data) -> torch.Tensor:
     return x.to(torch.float32)
 
 
+_SHARED = {"batch_size": "batch_size", "beta": "isg_beta", "act_init_samples": "calib_batch"}
+"""CalibConfig field -> QFTConfig field of the same meaning (mini-batch, ISG regulariser exponent
+schedule, samples for the activation-range initialisation); forwarded when set away from its default."""
+
+
 def _config(config) -> QFTConfig:
-    """QFTConfig as given; another config object (e.g. the calibration engine's) lends only its
-    ``seed`` and ``progress`` (its other hyper-parameters belong to other methods)."""
+    """QFTConfig as given; a CalibConfig lends ``seed``, ``progress`` and the fields of
+    :data:`_SHARED` that the user changed from their defaults (QFT keeps its own published defaults
+    otherwise); its other hyper-parameters belong to other methods."""
     if config is None or isinstance(config, QFTConfig):
         return config or QFTConfig()
-    return QFTConfig(**{k: getattr(config, k) for k in ("seed", "progress") if hasattr(config, k)})
+    kw = {k: getattr(config, k) for k in ("seed", "progress") if hasattr(config, k)}
+    if dataclasses.is_dataclass(config):
+        defaults = {f.name: f.default for f in dataclasses.fields(config)}
+        for src, dst in _SHARED.items():
+            if src in defaults and getattr(config, src) != defaults[src]:
+                kw[dst] = tuple(getattr(config, src)) if dst == "isg_beta" else int(getattr(config, src))
+    return QFTConfig(**kw)
 
 
 def run_qft(model: nn.Module, calib_data, wbits: int = 4, abits: int = 8,
