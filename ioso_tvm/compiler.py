@@ -1,13 +1,16 @@
 """Compile API: ``compile(model) -> CompiledModel``; ``CompiledModel.run/report/export``; ``load``.
 
-Pipeline for ``target="ioso_npu"``: ONNX import (``ioso_tvm.frontend``) -> fold the QDQ
-chains into integer layers (``ioso_tvm.passes.fold_qdq``) -> each layer a packed call of a
-registered runtime function (``target_npu.runtime``) -> ``tvm.compile(mod, "llvm")`` for the
-host part -> Relax VM. Chains that cannot be folded stay float QDQ ops run by the VM on the
-CPU; the log (``logging`` name ``ioso_tvm.compiler``) and :meth:`CompiledModel.report` name them
-with the reason.
+Pipeline for ``target="ioso_npu"`` (docs/compiler.md): ONNX import (``ioso_tvm.frontend``) ->
+fold the QDQ chains into integer layer markers (``ioso_tvm.passes.fold_qdq``) -> group
+permutation (``ioso_tvm.passes.permute_groups``) -> BYOC partition (``target_npu.partition``:
+pattern table with NPU checks, ``FuseOpsByPattern``, ``RunCodegen`` with ``relax.ext.ioso_npu``,
+dense convs lowered through TIR) -> ``tvm.compile(mod, "llvm")`` for the host part -> Relax VM.
+Chains that cannot be folded stay float QDQ ops run by the VM on the CPU; layers failing a
+partition check run on the CPU with ``hw_model.reference``; the log (``logging`` name
+``ioso_tvm.compiler``) and :meth:`CompiledModel.report` ``["fallbacks"]`` name both with the reason.
 
-Function names: ``ioso_npu.m<hash of model and config>.<layer index>``. The Relax VM looks
+Function names: ``ioso_npu.m<hash of model and config>.npu.<layer index>`` (NPU) and
+``ioso_npu.m<hash>.<layer index>`` (the same layer on the CPU). The Relax VM looks
 its packed functions up when it is created (checked on TVM 0.27), so two models compiled or
 loaded from the same file each keep the closures registered just before their VM was made.
 
