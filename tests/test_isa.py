@@ -170,3 +170,14 @@ def test_instruction_dataclasses_compare_and_serialise():
     assert Gemm.opcode == "GEMM" and Gemm.queue == "compute" and Load.queue == "load"
     r = Region("c", "float32", 2, "const", np.array([1.5, -2.0], np.float32))
     assert np.array_equal(Region.from_dict(json.loads(json.dumps(r.to_dict()))).data, r.data)
+
+
+def test_isa_facade_reexports_instructions_and_program():
+    import hw_model.instructions as ins_mod
+    import hw_model.isa as isa
+    import hw_model.program as prog_mod
+    for name in isa.__all__:
+        obj = getattr(isa, name)
+        src = ins_mod if hasattr(ins_mod, name) else prog_mod
+        assert getattr(src, name) is obj
+    assert isa.OPCODES["ALU_ADD"] is isa.AluAdd and isa.Program.validate is prog_mod.Program.validate
