@@ -24,6 +24,7 @@ import torch
 
 import ioso_tvm
 from ioso_tvm.calib.methods import CalibConfig
+from ioso_tvm.calib.qmodel import build_qmodel
 from ioso_tvm.export import export_onnx
 from ioso_tvm.models import build_model
 
@@ -34,14 +35,29 @@ def _mismatches(got: np.ndarray, want: np.ndarray) -> int:
     return int((got != want).sum()) if got.shape == want.shape else int(want.size)
 
 
+def _random_groups(qm: torch.nn.Module, rng: np.random.Generator) -> None:
+    """Seeded random ISG group per 16-channel block (granularity of NPUConfig) of each hard ISG."""
+    for mod in qm.modules():
+        isg = getattr(mod, "isg", None)
+        if isg is None or not hasattr(isg, "groups") or isg.channels % 16:
+            continue
+        blocks = rng.integers(0, isg.cfg.num_groups, isg.channels // 16)
+        isg.groups.copy_(torch.from_numpy(np.repeat(blocks, 16)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=["resnet18", "resnet50", "mobilenetv2"], default="resnet18")
     ap.add_argument("--size", choices=sorted(SIZES), default="cifar")
     ap.add_argument("--bits", default="W4A4", help="W<wbits>A<abits>: W2A4, W4A4 or W8A8")
-    ap.add_argument("--method", default="rtn", help="calibration method of ioso_tvm.calibrate (default rtn: cheap)")
+    ap.add_argument("--method", default="rtn",
+                    help="calibration method of ioso_tvm.calibrate (default rtn: cheap); 'none': build_qmodel with "
+                         "activation ranges of the calibration batch only (fastest)")
+    ap.add_argument("--random-groups", action="store_true",
+                    help="after calibration, give every 16-channel block of each layer input a seeded random ISG "
+                         "group (exercises the group permutation; exactness does not depend on the groups)")
     ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--calib", type=int, default=32, 
+    ap.add_argument("--calib", type=int, default=32,
                     help="calibration images (seeded random; calibrate needs >= batch size 32)")
     ap.add_argument("--iters", type=int, default=20,
                     help="weight and activation steps per block (chosen: a short run; exactness does not depend on it)")
@@ -55,10 +71,16 @@ def main() -> None:
     hw = SIZES[a.size]
     model = build_model(a.model, num_classes=10 if a.size == "cifar" else 1000).eval()
     t0 = time.perf_counter()
-    cfg = CalibConfig(num_samples=a.calib, batch_size=min(32, a.calib), iters=a.iters, act_iters=a.iters,
-                      act_init_samples=a.calib, seed=a.seed)
-    qm = ioso_tvm.calibrate(model, torch.randn(a.calib, 3, hw, hw), method=a.method, wbits=wbits, abits=abits,
-                            config=cfg)
+    data = torch.randn(a.calib, 3, hw, hw)
+    if a.method == "none":
+        qm = build_qmodel(model, (3, hw, hw), wbits, abits)
+        qm.init_act_scales(data)
+    else:
+        cfg = CalibConfig(num_samples=a.calib, batch_size=min(32, a.calib), iters=a.iters, act_iters=a.iters,
+                          act_init_samples=a.calib, seed=a.seed)
+        qm = ioso_tvm.calibrate(model, data, method=a.method, wbits=wbits, abits=abits, config=cfg)
+    if a.random_groups:
+        _random_groups(qm, np.random.default_rng(a.seed))
     calib_s = time.perf_counter() - t0
     x = torch.randn(a.batch, 3, hw, hw)
     onnx_model = export_onnx(qm, None, tuple(x.shape))
