@@ -75,6 +75,23 @@ def save_rows(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
+def merge_rows(out: Path, others: list[Path]) -> int:
+    """Add to ``out`` the rows of ``others`` whose key it lacks; returns how many were added."""
+    rows = load_rows(out)
+    done = {row_key(r) for r in rows}
+    added = 0
+    for f in others:
+        if not f.is_file():
+            raise ValueError(f"--merge: no such file {f}")
+        for r in load_rows(f):
+            if row_key(r) not in done:
+                rows.append(r)
+                done.add(row_key(r))
+                added += 1
+    save_rows(out, rows)
+    return added
+
+
 def top1(logits: np.ndarray, labels: np.ndarray) -> float:
     return float((logits.argmax(1) == labels).mean())
 
@@ -193,8 +210,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--iters", type=int, default=500,
                    help="weight-step iterations per block (chosen: fits the grid on a 2-core CPU; papers: 20000)")
-    p.add_argument("--act-iters", type=int, default=200,
-                   help="activation-step iterations per block (chosen as --iters; papers: 5000)")
+    p.add_argument("--act-iters", type=int, default=100,
+                   help="activation-step iterations per block (chosen: 1/5 of --iters; papers: 5000)")
     p.add_argument("--calib-images", type=int, default=1024, help="papers: 1024")
     p.add_argument("--test-images", type=int, default=None, help="default: the whole test set")
     p.add_argument("--shipped-data", dest="full_data", action="store_false",
@@ -202,7 +219,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default="benchmarks/results/accuracy.json")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny sizes")
     p.add_argument("--report", metavar="PNG", help="no runs: print the Markdown table of --out and plot it to PNG")
+    p.add_argument("--merge", nargs="+", metavar="JSON", default=[],
+                   help="first add the rows of these files (written by parallel runs) to --out; rows in --out win")
     args = p.parse_args(argv)
+    if args.merge:
+        merge_rows(Path(args.out), [Path(f) for f in args.merge])
     if args.report:
         rows = load_rows(Path(args.out))
         print(markdown_table(rows))

@@ -43,3 +43,17 @@ def test_bad_arguments(accuracy):
         accuracy.parse_bits("4x4")
     with pytest.raises(SystemExit):
         accuracy.main(["--methods", "gptq", "--out", "/nonexistent/x.json"])
+
+
+def test_merge_adds_missing_rows_only(accuracy, tmp_path):
+    base = {"model": "m", "wbits": 2, "abits": 4, "seed": 0, "top1": 0.5, "top1_deploy": 0.5}
+    out, other = tmp_path / "out.json", tmp_path / "other.json"
+    accuracy.save_rows(out, [{**base, "method": "brecq"}])
+    accuracy.save_rows(other, [{**base, "method": "brecq", "top1": 0.9}, {**base, "method": "qdrop"},
+                               {"model": "m", "fp_top1": 0.95}])
+    assert accuracy.merge_rows(out, [other]) == 2
+    rows = {accuracy.row_key(r): r for r in json.loads(out.read_text())}
+    assert len(rows) == 3 and rows[("m", 2, 4, "brecq", 0)]["top1"] == 0.5  # --out wins
+    assert accuracy.merge_rows(out, [other]) == 0
+    with pytest.raises(ValueError, match="missing.json"):
+        accuracy.merge_rows(out, [tmp_path / "missing.json"])
