@@ -111,3 +111,14 @@ def test_limits_name_the_violation(layer, words):
 def test_limits_accept_a_plain_conv():
     assert _limits(_layer(), "conv2d") is None
     assert set(KINDS.values()) == {"conv", "add", "maxpool", "gap"}
+
+
+def test_export_load_keeps_the_partition(tmp_path):
+    rng = np.random.default_rng(11)
+    b, y = _two_convs(rng, 64)
+    cm = ioso_tvm.compile(b.model([y]), config=TINY)
+    cm2 = ioso_tvm.load(cm.export(tmp_path / "m.tar"))
+    assert cm2.npu == cm.npu and cm2.cpu_reasons == cm.cpu_reasons
+    assert [f["op"] for f in cm2.report()["fallbacks"]] == ["conv2"]
+    x = rng.standard_normal(b.shape).astype(np.float32)
+    assert np.array_equal(cm2.run(x), b.run_reference(x, [y])[0])
