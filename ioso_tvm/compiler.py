@@ -106,7 +106,8 @@ class CompiledModel:
         return [o.numpy() for o in out]
 
     def report(self) -> dict[str, Any]:
-        """Per-layer device, cycles (last perf/both run, else the static estimate), µs, MAC utilisation."""
+        """Per-layer device, cycles (last perf/both run, else the static estimate), µs, MAC utilisation,
+        ``lowering`` ("tir": through target_npu.codegen, "build_layer": hw_model directly, None: CPU)."""
         if self._cycles is None:
             self._cycles = [runtime.layer_cycles(ly, self.config, p) for ly, p in zip(self.layers, self.programs)]
         rows = []
@@ -121,7 +122,8 @@ class CompiledModel:
                          "cpu_reason": None if prog is None and ly.kind == "input" else
                          (self.cpu_reasons.get(i) or runtime.make_program(ly, self.config)[1]
                           if prog is None else None),
-                         "isg_groups_used": 0 if gvec is None else int(len(np.unique(gvec)))})
+                         "isg_groups_used": 0 if gvec is None else int(len(np.unique(gvec))),
+                         "lowering": None if prog is None else "tir" if "tir" in prog.meta else "build_layer"})
         total = sum(r["cycles"] for r in rows)
         return {"target": self.target, "layers": rows, "total_cycles": total,
                 "total_us": total / self.config.clock_mhz,

@@ -45,6 +45,8 @@ def test_rejected_layer_stays_on_cpu_and_result_is_exact(caplog, seed):
     rep = cm.report()
     dev = {r["name"]: r["device"] for r in rep["layers"]}
     assert dev["conv1"] == "npu" and dev["conv2"] == "cpu"
+    low = {r["name"]: r["lowering"] for r in rep["layers"]}
+    assert low["conv1"] == "tir" and low["conv2"] is None
     fb = [f for f in rep["fallbacks"] if f["op"] == "conv2"]
     assert len(fb) == 1 and "fits the on-chip memories" in fb[0]["reason"]
     assert any("conv2" in r.getMessage() and "fits" in r.getMessage() for r in caplog.records)
