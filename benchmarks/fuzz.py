@@ -7,7 +7,7 @@ torch network quantized with ``build_qmodel`` (random bits and ISG groups) and e
 compiled output == ``QuantModel.deploy``. A failing case is saved (ONNX + seed) under
 ``--failures``. Prints one JSON line ``{"cases", "mismatches", "crashes", "seconds", "cases_per_s"}``.
 
-    python benchmarks/fuzz.py --cases 10000 --seed 0
+    python benchmarks/fuzz.py --cases 10000 --seed 0 [--jobs 2]
 """
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ import json
 import sys
 import time
 import traceback
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -84,39 +86,50 @@ def torch_case(rng: np.random.Generator) -> tuple[onnx.ModelProto, bool]:
     return m, bool(np.array_equal(ioso_tvm.compile(m).run(x.numpy()), want))
 
 
+def run_case(i: int, seed0: int, torch_every: int, failures: str) -> str:
+    """Run case ``i``; returns "ok", "mismatch" or "crash" (a failing case is saved under ``failures``)."""
+    torch.set_num_threads(1)
+    seed = seed0 * 1_000_003 + i
+    rng = np.random.default_rng(seed)
+    kind = "torch" if torch_every and i % torch_every == torch_every - 1 else "qdq"
+    model, why, status = None, None, "ok"
+    try:
+        model, ok = (torch_case if kind == "torch" else qdq_case)(rng)
+        if not ok:
+            why = status = "mismatch"
+    except Exception:  # a crash is what the fuzzer looks for: record it whole
+        why, status = traceback.format_exc(), "crash"
+    if why is not None:
+        out = Path(failures)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{kind}_{seed}.txt").write_text(f"seed {seed} kind {kind}\n{why}")
+        if model is not None:
+            onnx.save(model, str(out / f"{kind}_{seed}.onnx"))
+        tqdm.write(f"case {i} (seed {seed}, {kind}): {why.splitlines()[-1]}", file=sys.stderr)
+    return status
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--jobs", type=int, default=1, help="worker processes (cases are independent)")
     ap.add_argument("--torch-every", type=int, default=20, help="every N-th case is a calibrated torch network")
     ap.add_argument("--failures", default="benchmarks/out/fuzz_failures")
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
-    mismatches = crashes = 0
+    if args.cases < 0 or args.jobs < 1:
+        raise SystemExit("fuzz: --cases must be >= 0 and --jobs >= 1")
+    work = partial(run_case, seed0=args.seed, torch_every=args.torch_every, failures=args.failures)
     t0 = time.perf_counter()
-    for i in tqdm(range(args.cases), desc="fuzz", file=sys.stderr):
-        seed = args.seed * 1_000_003 + i
-        rng = np.random.default_rng(seed)
-        kind = "torch" if args.torch_every and i % args.torch_every == args.torch_every - 1 else "qdq"
-        model, why = None, None
-        try:
-            model, ok = (torch_case if kind == "torch" else qdq_case)(rng)
-            if not ok:
-                mismatches += 1
-                why = "mismatch"
-        except Exception:  # a crash is what the fuzzer looks for: record it whole
-            crashes += 1
-            why = traceback.format_exc()
-        if why is not None:
-            out = Path(args.failures)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / f"{kind}_{seed}.txt").write_text(f"seed {seed} kind {kind}\n{why}")
-            if model is not None:
-                onnx.save(model, str(out / f"{kind}_{seed}.onnx"))
-            tqdm.write(f"case {i} (seed {seed}, {kind}): {why.splitlines()[-1]}", file=sys.stderr)
+    bar = partial(tqdm, total=args.cases, desc="fuzz", file=sys.stderr)
+    if args.jobs == 1:
+        statuses = [work(i) for i in bar(range(args.cases))]
+    else:
+        with ProcessPoolExecutor(args.jobs) as pool:
+            statuses = list(bar(pool.map(work, range(args.cases), chunksize=8)))
     seconds = time.perf_counter() - t0
-    result = {"cases": args.cases, "mismatches": mismatches, "crashes": crashes, "seconds": round(seconds, 1),
-              "cases_per_s": round(args.cases / seconds, 2)}
+    result = {"cases": args.cases, "mismatches": statuses.count("mismatch"), "crashes": statuses.count("crash"),
+              "seconds": round(seconds, 1), "cases_per_s": round(args.cases / max(seconds, 1e-9), 2)}
     print(json.dumps(result))
     return result
 
