@@ -23,7 +23,7 @@ from ioso_tvm.calib.qmodel import build_qmodel
 from ioso_tvm.export import export_onnx
 from ioso_tvm.models import build_model
 
-STAGES = {"import": "import_onnx", "programs": "register_layer"}
+STAGES = {"import": "import_onnx", "programs": "make_program"}
 """Stage -> the function whose cumulative time it is (the rest of compile is "passes")."""
 
 
