@@ -36,7 +36,7 @@ def _check(seed: int) -> list[dict]:
     return fallbacks
 
 
-@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(0, 2**32 - 1))
 def test_random_graph_is_bit_exact(seed):
     _check(seed)
