@@ -135,7 +135,9 @@ def _int_bounds(lo_f: float, hi_f: float, s: float, zp: int, dtype: str) -> tupl
         lo = max(lo, int(np.rint(np.float32(lo_f) / np.float32(s))) + zp)
     if hi_f < math.inf:
         hi = min(hi, int(np.rint(np.float32(hi_f) / np.float32(s))) + zp)
-    return lo, hi
+    # an empty range (lo > hi: a clip bound rounds past the other) gives hi everywhere under the
+    # contract's clip = min(max(t, lo), hi); lo = hi is the same function and a valid NPU clip
+    return min(lo, hi), hi
 
 
 def _isg_groups(gamma: np.ndarray, c: int, cfg: NPUConfig, name: str) -> np.ndarray:
