@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from target_npu.cli_common import CLIError, Parser, existing_file, one_line, run_main
+from target_npu.cli_common import CLIError, Parser, one_line, read_npz, run_main
 
 METHODS = ("ioso", "brecq", "qdrop", "adaround", "rtn", "qft", "qft+isg")
 DEFAULT_SAMPLES = 1024
@@ -38,12 +37,7 @@ def load_calib_inputs(data: str, num_samples: int, shape: tuple[int, ...]) -> np
         images, _ = datasets.load_calib_set(min(num_samples, DEFAULT_SAMPLES))
         x = datasets.to_model_input(images)
     else:
-        path = existing_file(data, "--data file", (".npz",))
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-        except (ValueError, OSError, zipfile.BadZipFile) as e:
-            raise CLIError(f"--data {data!r} is not a readable npz without pickle ({one_line(e)})") from None
+        arrays = read_npz(data, "--data")
         if "x" in arrays:
             x = arrays["x"]
             if x.dtype.kind != "f":

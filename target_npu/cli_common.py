@@ -79,3 +79,17 @@ def run_main(prog: str, parse: Callable[[Sequence[str]], argparse.Namespace], ar
         kind = "" if isinstance(e, known) else f"{type(e).__name__}: "
         print(f"{prog}: error: {kind}{one_line(e)}", file=sys.stderr)
         return 1
+
+
+def read_npz(path: str, flag: str) -> dict:
+    """Arrays of the ``.npz`` file named by command-line option ``flag`` (no pickle); else CLIError."""
+    import zipfile
+
+    import numpy as np
+
+    p = existing_file(path, f"{flag} file", (".npz",))
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (ValueError, OSError, zipfile.BadZipFile) as e:
+        raise CLIError(f"{flag} {path!r} is not a readable npz without pickle ({one_line(e)})") from None

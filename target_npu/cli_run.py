@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from hw_model.config import NPUConfig
-from target_npu.cli_common import CLIError, compile_api, existing_file, one_line
+from target_npu.cli_common import CLIError, compile_api, existing_file, read_npz
 
 
 def _input_specs(compiled: Any, path: Path) -> list[tuple[str, tuple[int, ...], str]]:
@@ -35,12 +34,7 @@ def make_inputs(specs: Sequence[tuple[str, tuple[int, ...], str]], npz: str | No
     """
     given: dict[str, np.ndarray] = {}
     if npz is not None:
-        p = existing_file(npz, "--inputs file", (".npz",))
-        try:
-            with np.load(p, allow_pickle=False) as z:
-                given = {k: z[k] for k in z.files}
-        except (ValueError, OSError, zipfile.BadZipFile) as e:
-            raise CLIError(f"--inputs {npz!r} is not a readable npz without pickle ({one_line(e)})") from None
+        given = read_npz(npz, "--inputs")
     names = [s[0] for s in specs]
     unknown = sorted(set(given) - set(names))
     if unknown:
