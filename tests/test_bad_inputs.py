@@ -270,12 +270,11 @@ CLI = [  # id, argv (with {m} = a saved model, {t} = the tmp folder), words of t
 ]
 
 
-@pytest.mark.parametrize("argv", [c[1] for c in CLI], ids=[c[0] for c in CLI])
-def test_cli_one_line_error(tmp_path, capsys, argv):
+@pytest.mark.parametrize("argv, word", [c[1:] for c in CLI], ids=[c[0] for c in CLI])
+def test_cli_one_line_error(tmp_path, capsys, argv, word):
     m = _saved(tmp_path)
     rc = tvmc([a.format(m=m, t=tmp_path) for a in argv])
     err = capsys.readouterr().err.strip().splitlines()
-    word = CLI[[c[1] for c in CLI].index(argv)][2]
     assert rc != 0 and len(err) == 1 and word in err[0], err
 
 

@@ -111,9 +111,7 @@ class Engine:
             target = self._cache(self._run_block(block, fp_in.full(), quant=False), f"b{bi}_fp")
             q_in = self._cache(self._run_block(block, q_in.full(), quant=True), f"b{bi}_q")
             fp_in = target
-        for bi, block in enumerate(self.blocks):
-            if bi < start:
-                continue
+        for bi, block in enumerate(self.blocks[start:], start):
             target = self._cache(self._run_block(block, fp_in.full(), quant=False), f"b{bi}_fp")
             self.calibrate_block(block, q_in, fp_in, target)
             q_out = self._run_block(block, q_in.full(), quant=True)
