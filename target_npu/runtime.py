@@ -14,8 +14,8 @@ Modes: ``func`` runs the functional simulator only; ``perf`` and ``both`` run it
 cycle model (mode ``both``: outputs are always needed by later layers) and record the cycles
 per layer in the :class:`Profile`.
 
-A layer whose spec or program ``hw_model`` rejects (for example mixed input dtypes of an
-add) is computed with ``hw_model.reference`` on the CPU; :func:`make_program` returns the
+A layer whose spec or program ``hw_model`` rejects (for example a conv whose smallest tile
+does not fit the accumulator) is computed with ``hw_model.reference`` on the CPU; :func:`make_program` returns the
 reason, which the compile report lists.
 """
 from __future__ import annotations
