@@ -1,112 +1,216 @@
 """NPU program of a conv / linear layer generated from its scheduled, tensorized TIR.
 
-:func:`lower_conv` schedules the layer (:func:`target_npu.schedule.schedule_conv`), then walks the
-PrimFunc with ``tvm_ffi.structural_walk``: the loops (outer to inner, ``*_init`` loops of the
-decomposed reduction left out), the ``ioso_npu_mac16x16`` calls of the tensorized MAC and the
-``ioso_npu.nbuf`` annotation. From the loop nest it reads the tile geometry the hardware runs
-(rows per tile = extent of ``y_1``, output blocks per tile = ``kb_1``, input blocks per tile =
-``cb_1``, loop order = whether ``kb_0`` encloses ``y_0``) and checks that the MACs of the nest
-(enclosing extents x 16 x 16 per call) cover the layer. The instructions are then emitted through
-``hw_model.layers.build_conv`` with that geometry (Load/Gemm/GroupShiftAdd/NormActQuant/Store,
-dependency tokens); the walk result is kept in ``Program.meta["tir"]``.
+:func:`lower_conv` schedules the layer (:func:`target_npu.schedule.schedule_conv`: one nest per
+output tile holding the MAC stage of every ISG group, the group shift-add steps and NORM/ACT/QUANT,
+each tensorized) and walks the PrimFunc. Every tensorized block becomes a :class:`Stage`: its
+intrinsic (read from the extern call), the loops around it and which loops each block iter var
+depends on. From the stages it reads what the hardware runs:
 
-Lowered geometries are cached by (layer shape, knobs) (:func:`target_npu.schedule.tiling_key`):
-the schedule runs once per distinct layer shape and tiling, weights do not enter the key.
+- the tile geometry: rows per tile and output blocks per tile = the inner loops of the
+  NORM/ACT/QUANT stage's ``y`` and ``kb`` bindings; loop order = which outer loop comes first;
+  input blocks per tile = the ``ioso_npu.cb_tile`` annotation of the MAC stages, checked against
+  each group's inner input-block loop (a group's tile is the knob clipped to its size);
+- the ISG accumulator sequence: the shift-add intrinsics in stage order give (sign, init) per
+  group, checked against the contract order of the layer's groups;
+- the output dtype of the NORM/ACT/QUANT intrinsic, checked against the layer.
+
+It checks that the MAC calls cover the layer (loop extents x 16 x 16 per call), then emits the
+instructions through ``hw_model.layers.build_conv`` with that geometry (Load / Gemm /
+GroupShiftAdd / NormActQuant / Store and the dependency tokens), and checks the program against
+the TIR: one NORM_ACT_QUANT per output tile and, per tile, the shift-add signs in the TIR's order.
+The walk is kept in ``Program.meta["tir"]``. Walks are cached by (layer shape, groups, knobs):
+weights do not enter the key.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import tvm
 import tvm_ffi
-from tvm import tirx
+from tvm import s_tir, tirx
 
 from hw_model.config import NPUConfig
-from hw_model.isa import Program
+from hw_model.isa import GroupShiftAdd, NormActQuant, Program
 from hw_model.layer_specs import ConvSpec, LinearSpec, Tiling
 from hw_model.layers import build_conv, default_tiling
 from target_npu import intrinsics
-from target_npu.schedule import schedule_conv, tile_domain, tiling_key
+from target_npu.schedule import CB_TILE_ATTR, NBUF_ATTR, schedule_conv, single_unity, tile_domain, tiling_key, var_names
 
 
 @dataclass(frozen=True)
-class LoopNest:
-    """What the walk of a scheduled conv PrimFunc found."""
+class Stage:
+    """One tensorized block of the walked PrimFunc."""
 
-    loops: tuple[tuple[str, int], ...]  # (loop var name, extent), outer to inner, MAC nest only
-    mac_calls: int  # call sites of the MAC extern
-    mac_iterations: int  # product of the extents enclosing the MAC call
-    nbuf: int
+    block: str  # block name, e.g. "mac_0_update_o"
+    extern: str  # extern symbol of its intrinsic
+    loops: tuple[tuple[str, int], ...]  # enclosing loops (name, extent), outer to inner
+    binds: tuple[tuple[str, tuple[str, ...]], ...]  # block iter var -> loop names it uses, outer to inner
+    attrs: tuple[tuple[str, int], ...]
 
-    def extent(self, name: str) -> int:
-        for n, e in self.loops:
-            if n == name:
-                return e
-        raise ValueError(f"loop {name!r} not in the scheduled conv (loops {[n for n, _ in self.loops]})")
+    def extent(self, loop: str) -> int:
+        return dict(self.loops)[loop]
 
-    def tiling(self) -> Tiling:
-        names = [n for n, _ in self.loops]
-        order = "ob_outer" if names.index("kb_0") < names.index("y_0") else "sp_outer"
-        return Tiling(ob_tile=self.extent("kb_1"), rows=self.extent("y_1"), cb_tile=self.extent("cb_1"),
-                      loop_order=order, nbuf=self.nbuf)
+    def bound(self, var: str) -> tuple[str, ...]:
+        return dict(self.binds).get(var, ())
+
+    def calls(self) -> int:
+        """How many times the intrinsic runs: product of the enclosing extents."""
+        out = 1
+        for _, e in self.loops:
+            out *= e
+        return out
 
 
-def walk(func: tirx.PrimFunc) -> LoopNest:
-    """Loops, MAC calls and buffer count of a PrimFunc scheduled by :func:`schedule_conv`."""
-    loops: list[tuple[str, int]] = []
-    calls: list[Any] = []
-    nbuf: list[int] = []
-
-    def on_for(f: Any) -> None:
-        if not f.loop_var.name.endswith("_init"):
-            loops.append((f.loop_var.name, int(f.extent)))
+def _extern_of(stmt: Any) -> str | None:
+    """Symbol of the first NPU extern call in ``stmt`` (None if there is none)."""
+    found: list[str] = []
 
     def on_call(c: Any) -> None:
-        if c.op.name == "tirx.call_extern" and c.args[0].value == intrinsics.EXTERN:
-            calls.append(c)
+        if c.op.name == "tirx.call_extern" and c.args[0].value.startswith("ioso_npu_"):
+            found.append(c.args[0].value)
 
-    def on_block(b: Any) -> None:
-        if "ioso_npu.nbuf" in b.annotations:
-            nbuf.append(int(b.annotations["ioso_npu.nbuf"]))
-
-    tvm_ffi.structural_walk(func.body, callbacks=[(tirx.For, on_for), (tvm.ir.Call, on_call),
-                                                  (tvm.s_tir.SBlock, on_block)], order="pre")
-    iters = 1
-    for _, e in loops:
-        iters *= e
-    return LoopNest(tuple(loops), len(calls), iters, nbuf[0] if nbuf else 1)
+    tvm_ffi.structural_walk(stmt, callbacks=[(tvm.ir.Call, on_call)], order="pre")
+    return found[0] if found else None
 
 
-_CACHE: dict[tuple[Any, ...], LoopNest] = {}
+def walk(func: tirx.PrimFunc) -> list[Stage]:
+    """The tensorized stages of a PrimFunc scheduled by :func:`schedule_conv`, in program order."""
+    stages: list[Stage] = []
+
+    def visit(stmt: Any, stack: list[tuple[str, int]]) -> None:
+        if isinstance(stmt, tirx.For):
+            visit(stmt.body, [*stack, (stmt.loop_var.name, int(stmt.extent))])
+        elif isinstance(stmt, tirx.SeqStmt):
+            for s in stmt.seq:
+                visit(s, stack)
+        elif isinstance(stmt, s_tir.SBlockRealize):
+            blk = stmt.block
+            ext = _extern_of(blk.body) if not isinstance(blk.body, (tirx.For, tirx.SeqStmt)) else None
+            if ext is not None:
+                loop_names = [n for n, _ in stack]
+                binds = tuple((iv.var.name, tuple(n for n in loop_names if n in var_names(v)))
+                              for iv, v in zip(blk.iter_vars, stmt.iter_values, strict=True))
+                attrs = tuple((k, int(v)) for k, v in blk.annotations.items() if k.startswith("ioso_npu."))
+                stages.append(Stage(blk.name_hint, ext, tuple(stack), binds, attrs))
+            else:
+                visit(blk.body, stack)
+        elif hasattr(stmt, "body"):
+            visit(stmt.body, stack)
+
+    visit(func.body, [])
+    return stages
 
 
-def lower_nest(spec: ConvSpec, tiling: Tiling) -> LoopNest:
-    """Schedule + tensorize + walk, cached by (shape, knobs); checks the nest covers the layer."""
-    key = tiling_key(spec, tiling)
-    nest = _CACHE.get(key)
-    if nest is None:
-        nest = walk(schedule_conv(spec, tiling).mod["main"])
-        d = tile_domain(spec, tiling)
-        want = d["n"] * d["oh"] * d["ow"] * d["kb"] * d["cb"] * d["kh"] * d["kw"]
-        if nest.mac_calls != 1 or nest.mac_iterations != want:
-            raise ValueError(f"TIR lowering of {spec.__class__.__name__}: {nest.mac_calls} MAC call(s) over "
-                             f"{nest.mac_iterations} iterations, expected 1 over {want}")
-        _CACHE[key] = nest
-    return nest
+@dataclass(frozen=True)
+class LoweredLayer:
+    """What the walk of one scheduled layer says the hardware runs."""
+
+    stages: tuple[Stage, ...]
+    tiling: Tiling
+    shift_adds: tuple[tuple[int, bool], ...]  # (sign, init) per group in accumulation order; () = none
+    out_dtype: str
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"stages": [{"block": s.block, "extern": s.extern, "loops": [list(x) for x in s.loops]}
+                           for s in self.stages], "shift_adds": [list(x) for x in self.shift_adds]}
+
+
+_SIGN_OF = {v: k for k, v in intrinsics.SIGNS.items()}
+
+
+def _segment(stage: Stage) -> int:
+    """Group segment j of a ``mac_<j>_...`` / ``shift_add_<j>_...`` block."""
+    return int(re.match(r"(?:mac|shift_add)_(\d+)_", stage.block).group(1))
+
+
+def stages_of(stages: tuple[Stage, ...] | list[Stage], prefix: str) -> list[Stage]:
+    """The stages whose intrinsic extern starts with ``prefix``, by group segment when they have one."""
+    out = [s for s in stages if s.extern.startswith(prefix)]
+    return out if prefix.startswith("ioso_npu_norm") else sorted(out, key=_segment)
+
+
+def read_layer(stages: list[Stage]) -> LoweredLayer:
+    """Tile geometry, shift-add sequence and output dtype from the walked stages (see module docstring)."""
+    macs = stages_of(stages, intrinsics.EXTERN)
+    gsas = stages_of(stages, "ioso_npu_shift_add_")
+    norms = stages_of(stages, "ioso_npu_norm_act_quant_")
+    if len(norms) != 1 or not macs:
+        raise ValueError(f"TIR lowering: expected MAC stages and one NORM/ACT/QUANT stage, got "
+                         f"{[s.extern for s in stages]}")
+    norm = norms[0]
+    y_loops, kb_loops = norm.bound("v_y_o"), norm.bound("v_kb_o")
+    names = [n for n, _ in norm.loops]
+    order = "ob_outer" if names.index(kb_loops[0]) < names.index(y_loops[0]) else "sp_outer"
+    attrs = dict(macs[0].attrs)
+    tiling = Tiling(ob_tile=norm.extent(kb_loops[-1]), rows=norm.extent(y_loops[-1]),
+                    cb_tile=attrs[CB_TILE_ATTR], loop_order=order, nbuf=attrs[NBUF_ATTR])
+    shift = []
+    for s in gsas:  # ioso_npu_shift_add_<sign>_<init|acc>_s<n>
+        *_, sign, kind, _ = s.extern.split("_")
+        shift.append((_SIGN_OF[sign], kind == "init"))
+    return LoweredLayer(tuple(stages), tiling, tuple(shift), norm.extern.rsplit("_", 1)[1])
+
+
+_CACHE: dict[tuple[Any, ...], LoweredLayer] = {}
+
+
+def lower_layer(spec: ConvSpec, tiling: Tiling, cfg: NPUConfig) -> LoweredLayer:
+    """Schedule + tensorize + walk, cached; checks the walk against the layer (coverage, groups, dtype)."""
+    key = tiling_key(spec, tiling, cfg)
+    low = _CACHE.get(key)
+    if low is not None:
+        return low
+    low = read_layer(walk(schedule_conv(spec, tiling, cfg).mod["main"]))
+    d = tile_domain(spec, tiling, cfg)
+    macs = stages_of(low.stages, intrinsics.EXTERN)
+    want = d["n"] * d["oh"] * d["ow"] * d["kb"] * d["cb"] * d["kh"] * d["kw"]
+    got = sum(s.calls() for s in macs)
+    want_gsa = () if single_unity(d, cfg) else tuple((cfg.isg_group_signs[g], j == 0)
+                                                      for j, (g, *_r) in enumerate(d["segs"]))
+    cb_inner = [s.extent(s.bound("v_cb_o")[-1]) if s.bound("v_cb_o") else 1 for s in macs]
+    problems = []
+    if got != want or len(macs) != len(d["segs"]):
+        problems.append(f"{len(macs)} MAC stage(s) making {got} calls, expected {len(d['segs'])} making {want}")
+    if cb_inner != [cbt for *_r, cbt in d["segs"]]:
+        problems.append(f"input tiles per group {cb_inner}, expected {[cbt for *_r, cbt in d['segs']]}")
+    if low.shift_adds != want_gsa:
+        problems.append(f"shift-add sequence {low.shift_adds}, expected {want_gsa}")
+    if low.out_dtype != spec.out_dtype:
+        problems.append(f"output dtype {low.out_dtype}, expected {spec.out_dtype}")
+    if problems:
+        raise ValueError(f"TIR lowering of {spec.__class__.__name__}: " + "; ".join(problems))
+    _CACHE[key] = low
+    return low
+
+
+def _check_program(prog: Program, low: LoweredLayer) -> None:
+    """The emitted program runs what the TIR says: one NORM per output tile, the TIR's shift-add signs."""
+    naq = sum(isinstance(i, NormActQuant) for i in prog.instrs)
+    norm = next(s for s in low.stages if s.extern.startswith("ioso_npu_norm_act_quant_"))
+    outer = norm.bound("v_y_o")[:-1] + norm.bound("v_kb_o")[:-1] + norm.bound("v_n")
+    tiles = 1
+    for name in set(outer):
+        tiles *= norm.extent(name)
+    signs = [i.sign for i in prog.instrs if isinstance(i, GroupShiftAdd)]
+    per_tile = [s for s, _ in low.shift_adds]
+    if naq != tiles or (per_tile and signs[:len(per_tile)] != per_tile) or (not per_tile and signs):
+        raise ValueError(f"program does not follow its TIR: {naq} NORM for {tiles} tiles, shift-add signs "
+                         f"{signs[:len(per_tile) or 3]} for {per_tile}")
 
 
 def lower_conv(spec: ConvSpec | LinearSpec, tiling: Tiling | None, cfg: NPUConfig) -> Program:
-    """The NPU program of a dense conv / linear layer, its tile geometry read from the scheduled TIR."""
+    """The NPU program of a dense conv / linear layer, generated from its scheduled TIR."""
     conv = spec.as_conv() if isinstance(spec, LinearSpec) else spec
     if not isinstance(conv, ConvSpec):
         raise TypeError(f"lower_conv: spec must be a ConvSpec or LinearSpec, got {type(spec).__name__}")
     conv.check(cfg)
     tiling = default_tiling(conv, cfg) if tiling is None else tiling
-    nest = lower_nest(conv, tiling)
-    prog = build_conv(conv, nest.tiling(), cfg)
-    prog.meta["tir"] = {"loops": [list(x) for x in nest.loops], "mac_calls": nest.mac_calls,
-                        "mac_iterations": nest.mac_iterations}
+    low = lower_layer(conv, tiling, cfg)
+    prog = build_conv(conv, low.tiling, cfg)
+    _check_program(prog, low)
+    prog.meta["tir"] = low.to_meta()
     if isinstance(spec, LinearSpec):
         prog.meta["layer"] = "linear"
     return prog

@@ -1,83 +1,197 @@
-"""Conv / linear layers as TIR: a blocked NHWC16c PrimFunc scheduled with the ``Tiling`` knobs.
+"""Conv / linear layers as TIR: the whole layer (MAC, ISG shift-add, NORM/ACT/QUANT), scheduled by ``Tiling``.
 
-:func:`conv_primfunc` describes the MAC part of a conv in TE: data ``(N, Hp, Wp, CB, 16)`` int8
-(pre-padded, channels in 16-blocks innermost), kernel ``(KB, CB, KH, KW, 16c, 16k)`` int8, output
-``(N, OHt, OW, KB, 16)`` int32. The output rows, output blocks and input blocks are rounded up to
-whole tiles (the builder clips the edge tiles), so every split is exact and tensorize sees no
-predicate. :func:`schedule_conv` applies the knobs of ``hw_model.layer_specs.Tiling``:
+:func:`conv_primfunc` writes the layer in TE, blocked NHWC16c, in the contract's order:
 
-- ``rows`` output rows per tile, ``ob_tile`` output blocks, ``cb_tile`` input blocks;
-- ``loop_order`` ``ob_outer`` (n, kb_o, oh_o, cb_o, ...) or ``sp_outer`` (n, oh_o, kb_o, cb_o, ...);
-- ``nbuf`` recorded as the block annotation ``ioso_npu.nbuf``;
+- ``mac_<j>`` for each ISG group segment j (contract order: scaled groups first, then unity; see
+  ``hw_model.layers.group_order_blocks``): the group's partial sum D1 ``(N, OHt, OW, KBt, 16)`` int32
+  over its own input blocks, from data ``(N, Hp, Wp, CBt, 16)`` int8 (pre-padded) and kernel
+  ``(KBt, CBt, KH, KW, 16c, 16k)`` int8;
+- ``shift_add_<j>``: D2 = shift(D1 of group j) (+ D2 of the groups before), the ISG accumulator step
+  (absent when the layer has a single unity group: its MACs write D2 directly, as on the hardware);
+- ``norm_act_quant``: the output ``(N, OHt, OW, KBt, 16)`` int8/uint8 from D2, ``m``/``b`` (KBt, 16)
+  float32 and ``clip`` = (lo, hi) int32.
 
-then ``decompose_reduction`` and ``tensorize`` of the (16 out x 16 in) pixel MAC with
-``ioso_npu.mac16x16`` (:mod:`target_npu.intrinsics`). Dense convs only (groups == 1, linear as 1x1).
+Output rows and blocks are rounded up to whole tiles, and each group's input blocks to whole input
+tiles (the builder clips the edge tiles and packs a group's tail with the next group's head in one
+input tile), so every split is exact and tensorize sees no predicate. :func:`schedule_conv` applies
+the knobs of ``hw_model.layer_specs.Tiling`` to every stage: ``rows`` output rows and ``ob_tile``
+output blocks per tile, ``cb_tile`` input blocks per MAC tile, ``loop_order`` (``ob_outer``: n, kb_0,
+y_0, ...; ``sp_outer``: n, y_0, kb_0, ...), ``nbuf`` and ``cb_tile`` as annotations; then it
+decomposes the MAC reductions and tensorizes each stage with its intrinsic
+(:mod:`target_npu.intrinsics`). Dense convs only (groups == 1; a linear layer as a 1x1 conv).
 """
 from __future__ import annotations
 
 from typing import Any
 
-import tvm
-from tvm import te
+import tvm_ffi
+from tvm import te, tirx
 from tvm.s_tir import Schedule
 
+from hw_model.builder import channel_slots
+from hw_model.config import DEFAULT_CONFIG, NPUConfig
 from hw_model.layer_specs import ConvSpec, Tiling, conv_geometry
+from hw_model.layers import group_order_blocks
 from target_npu import intrinsics
 
 B = intrinsics.N
+NBUF_ATTR = "ioso_npu.nbuf"
+"""Block annotation of the MAC stages: the ``nbuf`` knob (buffers per on-chip tile)."""
+CB_TILE_ATTR = "ioso_npu.cb_tile"
+"""Block annotation of the MAC stages: the ``cb_tile`` knob (input blocks per input tile; the builder's
+input tiles may span a group boundary, each group's TIR loop is the knob clipped to the group)."""
 
 
 def _ceil(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def tile_domain(spec: ConvSpec, t: Tiling) -> dict[str, int]:
-    """Loop extents of the tiled conv: output rows/blocks/input blocks rounded up to whole tiles."""
-    oh, ow, kb, cb = conv_geometry(spec)
-    rows, ob, cbt = min(t.rows, oh), min(t.ob_tile, kb), min(t.cb_tile, cb)
-    return {"n": spec.n, "oh": _ceil(oh, rows) * rows, "ow": ow, "kb": _ceil(kb, ob) * ob,
-            "cb": _ceil(cb, cbt) * cbt, "rows": rows, "ob": ob, "cbt": cbt, "kh": spec.kh, "kw": spec.kw}
+def group_segments(spec: ConvSpec, cfg: NPUConfig) -> list[tuple[int, int, int]]:
+    """(group, first input block, end block) of each ISG group of ``spec`` in contract order."""
+    _, bgroups = channel_slots(spec.c, spec.isg_groups, cfg)
+    return group_order_blocks(bgroups, cfg)
 
 
-def conv_primfunc(spec: ConvSpec, t: Tiling) -> tvm.tirx.PrimFunc:
-    """The MAC loop nest of ``spec`` as a PrimFunc (see the module docstring for the layout)."""
-    if spec.groups != 1:
-        raise ValueError(f"conv_primfunc: groups={spec.groups}; only dense convs are lowered through TIR")
-    d = tile_domain(spec, t)
+def tile_domain(spec: ConvSpec, t: Tiling, cfg: NPUConfig = DEFAULT_CONFIG) -> dict[str, Any]:
+    """Extents of the tiled layer: output rows/blocks rounded up to whole tiles; per group segment
+    (``segs``: group, offset in the padded input blocks, padded block count, input tile)."""
+    oh, ow, kb, _ = conv_geometry(spec)
+    rows, ob = min(t.rows, oh), min(t.ob_tile, kb)
+    segs, off = [], 0
+    for g, a, e in group_segments(spec, cfg):
+        cbt = min(t.cb_tile, e - a)
+        blocks = _ceil(e - a, cbt) * cbt
+        segs.append((g, off, blocks, cbt))
+        off += blocks
+    return {"n": spec.n, "oh": _ceil(oh, rows) * rows, "ow": ow, "kb": _ceil(kb, ob) * ob, "cb": off,
+            "rows": rows, "ob": ob, "kh": spec.kh, "kw": spec.kw, "segs": segs}
+
+
+def single_unity(d: dict[str, Any], cfg: NPUConfig) -> bool:
+    """True when the layer has one group of factor 1: no shift-add stage."""
+    return len(d["segs"]) == 1 and cfg.isg_group_signs[d["segs"][0][0]] == 0
+
+
+def _shift_add_stage(j: int, part: te.Tensor, prev: te.Tensor | None, sign: int, shift: int) -> te.Tensor:
+    """D2 after group segment j: shift(D1) (+ the D2 of the segments before)."""
+    if prev is None:
+        return te.compute(part.shape, lambda *i: intrinsics.group_shift(part(*i), sign, shift), name=f"shift_add_{j}")
+    return te.compute(part.shape, lambda *i: prev(*i) + intrinsics.group_shift(part(*i), sign, shift),
+                      name=f"shift_add_{j}")
+
+
+def primfunc_shapes(spec: ConvSpec, t: Tiling, cfg: NPUConfig = DEFAULT_CONFIG) -> dict[str, tuple[int, ...]]:
+    """Buffer shapes of :func:`conv_primfunc`: data, ker, m (= b), out."""
+    d = tile_domain(spec, t, cfg)
     (sh, sw), (dh, dw) = spec.stride, spec.dilation
     hp = (d["oh"] - 1) * sh + dh * (spec.kh - 1) + 1
     wp = (d["ow"] - 1) * sw + dw * (spec.kw - 1) + 1
-    data = te.placeholder((d["n"], hp, wp, d["cb"], B), "int8", name="data")
-    ker = te.placeholder((d["kb"], d["cb"], spec.kh, spec.kw, B, B), "int8", name="ker")
-    cb = te.reduce_axis((0, d["cb"]), "cb")
-    r = te.reduce_axis((0, spec.kh), "r")
-    s = te.reduce_axis((0, spec.kw), "s")
-    ci = te.reduce_axis((0, B), "ci")
-    out = te.compute((d["n"], d["oh"], d["ow"], d["kb"], B), lambda n, y, x, kb, k: te.sum(
-        data[n, y * sh + r * dh, x * sw + s * dw, cb, ci].astype("int32")
-        * ker[kb, cb, r, s, ci, k].astype("int32"), axis=[cb, r, s, ci]), name="mac")
-    return te.create_prim_func([data, ker, out])
+    return {"data": (d["n"], hp, wp, d["cb"], B), "ker": (d["kb"], d["cb"], spec.kh, spec.kw, B, B),
+            "m": (d["kb"], B), "out": (d["n"], d["oh"], d["ow"], d["kb"], B)}
 
 
-def schedule_conv(spec: ConvSpec, t: Tiling) -> Schedule:
-    """Split/reorder by the knobs, decompose the reduction and tensorize the pixel MAC."""
+def conv_primfunc(spec: ConvSpec, t: Tiling, cfg: NPUConfig = DEFAULT_CONFIG) -> tirx.PrimFunc:
+    """The layer as a PrimFunc (see the module docstring for stages and layouts)."""
+    if spec.groups != 1:
+        raise ValueError(f"conv_primfunc: groups={spec.groups}; only dense convs are lowered through TIR")
+    d = tile_domain(spec, t, cfg)
+    (sh, sw), (dh, dw) = spec.stride, spec.dilation
+    shapes = primfunc_shapes(spec, t, cfg)
+    shape = shapes["out"]
+    data = te.placeholder(shapes["data"], "int8", name="data")
+    ker = te.placeholder(shapes["ker"], "int8", name="ker")
+
+    def mac(j: int, off: int, blocks: int) -> te.Tensor:
+        cb = te.reduce_axis((0, blocks), "cb")
+        r, s, ci = te.reduce_axis((0, spec.kh), "r"), te.reduce_axis((0, spec.kw), "s"), te.reduce_axis((0, B), "ci")
+        return te.compute(shape, lambda n, y, x, kb, k: te.sum(
+            data[n, y * sh + r * dh, x * sw + s * dw, off + cb, ci].astype("int32")
+            * ker[kb, off + cb, r, s, ci, k].astype("int32"), axis=[cb, r, s, ci]), name=f"mac_{j}")
+
+    d1 = [mac(j, off, blocks) for j, (_, off, blocks, _) in enumerate(d["segs"])]
+    acc = d1[0]
+    if not single_unity(d, cfg):
+        acc = None
+        for j, (g, *_rest) in enumerate(d["segs"]):
+            acc = _shift_add_stage(j, d1[j], acc, cfg.isg_group_signs[g], cfg.isg_shift)
+    m = te.placeholder(shapes["m"], "float32", name="m")
+    bias = te.placeholder(shapes["m"], "float32", name="b")
+    clip = te.placeholder((2,), "int32", name="clip")
+    out = te.compute(shape, lambda n, y, x, kb, k: te.max(te.min(tirx.nearbyint(
+        acc[n, y, x, kb, k].astype("float32") * m[kb, k] + bias[kb, k]).astype("int32"), clip[1]),
+        clip[0]).astype(spec.out_dtype), name="norm_act_quant")
+    return te.create_prim_func([data, ker, m, bias, clip, out])
+
+
+def var_names(expr: Any) -> list[str]:
+    """Names of the TIR vars in ``expr`` (pre-order, repeats kept)."""
+    names: list[str] = []
+    tvm_ffi.structural_walk(expr, callbacks=[(tirx.Var, lambda v: names.append(v.name))], order="pre")
+    return names
+
+
+def _loops_by_var(sch: Schedule, blk: Any, skip: int) -> dict[str, Any]:
+    """The loops of ``blk`` below its ``skip`` outermost ones, keyed by the block iter var (``v_y``,
+    ``v_cb``, ...) each one binds; an iter var that binds none of them is absent."""
+    loops = sch.get_loops(blk)
+    by_name = {sch.get(lp).loop_var.name: lp for lp in loops[skip:]}
+    realize = sch.get(loops[-1]).body
+    out = {}
+    for iv, value in zip(realize.block.iter_vars, realize.iter_values, strict=True):
+        names = var_names(value)
+        inner = [nm for nm in by_name if nm in names]
+        if inner:
+            out[iv.var.name] = by_name[inner[-1]]
+    return out
+
+
+def schedule_conv(spec: ConvSpec, t: Tiling, cfg: NPUConfig = DEFAULT_CONFIG) -> Schedule:
+    """One loop nest per output tile, as the hardware runs it: the NORM/ACT/QUANT stage is tiled by
+    (rows, ob_tile) in ``loop_order``; every MAC and shift-add stage is computed at the tile loop;
+    each MAC stage splits its input blocks by ``cb_tile`` and is decomposed (init, update); every
+    stage is tensorized with its intrinsic."""
     t.check()
-    d = tile_domain(spec, t)
-    sch = Schedule(conv_primfunc(spec, t))
-    blk = sch.get_sblock("mac")
-    n, y, x, kb, k, cb, r, s, ci = sch.get_loops(blk)
+    d = tile_domain(spec, t, cfg)
+    sch = Schedule(conv_primfunc(spec, t, cfg))
+    blk = sch.get_sblock("norm_act_quant")
+    n, y, x, kb, k = sch.get_loops(blk)
     y_o, y_i = sch.split(y, [None, d["rows"]])
     kb_o, kb_i = sch.split(kb, [None, d["ob"]])
-    cb_o, cb_i = sch.split(cb, [None, d["cbt"]])
-    outer = [n, kb_o, y_o, cb_o] if t.loop_order == "ob_outer" else [n, y_o, kb_o, cb_o]
-    sch.reorder(*outer, y_i, x, kb_i, cb_i, r, s, k, ci)
-    sch.decompose_reduction(blk, cb_o)
-    sch.tensorize(k, intrinsics.MAC)
-    sch.annotate(sch.get_sblock("mac_update_o"), "ioso_npu.nbuf", int(t.nbuf))
+    outer = [n, kb_o, y_o] if t.loop_order == "ob_outer" else [n, y_o, kb_o]
+    sch.reorder(*outer, y_i, x, kb_i, k)
+    anchor = outer[-1]
+    unity = single_unity(d, cfg)
+    for j in reversed(range(len(d["segs"]))):
+        if not unity:
+            sch.compute_at(sch.get_sblock(f"shift_add_{j}"), anchor)
+        sch.compute_at(sch.get_sblock(f"mac_{j}"), anchor)
+    for j, (g, _, _, cbt) in enumerate(d["segs"]):
+        blk = sch.get_sblock(f"mac_{j}")
+        lp = _loops_by_var(sch, blk, len(outer))
+        cb_o = cb_i = None
+        if "v_cb" in lp:
+            cb_o, cb_i = sch.split(lp["v_cb"], [None, cbt])
+        nest = [cb_o, lp.get("v_y"), lp.get("v_x"), lp.get("v_kb"), cb_i, lp.get("v_r"), lp.get("v_s"),
+                lp["v_k"], lp["v_ci"]]
+        nest = [lv for lv in nest if lv is not None]
+        sch.reorder(*nest)
+        sch.decompose_reduction(blk, nest[0])
+        sch.tensorize(lp["v_k"], intrinsics.MAC)
+        upd = sch.get_sblock(f"mac_{j}_update_o")
+        sch.annotate(upd, NBUF_ATTR, int(t.nbuf))
+        sch.annotate(upd, CB_TILE_ATTR, int(t.cb_tile))
+        if not unity:
+            blk = sch.get_sblock(f"shift_add_{j}")
+            sch.tensorize(sch.get_loops(blk)[-1], intrinsics.shift_add_intrin(cfg.isg_group_signs[g], j == 0,
+                                                                             cfg.isg_shift))
+    sch.tensorize(k, intrinsics.norm_name(spec.out_dtype))
     return sch
 
 
-def tiling_key(spec: ConvSpec, t: Tiling) -> tuple[Any, ...]:
-    """Cache key of a lowered layer: its shape and the knobs (not the weights)."""
+def tiling_key(spec: ConvSpec, t: Tiling, cfg: NPUConfig = DEFAULT_CONFIG) -> tuple[Any, ...]:
+    """Cache key of a lowered layer: its shape, group layout, out dtype and the knobs (not the weights)."""
+    segs = tuple((cfg.isg_group_signs[g], a, e) for g, a, e in group_segments(spec, cfg))
     return (spec.n, spec.c, spec.h, spec.w, spec.k, spec.kh, spec.kw, tuple(spec.stride), tuple(spec.pads),
-            tuple(spec.dilation), spec.groups, tuple(sorted(t.to_dict().items())))
+            tuple(spec.dilation), spec.groups, spec.out_dtype, segs, cfg.isg_shift,
+            tuple(sorted(t.to_dict().items())))
+

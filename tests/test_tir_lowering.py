@@ -3,16 +3,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tvm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hw_model import reference as ref
+from hw_model.builder import channel_slots
 from hw_model.config import NPUConfig
 from hw_model.cycles import simulate
+from hw_model.isa import GroupShiftAdd
 from hw_model.layer_specs import ConvSpec, LinearSpec, Tiling, conv_geometry
 from hw_model.layers_alu import pack_inputs, unpack_output
-from target_npu import codegen
-from target_npu.schedule import schedule_conv
+from target_npu import codegen, intrinsics
+from target_npu.schedule import B, conv_primfunc, group_segments, primfunc_shapes, schedule_conv, tile_domain
 
 CFG = NPUConfig()
 
@@ -68,21 +71,93 @@ def test_walk_reads_the_knobs_back_from_the_tir():
     rng = np.random.default_rng(3)
     spec = _spec(rng, 48, 40, 10, 3, 1, True)
     oh, _, kb, cb = conv_geometry(spec)
+    segs = group_segments(spec, CFG)
     for t in KNOBS:
-        nest = codegen.walk(schedule_conv(spec, t).mod["main"])
-        got = nest.tiling()
-        assert (got.ob_tile, got.rows, got.cb_tile) == (min(t.ob_tile, kb), min(t.rows, oh), min(t.cb_tile, cb))
+        low = codegen.read_layer(codegen.walk(schedule_conv(spec, t, CFG).mod["main"]))
+        got = low.tiling
+        assert (got.ob_tile, got.rows, got.cb_tile) == (min(t.ob_tile, kb), min(t.rows, oh), t.cb_tile)
         assert (got.loop_order, got.nbuf) == (t.loop_order, t.nbuf)
-        assert nest.mac_calls == 1
-        names = [n for n, _ in nest.loops]
-        assert names.index("kb_0") < names.index("y_0") if t.loop_order == "ob_outer" else \
-            names.index("y_0") < names.index("kb_0")
+        macs = codegen.stages_of(low.stages, intrinsics.EXTERN)
+        assert len(macs) == len(segs)
+        norm = codegen.stages_of(low.stages, "ioso_npu_norm_act_quant_")[0]
+        names = [n for n, _ in norm.loops]
+        y0, kb0 = norm.bound("v_y_o")[0], norm.bound("v_kb_o")[0]
+        assert (names.index(kb0) < names.index(y0)) == (t.loop_order == "ob_outer")
+        # every MAC, shift-add and NORM stage sits inside the same output-tile loops
+        for s in low.stages:
+            assert [n for n, _ in s.loops[:3]] == names[:3]
 
 
-def test_tensorized_primfunc_calls_the_mac_intrinsic():
-    spec = _spec(np.random.default_rng(0), 16, 16, 4, 3, 1, False)
-    script = schedule_conv(spec, Tiling(ob_tile=1, rows=2, cb_tile=1)).mod["main"].script()
-    assert "ioso_npu_mac16x16" in script and "mac_update_o" in script
+def _tir_values(spec: ConvSpec, t: Tiling, x: np.ndarray) -> np.ndarray:
+    """Run the (unscheduled) TE description of the layer with llvm: MAC per group, shift-add, NORM."""
+    d = tile_domain(spec, t, CFG)
+    func = conv_primfunc(spec, t, CFG)
+    shapes = primfunc_shapes(spec, t, CFG)
+    (n, hp, wp, cbt, _), ker_shape, m_shape = shapes["data"], shapes["ker"], shapes["m"]
+    slots, _ = channel_slots(spec.c, spec.isg_groups, CFG)
+    pt, pl = spec.pads[0], spec.pads[1]
+    xpad = np.zeros((n, spec.c, max(hp, pt + spec.h), max(wp, pl + spec.w)), np.int8)
+    xpad[:, :, pt:pt + spec.h, pl:pl + spec.w] = x
+    xpad = xpad[:, :, :hp, :wp]
+    data = np.zeros((n, hp, wp, cbt, B), np.int8)
+    ker = np.zeros(ker_shape, np.int8)
+    for (_, a, e), (_, off, _, _) in zip(group_segments(spec, CFG), d["segs"], strict=True):
+        for blk in range(e - a):
+            for lane in range(B):
+                ch = slots[(a + blk) * B + lane]
+                if ch >= 0:
+                    data[:, :, :, off + blk, lane] = xpad[:, ch]
+                    for k in range(spec.k):
+                        ker[k // B, off + blk, :, :, lane, k % B] = spec.weight[k, ch]
+    m = np.zeros(m_shape, np.float32)
+    b = np.zeros(m_shape, np.float32)
+    m.reshape(-1)[:spec.k], b.reshape(-1)[:spec.k] = spec.m, spec.b
+    out = np.zeros(shapes["out"], spec.out_dtype)
+    args = [tvm.runtime.tensor(a) for a in (data, ker, m, b, np.array([spec.lo, spec.hi], np.int32), out)]
+    tvm.compile(tvm.IRModule({"main": func}), target="llvm")["main"](*args)
+    oh, ow, _, _ = conv_geometry(spec)
+    got = args[5].numpy().reshape(n, shapes["out"][1], ow, -1)[:, :oh, :, :spec.k]
+    return got.transpose(0, 3, 1, 2)
+
+
+@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(st.fixed_dictionaries({"c": st.integers(1, 40), "k": st.integers(1, 24), "hw": st.integers(2, 6),
+                              "kernel": st.sampled_from([1, 3]), "stride": st.sampled_from([1, 2]),
+                              "rows": st.integers(1, 4), "cb": st.integers(1, 3), "seed": st.integers(0, 2**31 - 1)}))
+def test_tir_description_computes_the_contract(a):
+    """The TE stages (MAC per ISG group, shift-add, NORM/ACT/QUANT) compiled for the CPU equal the reference."""
+    rng = np.random.default_rng(a["seed"])
+    spec = _spec(rng, a["c"], a["k"], a["hw"], a["kernel"], a["stride"], True, "int8")
+    x = _x(rng, spec)
+    got = _tir_values(spec, Tiling(ob_tile=1, rows=a["rows"], cb_tile=a["cb"]), x)
+    assert np.array_equal(got, _want(spec, x))
+
+
+def test_tensorized_stages_follow_the_contract_group_order():
+    rng = np.random.default_rng(11)
+    for _ in range(8):
+        c = int(rng.integers(17, 60))
+        spec = _spec(rng, c, 20, 5, 3, 1, True)
+        t = Tiling(ob_tile=1, rows=2, cb_tile=int(rng.integers(1, 4)))
+        prog = codegen.lower_conv(spec, t, CFG)
+        order = group_segments(spec, CFG)
+        want = [(CFG.isg_group_signs[g], j == 0) for j, (g, _, _) in enumerate(order)]
+        assert [tuple(x) for x in prog.meta["tir"]["shift_adds"]] == want
+        signs = [i.sign for i in prog.instrs if isinstance(i, GroupShiftAdd)]
+        assert signs[:len(want)] == [s for s, _ in want]
+        x = _x(rng, spec)
+        assert np.array_equal(_run(prog, spec, x), _want(spec, x))
+
+
+def test_tensorized_primfunc_calls_every_stage_intrinsic():
+    rng = np.random.default_rng(0)
+    plain = _spec(rng, 16, 16, 4, 3, 1, False)
+    script = schedule_conv(plain, Tiling(ob_tile=1, rows=2, cb_tile=1), CFG).mod["main"].script()
+    assert "ioso_npu_mac16x16" in script and "ioso_npu_norm_act_quant_int8" in script
+    assert "shift_add" not in script  # one unity group: the MACs write D2 directly
+    isg = _spec(rng, 40, 16, 4, 3, 1, True)
+    script = schedule_conv(isg, Tiling(ob_tile=1, rows=2, cb_tile=1), CFG).mod["main"].script()
+    assert "ioso_npu_shift_add_" in script and "_init_s4" in script
 
 
 def test_grouped_conv_is_refused_by_the_tir_path():
@@ -90,7 +165,7 @@ def test_grouped_conv_is_refused_by_the_tir_path():
     spec = _spec(rng, 16, 16, 4, 3, 1, False)
     spec.groups, spec.weight = 2, spec.weight[:, :8]
     with pytest.raises(ValueError, match="groups"):
-        schedule_conv(spec, Tiling())
+        schedule_conv(spec, Tiling(), CFG)
 
 
 def test_lowered_nests_are_cached_by_shape_and_knobs():
