@@ -37,6 +37,8 @@ METHODS = {  # row key -> (calibrate's method, CalibConfig overrides)
     "qft": ("qft", {}),
 }
 ABLATIONS = {  # row key -> (method, CalibConfig overrides, NPUConfig overrides); ResNet-20 W2A4 in the issue
+    "isg_only": ("ioso", {"ioso_parts": ("isg",)}, {}),
+    "oso_only": ("ioso", {"ioso_parts": ("oso",)}, {}),
     "ioso_groups2": ("ioso", {}, {"isg_group_signs": (0, -1)}),
     "ioso_gran1": ("ioso", {"granularity": 1}, {"granularity": 1}),
     "ioso_gran8": ("ioso", {"granularity": 8}, {"granularity": 8}),

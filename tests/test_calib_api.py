@@ -168,3 +168,34 @@ def test_mobilenet_v2_gets_brecq_regulariser_weight(monkeypatch, caplog):
     assert seen == [0.01, 0.05]
     with pytest.raises(ValueError, match="reg_weight"):
         calibrate(TinyRes(), _data(), "brecq", config=CalibConfig(**SMALL, reg_weight=-1.0))
+
+
+def test_default_isg_lr_keeps_the_published_travel_and_moves_groups_at_short_schedules():
+    from ioso_tvm.calib import default_lr_isg
+
+    assert default_lr_isg(20000) == pytest.approx(1e-3) and default_lr_isg(50000) == pytest.approx(1e-3)
+    assert default_lr_isg(500) == pytest.approx(0.04)
+    moved = {}
+    for lr in (None, 1e-3):
+        torch.manual_seed(0)
+        cfg = CalibConfig(**{**SMALL, "iters": 60}, granularity=1, lr_isg=lr)
+        qm = calibrate(TinyRes(c=10).eval(), _data(), "ioso", 2, 4, cfg)
+        moved[lr] = sum(int((ly.isg.groups != 0).sum()) for ly in qm.layers())
+    assert moved[1e-3] == 0 < moved[None]  # 1e-3 over 60 iterations cannot leave the unity group
+
+
+@pytest.mark.parametrize("parts", [("isg",), ("oso",)])
+def test_ioso_ablation_learns_only_the_chosen_part(parts):
+    torch.manual_seed(0)
+    cfg = CalibConfig(**{**SMALL, "iters": 60}, granularity=1, ioso_parts=parts)
+    qm = calibrate(TinyRes(c=10).eval(), _data(), "ioso", 2, 4, cfg)
+    moved = sum(int((ly.isg.groups != 0).sum()) for ly in qm.layers())
+    oso_changed = any(not torch.equal(ly.oso_scale, torch.ones_like(ly.oso_scale))
+                      or not torch.equal(ly.oso_offset, torch.zeros_like(ly.oso_offset)) for ly in qm.layers())
+    assert (moved > 0) == ("isg" in parts)
+    assert oso_changed == ("oso" in parts)
+
+
+def test_ioso_parts_must_name_isg_or_oso():
+    with pytest.raises(ValueError, match="ioso_parts"):
+        calibrate(TinyRes(c=8).eval(), _data(), "ioso", 2, 4, CalibConfig(**SMALL, ioso_parts=("isg", "bias")))

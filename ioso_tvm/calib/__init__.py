@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .methods import METHODS, CalibConfig, MethodSpec, default_reg_weight, is_mobilenet_v2, method_spec
+from .methods import METHODS, CalibConfig, MethodSpec, default_lr_isg, default_reg_weight, is_mobilenet_v2, method_spec
 from .qmodel import Block, QuantModel, Step, build_qmodel, check_calib_data
 from .quantizers import check_bits
 
@@ -55,6 +55,10 @@ def calibrate(model: nn.Module, calib_data: torch.Tensor | np.ndarray, method: s
         config = dataclasses.replace(config, reg_weight=default_reg_weight(model))
         log.info("calibrate: CalibConfig.reg_weight not set, using %g (%s)", config.reg_weight,
                  "BRECQ's MobileNetV2 setting" if is_mobilenet_v2(model) else "BRECQ default")
+    if config.lr_isg is None:
+        config = dataclasses.replace(config, lr_isg=default_lr_isg(config.iters))
+        log.info("calibrate: CalibConfig.lr_isg not set, using %g (1e-3 x 20000 / %d iterations)", config.lr_isg,
+                 config.iters)
     data = check_calib_data(calib_data, None, min(config.batch_size, config.num_samples))
     data = data[: config.num_samples]
     from .engine import Engine

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .methods import CalibConfig, MethodSpec
+from .methods import CalibConfig, MethodSpec, default_lr_isg
 from .qmodel import Block, QuantModel, _find_blocks
 from .qmodules import QLayer
 
@@ -207,7 +207,8 @@ class Engine:
 
     def _weight_step(self, block, layers, q_in, fp_in, target, hist) -> None:
         cfg, spec = self.cfg, self.spec
-        groups = [{"params": [], "lr": cfg.lr_round}, {"params": [], "lr": cfg.lr_isg},
+        lr_isg = default_lr_isg(cfg.iters) if cfg.lr_isg is None else cfg.lr_isg
+        groups = [{"params": [], "lr": cfg.lr_round}, {"params": [], "lr": lr_isg},
                   {"params": [], "lr": cfg.lr_oso}]
         for layer in layers:
             layer.wq.init_adaround(layer.weight)
