@@ -37,6 +37,7 @@ from ioso_tvm.passes.permute_groups import apply_plan, plan_permutations
 from target_npu import runtime
 from target_npu.partition import partition
 from target_npu.patterns import PartitionContext
+from target_npu.regions import Region
 
 log = logging.getLogger("ioso_tvm.compiler")
 TARGETS = ("ioso_npu", "llvm")

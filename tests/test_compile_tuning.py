@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from onnx_builders import QDQBuilder
 
 import ioso_tvm
+from hw_model.layer_specs import Tiling
 from target_npu import runtime
-from target_npu.tuner.bridge import from_builder_spec
-from target_npu.tuner.records import layer_key, make_record, save_records
-from target_npu.tuner.space import Tiling as TunerTiling
+from target_npu.tuner import TuningRecordWarning, make_record, save_records, tkey, tune_model
 
 
 def test_tuning_records_change_program_and_keep_results(tmp_path):
@@ -18,11 +18,11 @@ def test_tuning_records_change_program_and_keep_results(tmp_path):
     model = b.model([y])
     base = ioso_tvm.compile(model)
     i, conv = next((i, ly) for i, ly in enumerate(base.layers) if ly.kind == "conv")
-    key = layer_key(from_builder_spec(runtime.to_spec(conv)), base.config)
-    t = TunerTiling(oc_tile=16, sp_tile=2, ic_tile=16, order="sp_outer", double_buffer=False)
-    path = save_records(tmp_path / "rec.jsonl", [make_record(key, t, 1, base.config, "test")], append=False)
+    spec = runtime.to_spec(conv)
+    t = Tiling(ob_tile=1, rows=2, cb_tile=1, loop_order="sp_outer", nbuf=1)
+    path = save_records(tmp_path / "rec.jsonl", [make_record(spec, t, 1, base.config, "test")], append=False)
     tuned = ioso_tvm.compile(model, tuning_records=str(path))
-    assert tuned.tilings[i] is not None and tuned.tilings[i].rows == 2 and tuned.tilings[i].nbuf == 1
+    assert tuned.tilings[i] is not None and tkey(tuned.tilings[i]) == tkey(t)
     assert tuned.programs[i].instrs != base.programs[i].instrs
     x = rng.standard_normal(b.shape).astype(np.float32)
     want = b.run_reference(x, [y])[0]
@@ -30,3 +30,26 @@ def test_tuning_records_change_program_and_keep_results(tmp_path):
     loaded = ioso_tvm.load(tuned.export(tmp_path / "m.tar"))
     assert loaded.tilings[i] == tuned.tilings[i]
     assert np.array_equal(loaded.run(x), want)
+    # a record for another NPUConfig: warned, default schedule
+    other = save_records(tmp_path / "o.jsonl", [make_record(spec, t, 1, base.config.replace(pe_arrays=2), "x")])
+    with pytest.warns(TuningRecordWarning, match="another NPUConfig"):
+        assert ioso_tvm.compile(model, tuning_records=str(other)).tilings[i] is None
+
+
+def test_tune_model_records_reach_compile(tmp_path):
+    """tvmc-tune-style records of a QDQ model are found by compile for its conv layers, which get faster or
+    stay, and the outputs stay bit exact."""
+    rng = np.random.default_rng(5)
+    b = QDQBuilder((1, 16, 12, 12), rng)
+    y = b.conv(b.conv(b.input, 32), 32, groups=32)
+    model = b.model([y])
+    path = tmp_path / "rec.jsonl"
+    tune_model(model, trials=8, output=path, progress=False)
+    base, tuned = ioso_tvm.compile(model), ioso_tvm.compile(model, tuning_records=str(path))
+    convs = [i for i, ly in enumerate(base.layers) if ly.kind == "conv"]
+    assert len(convs) == 2 and all(tuned.tilings[i] is not None for i in convs)
+    cb, ct = base.report()["layers"], tuned.report()["layers"]
+    assert all(ct[i]["cycles"] <= cb[i]["cycles"] for i in convs)
+    x = rng.standard_normal(b.shape).astype(np.float32)
+    want = b.run_reference(x, [y])[0]
+    assert np.array_equal(tuned.run(x), want)

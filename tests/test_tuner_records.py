@@ -1,70 +1,93 @@
-"""Tuning records: round trip; corrupt, foreign, other-version, other-NPUConfig records warn, default used."""
+"""Tuning records: round trip; corrupt, foreign, old-version, other-NPUConfig records warn, default used."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from hw_model.config import NPUConfig
 from target_npu.tuner import (
-    ConvSpec,
+    Measurer,
     Tiling,
     best_tiling,
+    canonical,
     default_tiling,
     enumerate_space,
-    estimate_cycles,
     layer_key,
     load_records,
+    make_record,
     make_tuner,
     save_records,
+    shape_spec,
+    tkey,
     tune_model,
 )
-from target_npu.tuner.records import RECORD_VERSION, TuningRecordWarning, make_record
+from target_npu.tuner.records import RECORD_VERSION, TuningRecordWarning
 
 CFG = NPUConfig()
-SPEC = ConvSpec(32, 32, 14, 14)
-KEY = layer_key(SPEC, CFG)
+SPEC = shape_spec(32, 32, 14, 14, pads=1)
 
 
 def _tuned(tmp_path: Path, kind: str = "random", trials: int = 12) -> tuple[Path, Tiling, int]:
     res = make_tuner(kind, SPEC, CFG, seed=3).tune(trials)
-    path = save_records(tmp_path / "r.jsonl", [make_record(KEY, t, c, CFG, kind) for t, c in res.history])
+    path = save_records(tmp_path / "r.jsonl", [make_record(SPEC, t, c, CFG, kind) for t, c in res.history],
+                        append=False)
     return path, *res.best
 
 
 def test_round_trip(tmp_path: Path) -> None:
     path, best, cycles = _tuned(tmp_path)
     recs = load_records(path)
-    assert len(recs) == 12 and all(r["version"] == RECORD_VERSION for r in recs)
-    assert best_tiling(path, KEY, CFG, spec=SPEC) == best
-    assert best_tiling(recs, KEY, CFG) == best
-    assert estimate_cycles(SPEC, best, CFG) == cycles
-    assert best_tiling(path, layer_key(ConvSpec(16, 16, 8, 8)), CFG) is None  # other layer: no record
+    assert len(recs) == 12 and all(r["version"] == RECORD_VERSION == 2 for r in recs)
+    assert tkey(best_tiling(path, SPEC, CFG)) == tkey(best)
+    assert tkey(best_tiling(recs, SPEC, CFG)) == tkey(best)
+    assert Measurer(SPEC, CFG)([best]) == [cycles]
+    assert best_tiling(path, shape_spec(16, 16, 8, 8), CFG) is None  # other layer: no record
+    assert best_tiling(path, shape_spec(32, 32, 14, 14, pads=1, groups=2), CFG) is None  # not tunable
 
 
 def test_layer_keys_distinct() -> None:
-    specs = {ConvSpec(32, 32, 14, 14), ConvSpec(32, 32, 14, 14, stride=2), ConvSpec(32, 32, 14, 14, 1, 1, pad=0),
-             ConvSpec(32, 64, 14, 14), ConvSpec(32, 32, 14, 12)}
+    specs = [shape_spec(32, 32, 14, 14, pads=1), shape_spec(32, 32, 14, 14, stride=2, pads=1),
+             shape_spec(32, 32, 14, 14), shape_spec(32, 64, 14, 14), shape_spec(32, 32, 14, 12),
+             shape_spec(32, 32, 14, 14, pads=(1, 1, 0, 0)), shape_spec(32, 32, 14, 14, groups=32),
+             shape_spec(32, 32, 14, 14, dilation=(2, 2)), shape_spec(32, 32, 14, 14, n=2)]
     assert len({layer_key(s) for s in specs}) == len(specs)
+    with pytest.raises(TypeError, match="ConvSpec"):
+        layer_key("conv")
 
 
 def _bad_lines() -> dict[str, str]:
-    good = make_record(KEY, default_tiling(SPEC, CFG), 10, CFG, "xgb")
-    other_cfg = make_record(KEY, default_tiling(SPEC, CFG), 5, CFG.replace(pe_arrays=2), "xgb")
-    too_big = make_record(KEY, Tiling(512, 14, 32, "oc_outer", True), 1, CFG, "xgb")
+    good = make_record(SPEC, default_tiling(SPEC, CFG), 10, CFG, "xgb")
+    other_cfg = make_record(SPEC, default_tiling(SPEC, CFG), 5, CFG.replace(pe_arrays=2), "xgb")
+    too_big = make_record(SPEC, Tiling(2, 14, 2, "ob_outer", 2), 1, NPUConfig(scratchpad_kib=8), "xgb")
+    too_big["npu_config_hash"] = good["npu_config_hash"]
+    # a version-1 record: the tuner's former channel-count knobs
+    v1 = {"version": 1, "layer_key": "conv2d_ic32_oc32_h14_w14_k3x3_s1_p1_g1", "cycles": 3, "tuner": "xgb",
+          "npu_config_hash": good["npu_config_hash"],
+          "config": {"oc_tile": 32, "sp_tile": 14, "ic_tile": 32, "order": "oc_outer", "double_buffer": True}}
     return {
-        "corrupt JSON": '{"version": 1, "layer_key": ',
+        "corrupt JSON": '{"version": 2, "layer_key": ',
+        "version 1, this tuner reads version 2": json.dumps(v1),
         "version 99": json.dumps({**good, "version": 99}),
         "foreign record": json.dumps({"input": "x", "result": [1.0], "version": RECORD_VERSION}),
         "another NPUConfig": json.dumps(other_cfg),
-        "tiling invalid": json.dumps(too_big),
-        "bad config": json.dumps({**good, "config": {**good["config"], "order": "zigzag"}}),
+        "bad config": json.dumps({**good, "config": {**good["config"], "loop_order": "zigzag"}}),
+        "nbuf must be 1 or 2": json.dumps({**good, "config": {**good["config"], "nbuf": 3}}),
         "cycles must be": json.dumps({**good, "cycles": -3}),
         "not a JSON object": json.dumps([1, 2]),
     }
+
+
+def test_invalid_tiling_record_warns(tmp_path: Path) -> None:
+    """A record whose tiling overflows this NPUConfig's buffers (check_tiling) is skipped."""
+    small = NPUConfig(scratchpad_kib=8)
+    path = save_records(tmp_path / "r.jsonl", [make_record(SPEC, Tiling(2, 14, 2, "ob_outer", 2), 1, small, "x")])
+    with pytest.warns(TuningRecordWarning, match=r"r.jsonl:1 ignored: tiling invalid .*overflows"):
+        assert best_tiling(path, SPEC, small) is None
 
 
 @pytest.mark.parametrize("why", list(_bad_lines()))
@@ -72,7 +95,7 @@ def test_bad_record_warns_and_falls_back(tmp_path: Path, why: str) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_text(_bad_lines()[why] + "\n")
     with pytest.warns(TuningRecordWarning, match=rf"{path.name}:1 ignored: .*{why}"):
-        assert best_tiling(path, KEY, CFG, spec=SPEC) is None
+        assert best_tiling(path, SPEC, CFG) is None
 
 
 def test_bad_records_do_not_hide_good_ones(tmp_path: Path) -> None:
@@ -81,18 +104,17 @@ def test_bad_records_do_not_hide_good_ones(tmp_path: Path) -> None:
     with path.open("a") as f:
         f.write("\n".join(lines) + "\n\x00\x01garbage\n")
     with pytest.warns(TuningRecordWarning) as rec:
-        assert best_tiling(path, KEY, CFG, spec=SPEC) == best
+        assert tkey(best_tiling(path, SPEC, CFG)) == tkey(best)
     assert len(rec) == len(lines) + 1
     assert all(str(path) in str(w.message) for w in rec)
 
 
 def test_missing_file_warns(tmp_path: Path) -> None:
     with pytest.warns(TuningRecordWarning, match="cannot read"):
-        assert best_tiling(tmp_path / "none.jsonl", KEY, CFG) is None
+        assert best_tiling(tmp_path / "none.jsonl", SPEC, CFG) is None
 
 
 def _conv_model() -> onnx.ModelProto:
-    import numpy as np
     rng = np.random.default_rng(0)
     w1 = numpy_helper.from_array(rng.standard_normal((32, 16, 3, 3)).astype(np.float32), "w1")
     w2 = numpy_helper.from_array(rng.standard_normal((32, 32, 1, 1)).astype(np.float32), "w2")
@@ -106,57 +128,33 @@ def _conv_model() -> onnx.ModelProto:
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def test_tune_model_writes_records_for_dense_convs(tmp_path: Path) -> None:
+def test_tune_model_writes_records_for_tunable_convs(tmp_path: Path) -> None:
     out = tmp_path / "m.jsonl"
-    with pytest.warns(UserWarning, match="grouped"):
-        recs = tune_model(_conv_model(), trials=6, output=out, cfg=CFG, tuner="xgb", progress=False,
-                          measure="estimate")
-    specs = [ConvSpec(16, 32, 12, 12), ConvSpec(32, 32, 12, 12, 1, 1, 2, 0)]
+    recs = tune_model(_conv_model(), trials=6, output=out, cfg=CFG, tuner="xgb", progress=False)
+    specs = [shape_spec(16, 32, 12, 12, pads=1), shape_spec(32, 32, 12, 12, 1, 1, stride=2),
+             shape_spec(32, 32, 6, 6, pads=1, groups=32)]
     assert {r["layer_key"] for r in recs} == {layer_key(s) for s in specs}
+    assert len(recs) == 3 * 6
     for s in specs:
-        t = best_tiling(out, layer_key(s), CFG, spec=s)
-        assert t in enumerate_space(s, CFG)
-        assert estimate_cycles(s, t, CFG) <= estimate_cycles(s, default_tiling(s, CFG), CFG)
+        t = best_tiling(out, s, CFG)
+        assert tkey(t) in {tkey(p) for p in enumerate_space(s, CFG)}
+        meas = Measurer(s, CFG)
+        assert meas([t])[0] <= meas([canonical(s, default_tiling(s, CFG), CFG)])[0]
     with pytest.raises(ValueError, match="trials"):
         tune_model(_conv_model(), trials=0, output=out)
+    with pytest.raises(ValueError, match="jobs"):
+        tune_model(_conv_model(), trials=1, output=out, jobs=0)
     with pytest.raises(ValueError, match="not found"):
         tune_model(tmp_path / "nope.onnx", trials=1, output=out)
 
 
-def test_builder_hook_round_trip(tmp_path: Path) -> None:
-    """best_builder_tiling gives the builder Tiling of the recorded best, which the builder accepts."""
-    bridge = pytest.importorskip("target_npu.tuner.bridge")
-    if not bridge.builder_available():
-        pytest.skip("hw_model builder not present")
-    import numpy as np
-
-    from hw_model.layer_specs import ConvSpec as BConv
-    from hw_model.layers import check_tiling
-
-    path, best, _ = _tuned(tmp_path)
-    z = np.zeros
-    bspec = BConv(n=1, c=32, h=14, w=14, k=32, weight=z((32, 32, 3, 3), np.int8), m=z(32, np.float32),
-                  b=z(32, np.float32), stride=(1, 1), pads=(1, 1, 1, 1))
-    bt = bridge.best_builder_tiling(load_records(path), bspec, CFG)
-    assert bt == bridge.to_builder_tiling(best, CFG)
-    check_tiling(bspec, bt, CFG)
-    assert (bt.ob_tile * 16, bt.rows, bt.cb_tile * 16, bt.nbuf == 2) == \
-        (best.oc_tile, best.sp_tile, best.ic_tile, best.double_buffer)
-    dw = BConv(n=1, c=32, h=14, w=14, k=32, weight=z((32, 1, 3, 3), np.int8), m=z(32, np.float32),
-               b=z(32, np.float32), pads=(1, 1, 1, 1), groups=32)
-    assert bridge.best_builder_tiling(load_records(path), dw, CFG) is None  # depthwise: not tuned, default
-
-
-def test_builder_measure_matches_cycle_model() -> None:
-    from target_npu.tuner.measure import builder_available, get_measure
-    if not builder_available():
-        pytest.skip("hw_model builder not present")
-    from hw_model.cycles import simulate
-    from hw_model.layers import build_conv
-    from target_npu.tuner.bridge import _builder_spec, to_builder_tiling
-
-    spec = ConvSpec(16, 32, 8, 8)
-    fn = get_measure("builder")
-    for t in enumerate_space(spec, CFG)[::7]:
-        prog = build_conv(_builder_spec(spec), to_builder_tiling(t, CFG), CFG)
-        assert fn(spec, t, CFG) == simulate(prog, None, CFG, mode="perf").report["cycles"]
+def test_tune_model_skips_grouped_convs(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((32, 8, 3, 3)).astype(np.float32), "w")
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1], group=4, name="gc")],
+                          "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+    with pytest.warns(UserWarning, match="'gc': grouped conv"):
+        recs = tune_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), trials=2,
+                          output=tmp_path / "g.jsonl", progress=False)
+    assert recs == []

@@ -1,15 +1,26 @@
-"""Schedule tuner: search space, xgboost cost model, tuners, measurement and JSON-lines records."""
+"""Schedule tuner on ``hw_model``'s ConvSpec / Tiling: search space, xgboost cost model, tuners,
+measurement through the compiler's TIR path, JSON-lines records."""
 from __future__ import annotations
 
-from .bridge import best_builder_tiling, to_builder_tiling
-from .measure import Measurer, estimate_cycles
-from .records import best_tiling, layer_key, load_records, save_records
+from .measure import Measurer, builder_cycles, get_measure, tir_cycles
+from .records import TuningRecordWarning, best_tiling, layer_key, load_records, make_record, save_records
 from .search import GridTuner, RandomTuner, TuneResult, XGBTuner, make_tuner
-from .space import ConvSpec, Tiling, default_tiling, enumerate_space, why_invalid
-from .tune import tune_model
+from .space import (
+    ConvSpec,
+    Tiling,
+    canonical,
+    default_tiling,
+    enumerate_space,
+    shape_spec,
+    tkey,
+    tunable,
+    why_invalid,
+)
+from .tune import conv_specs, tune_model
 
 __all__ = [
-    "ConvSpec", "GridTuner", "Measurer", "RandomTuner", "Tiling", "TuneResult", "XGBTuner", "best_builder_tiling",
-    "best_tiling", "default_tiling", "enumerate_space", "estimate_cycles", "layer_key", "load_records",
-    "make_tuner", "save_records", "to_builder_tiling", "tune_model", "why_invalid",
+    "ConvSpec", "GridTuner", "Measurer", "RandomTuner", "Tiling", "TuneResult", "TuningRecordWarning", "XGBTuner",
+    "best_tiling", "builder_cycles", "canonical", "conv_specs", "default_tiling", "enumerate_space", "get_measure",
+    "layer_key", "load_records", "make_record", "make_tuner", "save_records", "shape_spec", "tir_cycles", "tkey",
+    "tunable", "tune_model", "why_invalid",
 ]

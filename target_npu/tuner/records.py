@@ -1,10 +1,10 @@
 """Tuning records: JSON lines, one measured schedule per line.
 
-A record is ``{"version": 1, "layer_key": str, "config": <Tiling dict>, "cycles": int,
-"npu_config_hash": str, "tuner": str}``. Reading never raises on a bad record: a corrupt,
-foreign, other-version or other-NPUConfig record, or one whose tiling is invalid for the
-layer, gives a ``warnings.warn`` naming it and is skipped, so the caller falls back to the
-default schedule.
+A record is ``{"version": 2, "layer_key": str, "config": <hw_model Tiling.to_dict()>, "cycles": int,
+"npu_config_hash": str, "tuner": str}``. Reading never raises on a bad record: a corrupt, foreign,
+other-version (version 1 held the tuner's own channel-count knobs) or other-NPUConfig record, or one whose
+tiling ``hw_model.layers.check_tiling`` rejects for the layer, gives a ``warnings.warn`` naming it and is
+skipped, so the caller falls back to the default schedule.
 """
 from __future__ import annotations
 
@@ -17,11 +17,12 @@ from typing import Any
 
 from hw_model.config import NPUConfig
 
-from .space import ConvSpec, Tiling, why_invalid
+from .space import ORDERS, ConvSpec, Tiling, canonical, tunable, why_invalid
 
-RECORD_VERSION = 1
-"""Format version of a record line; bump when the knobs or the key change."""
+RECORD_VERSION = 2
+"""Format version of a record line; bump when the knobs or the key change (2: hw_model Tiling knobs)."""
 _KEYS = {"version", "layer_key", "config", "cycles", "npu_config_hash", "tuner"}
+_TILING_KEYS = {"ob_tile", "rows", "cb_tile", "loop_order", "nbuf"}
 
 
 class TuningRecordWarning(UserWarning):
@@ -33,22 +34,39 @@ def config_hash(cfg: NPUConfig) -> str:
     return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def layer_key(spec: ConvSpec, cfg: NPUConfig | None = None) -> str:
-    """Stable key of a conv layer's shape, e.g. ``conv2d_ic64_oc64_h56_w56_k3x3_s1_p1_g1``.
+def layer_key(spec: ConvSpec) -> str:
+    """Stable key of a conv layer's shape, e.g. ``conv2d_n1_c64_h56_w56_k64_3x3_s1x1_p1x1x1x1_d1x1_g1``.
 
-    ``cfg`` is accepted for symmetry; the NPUConfig is checked by each record's hash.
+    The ISG group layout is not part of the key: a record found for a layer is re-checked against its
+    real spec (``check_tiling``) before use.
     """
     if not isinstance(spec, ConvSpec):
-        raise TypeError(f"layer_key: spec must be a ConvSpec, got {type(spec).__name__}")
-    return (f"conv2d_ic{spec.in_ch}_oc{spec.out_ch}_h{spec.in_h}_w{spec.in_w}_k{spec.kh}x{spec.kw}"
-            f"_s{spec.stride}_p{spec.pad}_g{spec.groups}")
+        raise TypeError(f"layer_key: spec must be a hw_model.layer_specs.ConvSpec, got {type(spec).__name__}")
+    j = lambda v: "x".join(str(int(x)) for x in v)  # noqa: E731
+    return (f"conv2d_n{spec.n}_c{spec.c}_h{spec.h}_w{spec.w}_k{spec.k}_{spec.kh}x{spec.kw}_s{j(spec.stride)}"
+            f"_p{j(spec.pads)}_d{j(spec.dilation)}_g{spec.groups}")
 
 
-def make_record(key: str, tiling: Tiling, cycles: int, cfg: NPUConfig, tuner: str) -> dict[str, Any]:
-    """One record as a dict."""
-    return {"version": RECORD_VERSION, "layer_key": key, "config": tiling.to_dict(), "cycles": int(cycles),
-            "npu_config_hash": config_hash(cfg), "tuner": tuner}
+def tiling_from_dict(d: Any) -> Tiling:
+    """A ``hw_model`` Tiling from its ``to_dict()``; ValueError/TypeError naming the bad field."""
+    if not isinstance(d, dict):
+        raise TypeError(f"tiling must be a dict, got {type(d).__name__}")
+    if set(d) != _TILING_KEYS:
+        raise ValueError(f"tiling keys must be {sorted(_TILING_KEYS)}, got {sorted(d)}")
+    for k in ("ob_tile", "rows", "cb_tile", "nbuf"):
+        if not isinstance(d[k], int) or isinstance(d[k], bool):
+            raise ValueError(f"tiling.{k} must be an int, got {d[k]!r}")
+    if d["loop_order"] not in ORDERS:
+        raise ValueError(f"tiling.loop_order must be one of {ORDERS}, got {d['loop_order']!r}")
+    t = Tiling(**d)
+    t.check()
+    return t
 
+
+def make_record(spec: ConvSpec, tiling: Tiling, cycles: int, cfg: NPUConfig, tuner: str) -> dict[str, Any]:
+    """One record (a dict) of a measured tiling of ``spec``."""
+    return {"version": RECORD_VERSION, "layer_key": layer_key(spec), "config": tiling.to_dict(),
+            "cycles": int(cycles), "npu_config_hash": config_hash(cfg), "tuner": tuner}
 
 def save_records(path: str | Path, records: Iterable[dict[str, Any]], append: bool = True) -> Path:
     """Write records as JSON lines (appending by default); returns the path."""
@@ -74,7 +92,7 @@ def _check(rec: Any, where: str) -> dict[str, Any] | None:
         _warn(where, f"foreign record: keys {sorted(rec)}, expected {sorted(_KEYS)}")
         return None
     try:
-        tiling = Tiling.from_dict(rec["config"])
+        tiling = tiling_from_dict(rec["config"])
     except (TypeError, ValueError) as e:
         _warn(where, f"bad config: {e}")
         return None
@@ -122,28 +140,29 @@ def load_records(source: str | Path | Iterable[dict[str, Any]]) -> list[dict[str
     return out
 
 
-def best_tiling(records: str | Path | Iterable[dict[str, Any]], layer_key: str, cfg: NPUConfig,
-                spec: ConvSpec | None = None) -> Tiling | None:
-    """Fastest recorded tiling of ``layer_key`` for this NPUConfig, or None (use the default schedule).
+def best_tiling(records: str | Path | Iterable[dict[str, Any]], spec: ConvSpec, cfg: NPUConfig) -> Tiling | None:
+    """Fastest recorded tiling of the layer ``spec`` for this NPUConfig, or None (use the default schedule).
 
-    ``records``: a path, or the output of :func:`load_records`, or raw record dicts. Records of
-    another NPUConfig, and (when ``spec`` is given) tilings invalid for the layer, warn and are skipped.
+    ``records``: a path, the output of :func:`load_records`, or raw record dicts. Records of another
+    NPUConfig, and tilings ``check_tiling`` rejects for ``spec`` (e.g. its ISG groups need the D1 bank),
+    warn and are skipped. Layers the tuner does not tune give None.
     """
+    if tunable(spec) is not None:
+        return None
     if not isinstance(records, list) or any("where" not in r for r in records if isinstance(r, dict)):
         records = load_records(records)
-    h = config_hash(cfg)
+    key, h = layer_key(spec), config_hash(cfg)
     best: tuple[int, Tiling] | None = None
     for r in records:
-        if r["layer_key"] != layer_key:
+        if r["layer_key"] != key:
             continue
         if r["npu_config_hash"] != h:
             _warn(r["where"], f"made for another NPUConfig (hash {r['npu_config_hash']}, this one {h})")
             continue
-        if spec is not None:
-            why = why_invalid(spec, r["config"], cfg)
-            if why is not None:
-                _warn(r["where"], f"tiling invalid for {layer_key}: {why}")
-                continue
+        why = why_invalid(spec, r["config"], cfg)
+        if why is not None:
+            _warn(r["where"], f"tiling invalid for {key}: {why}")
+            continue
         if best is None or r["cycles"] < best[0]:
-            best = (r["cycles"], r["config"])
+            best = (r["cycles"], canonical(spec, r["config"], cfg))
     return None if best is None else best[1]

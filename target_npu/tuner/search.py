@@ -17,7 +17,7 @@ from hw_model.config import NPUConfig
 from .cost_model import XGBCostModel
 from .features import FEATURE_NAMES, features
 from .measure import Measurer
-from .space import ConvSpec, Tiling, default_tiling, enumerate_space
+from .space import ConvSpec, Tiling, TKey, canonical, default_tiling, enumerate_space, tkey
 
 SA_CHAINS = 16
 """Simulated-annealing chains per proposal round. Chosen: AutoTVM's SimulatedAnnealingOptimizer uses 128 on
@@ -64,16 +64,17 @@ class Tuner:
             raise ValueError(f"layer {spec} has no valid tiling on this NPUConfig")
         self.rng = np.random.default_rng(seed)
         self.seed = seed
-        self.measured: dict[Tiling, int] = {}
+        self.measured: dict[TKey, int] = {}
+        self.index = {tkey(t): i for i, t in enumerate(self.space)}
 
     def unmeasured(self) -> list[Tiling]:
-        return [t for t in self.space if t not in self.measured]
+        return [t for t in self.space if tkey(t) not in self.measured]
 
     def next_batch(self, k: int) -> list[Tiling]:
         raise NotImplementedError
 
     def update(self, tilings: Sequence[Tiling], cycles: Sequence[int]) -> None:
-        self.measured.update(zip(tilings, cycles))
+        self.measured.update(zip(map(tkey, tilings), cycles))
 
     def tune(self, n_trials: int, batch_size: int | None = None, progress: bool = False,
              desc: str | None = None) -> TuneResult:
@@ -85,7 +86,8 @@ class Tuner:
         res = TuneResult(self.spec, self.name)
         with tqdm(total=n_trials, desc=desc or self.name, disable=not progress, leave=False) as bar:
             while len(res.history) < n_trials:
-                batch = [t for t in self.next_batch(min(bs, n_trials - len(res.history))) if t not in self.measured]
+                batch = [t for t in self.next_batch(min(bs, n_trials - len(res.history)))
+                         if tkey(t) not in self.measured]
                 if not batch:
                     break
                 cycles = self.measurer(batch)
@@ -124,18 +126,17 @@ class XGBTuner(Tuner):
     def __init__(self, *args, **kw) -> None:  # noqa: ANN002, ANN003
         super().__init__(*args, **kw)
         self.model = XGBCostModel(self.spec, self.cfg, seed=self.seed)
-        self.valid = set(self.space)
         # The space is enumerated, so features are computed once and predicted once per round;
-        # the annealing then walks over the predictions.
-        self.index = {t: i for i, t in enumerate(self.space)}
+        # the annealing then walks over the predictions (by point index).
         self.x = features(self.spec, self.space, self.cfg)
         self.pred = np.zeros(len(self.space))
-        self.values = {f.name: sorted({getattr(t, f.name) for t in self.space}, key=str) for f in fields(Tiling)}
+        self.values = {f.name: sorted({getattr(t, f.name) for t in self.space}) for f in fields(Tiling)}
 
     def update(self, tilings: Sequence[Tiling], cycles: Sequence[int]) -> None:
         super().update(tilings, cycles)
-        ts = list(self.measured)
-        self.model.update(ts, [self.measured[t] for t in ts], x=self.x[[self.index[t] for t in ts]])
+        keys = list(self.measured)
+        idx = [self.index[k] for k in keys]
+        self.model.update([self.space[i] for i in idx], [self.measured[k] for k in keys], x=self.x[idx])
         self.pred = self.model.predict(self.space, x=self.x)
 
     def _neighbour(self, t: Tiling) -> Tiling:
@@ -144,22 +145,18 @@ class XGBTuner(Tuner):
         i = vals.index(getattr(t, name)) + int(self.rng.choice((-1, 1)))
         return replace(t, **{name: vals[i % len(vals)]})
 
-    def _anneal(self) -> dict[Tiling, float]:
-        """Visited valid points -> predicted log2 cycles, from SA chains seeded by the best measured points."""
-        best = sorted(self.measured, key=self.measured.get)[: SA_CHAINS // 2]
-        starts = best + [self.space[i] for i in self.rng.integers(len(self.space), size=SA_CHAINS - len(best))]
+    def _anneal(self) -> dict[int, float]:
+        """Visited valid points (index in the space) -> predicted log2 cycles, from SA chains seeded by the
+        best measured points. A neighbour outside the valid space is not taken."""
+        best = [self.index[k] for k in sorted(self.measured, key=self.measured.get)[: SA_CHAINS // 2]]
+        cur = best + [int(i) for i in self.rng.integers(len(self.space), size=SA_CHAINS - len(best))]
         pred = self.pred
-        idx = self.index
-        cur = list(starts)
-        cur_e = [pred[idx[t]] for t in cur]
-        seen: dict[Tiling, float] = dict(zip(cur, cur_e))
+        cur_e = [pred[i] for i in cur]
+        seen: dict[int, float] = dict(zip(cur, cur_e))
         for step in range(SA_STEPS):
             temp = max(1e-3, 1.0 - step / SA_STEPS)
-            cand = []
-            for t in cur:
-                n = self._neighbour(t)
-                cand.append(n if n in self.valid else t)
-            seen.update((c, pred[idx[c]]) for c in cand)
+            cand = [self.index.get(tkey(self._neighbour(self.space[i])), i) for i in cur]
+            seen.update((c, pred[c]) for c in cand)
             for j, c in enumerate(cand):
                 de = seen[c] - cur_e[j]
                 if de <= 0 or self.rng.random() < math.exp(-de / (0.5 * temp)):
@@ -170,30 +167,32 @@ class XGBTuner(Tuner):
         todo = self.unmeasured()
         if not self.measured:
             # The default heuristic is the first candidate: a tuned schedule is never worse than it.
-            first = [default_tiling(self.spec, self.cfg)] if default_tiling(self.spec, self.cfg) in self.valid else []
+            d = self.index.get(tkey(canonical(self.spec, default_tiling(self.spec, self.cfg), self.cfg)))
+            first = [] if d is None else [d]
             # Then the best points of the roofline feature (analytic prior), the rest random.
             prior = np.argsort(self.x[:, FEATURE_NAMES.index("log2_roofline_cycles")], kind="stable")
             n_prior = (k - len(first) + 1) // 2
-            first += [t for t in (self.space[i] for i in prior) if t not in first][:n_prior]
-            rest = [t for t in todo if t not in first]
+            first += [int(i) for i in prior if int(i) not in first][:n_prior]
+            rest = [i for i in range(len(self.space)) if i not in first]
             idx = self.rng.choice(len(rest), size=min(k - len(first), len(rest)), replace=False)
-            return first + [rest[i] for i in idx]
+            return [self.space[i] for i in first + [rest[j] for j in idx]]
         if self.model.booster is None:
             idx = self.rng.choice(len(todo), size=min(k, len(todo)), replace=False)
             return [todo[i] for i in idx]
         seen = self._anneal()
-        ranked = [t for t in sorted(seen, key=seen.get) if t not in self.measured]
+        ranked = [i for i in sorted(seen, key=seen.get) if tkey(self.space[i]) not in self.measured]
         n_rand = int(self.rng.binomial(k, EPS_RANDOM))
         # Diversity: one candidate per predicted value (knobs the model cannot tell apart are tried later).
         batch, preds = [], set()
-        for t in ranked:
+        for i in ranked:
             if len(batch) == k - n_rand:
                 break
-            p = round(float(seen[t]), 6)
+            p = round(float(seen[i]), 6)
             if p not in preds:
-                batch.append(t)
+                batch.append(self.space[i])
                 preds.add(p)
-        rest = [t for t in todo if t not in set(batch)]
+        chosen = {tkey(t) for t in batch}
+        rest = [t for t in todo if tkey(t) not in chosen]
         while len(batch) < k and rest:
             batch.append(rest.pop(int(self.rng.integers(len(rest)))))
         return batch

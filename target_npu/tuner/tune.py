@@ -1,7 +1,8 @@
-"""``tune_model``: tune every offloadable conv layer of an ONNX model and write JSON-lines records."""
+"""``tune_model``: tune every dense / depthwise conv layer of an ONNX model and write JSON-lines records."""
 from __future__ import annotations
 
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +12,10 @@ from tqdm import tqdm
 
 from hw_model.config import DEFAULT_CONFIG, NPUConfig
 
-from .measure import Measurer, default_backend, get_measure
+from .measure import Measurer, get_measure
 from .records import layer_key, make_record, save_records
 from .search import make_tuner
-from .space import ConvSpec
+from .space import ConvSpec, shape_key, shape_spec, tunable
 
 
 def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
@@ -28,10 +29,10 @@ def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
 
 
 def conv_specs(model: str | Path | onnx.ModelProto) -> list[ConvSpec]:
-    """Distinct dense 2-D conv layers of an ONNX model (plain or QDQ), in graph order.
+    """Distinct dense and depthwise 2-D conv layers of an ONNX model (plain or QDQ), in graph order, as
+    shape-only ``hw_model`` ConvSpecs (batch 1 taken from the input shape, one ISG group).
 
-    Convs with grouped channels, asymmetric pads/strides or unknown shapes are skipped with a warning
-    (they keep the default schedule).
+    Other grouped convs and convs of unknown shape are skipped with a warning (they keep the default schedule).
     """
     if isinstance(model, (str, Path)):
         if not Path(model).is_file():
@@ -43,6 +44,7 @@ def conv_specs(model: str | Path | onnx.ModelProto) -> list[ConvSpec]:
     shapes = _shapes(model)
     producers = {o: n for n in model.graph.node for o in n.output}
     specs: list[ConvSpec] = []
+    seen: set[tuple] = set()
     for node in model.graph.node:
         if node.op_type != "Conv":
             continue
@@ -52,44 +54,61 @@ def conv_specs(model: str | Path | onnx.ModelProto) -> list[ConvSpec]:
         x, ws = shapes.get(node.input[0]), shapes.get(w)
         a = {at.name: onnx.helper.get_attribute_value(at) for at in node.attribute}
         pads, strides = list(a.get("pads", [0, 0, 0, 0])), list(a.get("strides", [1, 1]))
-        if x is None or ws is None or len(x) != 4 or len(ws) != 4:
+        dil = list(a.get("dilations", [1, 1]))
+        if x is None or ws is None or len(x) != 4 or len(ws) != 4 or len(pads) != 4:
             warnings.warn(f"Conv node {node.name!r}: unknown or non-2-D shapes, not tuned", stacklevel=2)
             continue
-        if a.get("group", 1) != 1 or len(set(pads)) != 1 or len(set(strides)) != 1:
-            warnings.warn(f"Conv node {node.name!r}: grouped or asymmetric conv, not tuned", stacklevel=2)
+        try:
+            # ONNX pads are (top, left, bottom, right) for 2-D: the hw_model order
+            spec = shape_spec(x[1], ws[0], x[2], x[3], ws[2], ws[3], tuple(strides), tuple(pads),
+                              int(a.get("group", 1)), n=x[0], dilation=tuple(dil))
+        except ValueError as e:
+            warnings.warn(f"Conv node {node.name!r}: {e}; not tuned", stacklevel=2)
             continue
-        spec = ConvSpec(in_ch=x[1], out_ch=ws[0], in_h=x[2], in_w=x[3], kh=ws[2], kw=ws[3],
-                        stride=strides[0], pad=pads[0])
-        if spec not in specs:
+        why = tunable(spec)
+        if why is not None:
+            warnings.warn(f"Conv node {node.name!r}: {why}", stacklevel=2)
+            continue
+        if shape_key(spec) not in seen:
+            seen.add(shape_key(spec))
             specs.append(spec)
     return specs
 
 
 def tune_model(onnx_path_or_model: str | Path | onnx.ModelProto, trials: int, output: str | Path,
                cfg: NPUConfig | None = None, tuner: str = "xgb", jobs: int = 1, seed: int = 0,
-               measure: str | None = None, progress: bool = True) -> list[dict[str, Any]]:
+               measure: str = "tir", progress: bool = True) -> list[dict[str, Any]]:
     """Tune each distinct conv layer with ``trials`` measurements (per layer) and write all
     measured records to ``output`` (JSON lines, overwritten). Returns the records written.
 
-    ``measure``: "builder" (real program + cycle model, the default when present) or "estimate"."""
+    ``measure``: "tir" (default: the compiler's program, TIR path, + cycle model) or "builder";
+    ``jobs``: measurement processes per layer."""
     cfg = DEFAULT_CONFIG if cfg is None else cfg
     if not isinstance(cfg, NPUConfig):
         raise TypeError(f"cfg must be an NPUConfig, got {type(cfg).__name__}")
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+        raise ValueError(f"jobs must be a positive int, got {jobs!r}")
     if not isinstance(trials, int) or trials < 1:
         raise ValueError(f"trials must be a positive int, got {trials!r}")
-    fn = get_measure(default_backend() if measure is None else measure)
+    fn = get_measure(measure)
     specs = conv_specs(onnx_path_or_model)
     records: list[dict[str, Any]] = []
     bar = tqdm(specs, desc="tune layers", disable=not progress)
-    for spec in bar:
-        key = layer_key(spec, cfg)
-        try:
-            t = make_tuner(tuner, spec, cfg, measurer=Measurer(spec, cfg, fn, jobs=jobs), seed=seed)
-        except ValueError as e:
-            warnings.warn(f"layer {key}: {e}; keeps the default schedule", stacklevel=2)
-            continue
-        res = t.tune(trials, progress=progress, desc=key)
-        bar.set_postfix(layer=key, best_cycles=res.best[1])
-        records += [make_record(key, tiling, c, cfg, tuner) for tiling, c in res.history]
+    # one pool for all layers: each worker imports TVM once
+    pool = ProcessPoolExecutor(max_workers=jobs) if jobs > 1 else None
+    try:
+        for spec in bar:
+            key = layer_key(spec)
+            try:
+                t = make_tuner(tuner, spec, cfg, measurer=Measurer(spec, cfg, fn, jobs=jobs, pool=pool), seed=seed)
+            except ValueError as e:
+                warnings.warn(f"layer {key}: {e}; keeps the default schedule", stacklevel=2)
+                continue
+            res = t.tune(trials, progress=progress, desc=key)
+            bar.set_postfix(layer=key, best_cycles=res.best[1])
+            records += [make_record(spec, tiling, c, cfg, tuner) for tiling, c in res.history]
+    finally:
+        if pool is not None:
+            pool.shutdown()
     save_records(output, records, append=False)
     return records
