@@ -37,7 +37,6 @@ from ioso_tvm.passes.permute_groups import apply_plan, plan_permutations
 from target_npu import runtime
 from target_npu.partition import partition
 from target_npu.patterns import PartitionContext
-from target_npu.regions import Region
 
 log = logging.getLogger("ioso_tvm.compiler")
 TARGETS = ("ioso_npu", "llvm")
@@ -240,14 +239,13 @@ def _tilings(layers: list[Layer], records: str | Path | None, config: NPUConfig)
     """Per layer the tuned ``hw_model`` Tiling from ``records`` (None: default tiling)."""
     if records is None:
         return [None] * len(layers)
-    from target_npu.tuner.bridge import best_builder_tiling
-    from target_npu.tuner.records import load_records
+    from target_npu.tuner.records import best_tiling, load_records
 
     recs = load_records(records)
     out = []
     for ly in layers:
         spec = runtime.to_spec(ly) if ly.kind == "conv" and len(ly.out_shape) == 4 else None
-        out.append(None if spec is None else best_builder_tiling(recs, spec, config))
+        out.append(None if spec is None else best_tiling(recs, spec, config))
     log.info("tuning records: %d of %d layer(s) tuned", sum(t is not None for t in out), len(layers))
     return out
 
