@@ -37,6 +37,7 @@ from ioso_tvm.passes.permute_groups import apply_plan, plan_permutations
 from target_npu import runtime
 from target_npu.partition import partition
 from target_npu.patterns import PartitionContext
+from target_npu.regions import Region
 
 log = logging.getLogger("ioso_tvm.compiler")
 TARGETS = ("ioso_npu", "llvm")
@@ -68,7 +69,7 @@ class CompiledModel:
                  inputs: list[dict[str, Any]], target: str, fallbacks: list[tuple[str, str]],
                  permutes: dict[str, int] | None = None, tilings: list[Any] | None = None,
                  npu: list[bool] | None = None, cpu_reasons: dict[int, str] | None = None,
-                 programs: dict[int, Any] | None = None) -> None:
+                 programs: dict[int, Any] | None = None, regions: list[Region] | None = None) -> None:
         self.executable, self.layers, self.prefix, self.config = executable, layers, prefix, config
         self.inputs, self.target, self.fallbacks = inputs, target, fallbacks
         self.permutes = permutes or {"permutes_needed": 0, "gathered_loads": 0, "permuted_tensors": 0}
@@ -81,6 +82,9 @@ class CompiledModel:
             runtime.register_layer(f"{prefix}.{i}", ly, config, self.profile, t, on_npu=False)
             self.programs.append(runtime.register_layer(f"{prefix}.npu.{i}", ly, config, self.profile, t,
                                                         program=(programs or {}).get(i)) if self.npu[i] else None)
+        self.regions = list(regions or [])
+        for region in self.regions:
+            runtime.register_region(region, layers, self.programs, config, self.profile)
         self._cycles: list[int] | None = None
         self.vm = relax.VirtualMachine(executable, tvm.cpu())
 
@@ -149,7 +153,7 @@ class CompiledModel:
                                 "tiling": None if self.tilings[i] is None else self.tilings[i].to_dict()}
         meta = {"inputs": self.inputs, "prefix": self.prefix, "target": self.target,
                 "fallbacks": [list(f) for f in self.fallbacks], "num_layers": len(self.layers),
-                "permutes": self.permutes, "npu": self.npu,
+                "permutes": self.permutes, "npu": self.npu, "regions": [r.to_dict() for r in self.regions],
                 "cpu_reasons": {str(k): v for k, v in self.cpu_reasons.items()}}
         return save_artifact(path, config=self.config, meta=meta, programs=programs, constants=constants,
                              report=self.report(), executable=self.executable)
@@ -171,7 +175,8 @@ def load(path: str | Path) -> CompiledModel:
         tilings.append(None if p.get("tiling") is None else Tiling(**p["tiling"]))
     cm = CompiledModel(art.load_host_module(), layers, art.meta["prefix"], art.config, art.meta["inputs"],
                        art.meta["target"], [tuple(f) for f in art.meta["fallbacks"]], art.meta.get("permutes"), tilings,
-                       art.meta.get("npu"), {int(k): v for k, v in art.meta.get("cpu_reasons", {}).items()})
+                       art.meta.get("npu"), {int(k): v for k, v in art.meta.get("cpu_reasons", {}).items()},
+                       regions=[Region.from_dict(r) for r in art.meta.get("regions", [])])
     cm._artifact = art  # keeps the extracted host library alive
     return cm
 
@@ -226,13 +231,13 @@ def compile(model: Any, target: str = "ioso_npu", input_shapes: dict[str, list[i
             log.info("CPU fallback for layer %s: %s", layers[i].name, why)
         # a layer absent from the partitioned graph (dead, removed by DCE) keeps its NPU program
         npu = [i in ctx.symbols or (i not in ctx.rejected and ly.kind != "input") for i, ly in enumerate(layers)]
-        reasons, programs = ctx.rejected, ctx.programs
+        reasons, programs, regions = ctx.rejected, ctx.programs, ctx.regions
     else:
-        prefix, permutes, tilings, npu, reasons, programs = "ioso_npu.cpu", None, [], [], {}, {}
+        prefix, permutes, tilings, npu, reasons, programs, regions = "ioso_npu.cpu", None, [], [], {}, {}, []
     ex = tvm.compile(mod, target="llvm")
     log.info("compiled %d NPU layer(s), %d CPU fallback(s)", sum(npu), len(fallbacks) + len(reasons))
     return CompiledModel(ex, layers, prefix, config, inputs, target, fallbacks, permutes, tilings, npu, reasons,
-                         programs)
+                         programs, regions)
 
 
 def _tilings(layers: list[Layer], records: str | Path | None, config: NPUConfig) -> list[Any]:

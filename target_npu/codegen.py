@@ -189,7 +189,7 @@ def _check_program(prog: Program, low: LoweredLayer) -> None:
     """The emitted program runs what the TIR says: one NORM per output tile, the TIR's shift-add signs."""
     naq = sum(isinstance(i, NormActQuant) for i in prog.instrs)
     norm = next(s for s in low.stages if s.extern.startswith("ioso_npu_norm_act_quant_"))
-    outer = norm.bound("v_y_o")[:-1] + norm.bound("v_kb_o")[:-1] + norm.bound("v_n")
+    outer = norm.bound("v_y_o")[:-1] + norm.bound("v_kb_o")[:-1] + norm.bound("v_n_o")
     tiles = 1
     for name in set(outer):
         tiles *= norm.extent(name)

@@ -1,8 +1,9 @@
 """Pattern table of the ioso_npu BYOC partition (style of ``tvm.relax.backend.*.patterns``).
 
-Input: a Relax module after ``ioso_tvm.passes.fold_qdq``, where every recognised integer layer
-is one marker call ``R.call_dps_packed("<prefix>.<i>", (*int_inputs, R.const(i, "int64")))``
-(the index constant binds the layer into its composite and keeps composites apart). Each
+Input: a Relax module after ``ioso_tvm.passes.fold_qdq`` and
+:func:`target_npu.partition.markers_to_stubs`, where every recognised integer layer is one call
+``R.call_tir(ioso_npu_layer, (*int_inputs, R.const(i, "int64")))`` (the index constant binds the
+layer into its composite and keeps composites apart). Each
 :class:`~tvm.relax.transform.FusionPattern` matches that call; its ``check`` reads the
 :class:`ioso_tvm.passes.fold_qdq.Layer` behind the index and enforces the NPU's limits:
 
@@ -12,7 +13,7 @@ is one marker call ``R.call_dps_packed("<prefix>.<i>", (*int_inputs, R.const(i, 
 - the layer's ``hw_model`` spec accepts it and its program can be built with the default
   tiling (buffers fit the ``NPUConfig`` scratchpads), which is the program later run.
 
-A call that fails a check is not offloaded: it stays a packed call of the CPU function
+A call that fails a check is not offloaded: it becomes a packed call of the CPU function
 (``hw_model.reference``, exact) and :class:`PartitionContext` records the op and the reason.
 """
 from __future__ import annotations
@@ -22,11 +23,13 @@ from typing import Any
 
 import numpy as np
 from tvm import relax
-from tvm.relax.dpl import is_op, wildcard
+from tvm.relax.dpl import is_gv, is_op, wildcard
 from tvm.relax.transform import FusionPattern
 
 from hw_model.config import NPUConfig
 
+STUB = "ioso_npu_layer"
+"""The stub PrimFunc a layer call targets during the partition (``target_npu.partition.markers_to_stubs``)."""
 KINDS = {"conv2d": "conv", "linear": "conv", "add": "add", "max_pool2d": "maxpool", "global_avg_pool": "gap"}
 """Composite name suffix -> ``Layer.kind``."""
 WEIGHT_BITS_MAX = 8
@@ -47,6 +50,7 @@ class PartitionContext:
     programs: dict[int, Any] = field(default_factory=dict)
     rejected: dict[int, str] = field(default_factory=dict)
     symbols: dict[int, str] = field(default_factory=dict)
+    regions: list[Any] = field(default_factory=list)
     profile: Any = None
 
     def layer_of(self, call: relax.Call) -> tuple[int, Any]:
@@ -116,6 +120,6 @@ def pattern_table(ctx: PartitionContext) -> list[FusionPattern]:
     """One ``ioso_npu.<op>`` pattern per NPU layer kind, each with its limit check."""
     out = []
     for name in KINDS:
-        root = is_op("relax.call_dps_packed")(wildcard(), wildcard())
+        root = is_op("relax.call_tir")(is_gv(STUB), wildcard())
         out.append(FusionPattern(f"ioso_npu.{name}", root, {"root": root}, _make_check(ctx, name)))
     return out

@@ -121,36 +121,70 @@ def execute(layer: Any, xs: list[np.ndarray], cfg: NPUConfig) -> np.ndarray:
     raise ValueError(f"layer {layer.name}: unknown kind {layer.kind!r}")
 
 
+def run_layer(layer: Any, prog: Any, xs: list[np.ndarray], cfg: NPUConfig, profile: Profile) -> np.ndarray:
+    """Output of ``layer`` for integer inputs ``xs``: its NPU program on the simulator (``prog``) or
+    ``hw_model.reference`` (``prog`` None); records calls and, in perf/both mode, cycles in ``profile``."""
+    cycles = 0
+    if prog is None:
+        y = execute(layer, xs, cfg)
+    else:
+        if len(layer.out_shape) == 2:
+            xs = [xs[0].reshape(xs[0].shape[0], -1)]
+        res = simulate(prog, pack_inputs(prog, *xs), cfg, mode="func" if profile.mode == "func" else "both")
+        y = unpack_output(prog, res.outputs["out"]).astype(layer.out_dtype)
+        cycles = 0 if res.report is None else int(res.report["cycles"])
+    profile.calls[layer.name] = profile.calls.get(layer.name, 0) + 1
+    if profile.mode in ("perf", "both"):
+        profile.cycles[layer.name] = profile.cycles.get(layer.name, 0) + cycles
+    return y
+
+
+def _tensors(args: tuple[Any, ...]) -> list[Any]:
+    return [a for a in args if hasattr(a, "numpy") and hasattr(a, "copyfrom")]
+
+
+def _write(out: Any, y: np.ndarray, what: str) -> None:
+    if tuple(y.shape) != tuple(out.shape):
+        raise ValueError(f"{what}: output shape {y.shape}, VM buffer {tuple(out.shape)}")
+    out.copyfrom(np.ascontiguousarray(y))
+
+
 def register_layer(fname: str, layer: Any, cfg: NPUConfig, profile: Profile | None,
                    tiling: Tiling | None = None, on_npu: bool = True, program: Any = None) -> Any:
     """Register ``fname`` as the DPS function of ``layer``. Returns the program (None: CPU).
 
     Arguments of a call: the layer's input tensors then the output tensor; anything else (the
-    marker's callee of an offloaded call, the layer-index constant of a CPU call) is ignored.
-    ``on_npu=False`` computes the layer with ``hw_model.reference``; ``program`` skips the build.
+    layer-index constant of a CPU call) is ignored. ``on_npu=False`` computes the layer with
+    ``hw_model.reference``; ``program`` skips the build.
     """
     prog = None if not on_npu else program if program is not None else make_program(layer, cfg, tiling)[0]
     n_in = len(layer.consts.get("in_dtypes", [])) or 1
     profile = Profile() if profile is None else profile
 
     def run(*args: Any) -> None:
-        tensors = [a for a in args if hasattr(a, "numpy") and hasattr(a, "copyfrom")]
-        xs, out = [a.numpy() for a in tensors[:n_in]], tensors[-1]
-        cycles = 0
-        if prog is None:
-            y = execute(layer, xs, cfg)
-        else:
-            if len(layer.out_shape) == 2:
-                xs = [xs[0].reshape(xs[0].shape[0], -1)]
-            res = simulate(prog, pack_inputs(prog, *xs), cfg, mode="func" if profile.mode == "func" else "both")
-            y = unpack_output(prog, res.outputs["out"]).astype(layer.out_dtype)
-            cycles = 0 if res.report is None else int(res.report["cycles"])
-        if tuple(y.shape) != tuple(out.shape):
-            raise ValueError(f"layer {layer.name}: output shape {y.shape}, VM buffer {tuple(out.shape)}")
-        out.copyfrom(np.ascontiguousarray(y))
-        profile.calls[layer.name] = profile.calls.get(layer.name, 0) + 1
-        if profile.mode in ("perf", "both"):
-            profile.cycles[layer.name] = profile.cycles.get(layer.name, 0) + cycles
+        tensors = _tensors(args)
+        y = run_layer(layer, prog, [a.numpy() for a in tensors[:n_in]], cfg, profile)
+        _write(tensors[-1], y, f"layer {layer.name}")
 
     tvm_ffi.register_global_func(fname, run, override=True)
     return prog
+
+
+def register_region(region: Any, layers: list[Any], programs: list[Any], cfg: NPUConfig,
+                    profile: Profile) -> None:
+    """Register the DPS function of an NPU region (:class:`target_npu.regions.Region`): its inputs,
+    then its outputs; the layer programs run in order, intermediate tensors never reach the host."""
+
+    def run(*args: Any) -> None:
+        tensors = _tensors(args)
+        if len(tensors) != region.num_inputs + len(region.outputs):
+            raise ValueError(f"region {region.symbol}: called with {len(tensors)} tensors, expected "
+                             f"{region.num_inputs} inputs + {len(region.outputs)} outputs")
+        env = {f"in:{k}": t.numpy() for k, t in enumerate(tensors[:region.num_inputs])}
+        for j, step in enumerate(region.steps):
+            ly = layers[step.layer]
+            env[f"step:{j}"] = run_layer(ly, programs[step.layer], [env[r] for r in step.inputs], cfg, profile)
+        for out, r in zip(tensors[region.num_inputs:], region.outputs, strict=True):
+            _write(out, env[r], f"region {region.symbol}")
+
+    tvm_ffi.register_global_func(region.symbol, run, override=True)

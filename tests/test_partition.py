@@ -84,9 +84,11 @@ def test_partitioned_module_calls_npu_and_cpu_functions():
     ctx = PartitionContext(layers, TINY, [None] * len(layers), profile=runtime.Profile())
     out = partition(mod, ctx, "ioso_npu.tpart")
     names = _packed_names(out)
-    assert names.count("ioso_npu.tpart.npu.1") == 1
-    assert "ioso_npu.tpart.2" in names and "ioso_npu.tpart.npu.2" not in names
+    assert names.count("ioso_npu.tpart.npu.r0") == 1  # layer 1's NPU region
+    assert "ioso_npu.tpart.2" in names and "ioso_npu.tpart.1" not in names
     assert set(ctx.rejected) == {2} and set(ctx.symbols) == {1}  # 0: the input quantizer, matched by no pattern
+    assert [r.layers for r in ctx.regions] == [[1]]
+    assert "ioso_npu_layer" not in [gv.name_hint for gv in out.get_global_vars()]  # the stub is gone
 
 
 def _layer(**over) -> Layer:
@@ -124,3 +126,43 @@ def test_export_load_keeps_the_partition(tmp_path):
     assert [f["op"] for f in cm2.report()["fallbacks"]] == ["conv2"]
     x = rng.standard_normal(b.shape).astype(np.float32)
     assert np.array_equal(cm2.run(x), b.run_reference(x, [y])[0])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_neighbouring_npu_layers_merge_into_one_region(seed):
+    """MergeCompositeFunctions: conv -> (conv, add with fan-out) -> gap is one NPU region, called once."""
+    rng = np.random.default_rng(seed)
+    b = QDQBuilder((2, 16, 6, 6), rng)
+    x = b.conv(b.input, 16)
+    out = b.gap(b.add(x, b.conv(x, 16, act=None, signed_out=True)))
+    cm = ioso_tvm.compile(b.model([out]), input_shapes={"input": [2, 16, 6, 6]})
+    assert len(cm.regions) == 1 and cm.regions[0].layers == [1, 2, 3, 4]
+    add = cm.regions[0].steps[2]
+    assert add.inputs == ("step:0", "step:1")  # the add reads both branches inside the region
+    xx = rng.standard_normal((2, 16, 6, 6)).astype(np.float32)
+    assert np.array_equal(cm.run({"input": xx}, mode="both"), b.run_reference(xx, [out])[0])
+    assert all(cm.profile.calls[ly.name] == 1 for ly in cm.layers)
+    assert all(cm.profile.cycles[ly.name] > 0 for ly in cm.layers[1:])
+
+
+def test_a_cpu_layer_splits_the_npu_regions():
+    from hw_model.config import NPUConfig as Cfg
+    from ioso_tvm.frontend import import_onnx
+    from ioso_tvm.passes.fold_qdq import find_layers, fold_qdq
+    from target_npu import runtime
+    from target_npu.partition import partition
+    from target_npu.patterns import PartitionContext
+
+    rng = np.random.default_rng(3)
+    b = QDQBuilder((1, 16, 6, 6), rng)
+    x = b.conv(b.input, 16, kernel=1, pad=0)
+    y = b.conv(b.conv(x, 64, kernel=3), 16, kernel=1, pad=0)  # the 3x3 64-channel conv does not fit TINY
+    mod, _ = import_onnx(b.model([y]), Cfg(), None)
+    layers, _ = find_layers(mod, TINY)
+    mod = fold_qdq(mod, layers, "ioso_npu.tsplit")
+    ctx = PartitionContext(layers, TINY, [None] * len(layers), profile=runtime.Profile())
+    out = partition(mod, ctx, "ioso_npu.tsplit")
+    assert set(ctx.rejected) == {2}
+    assert sorted(r.layers for r in ctx.regions) == [[1], [3]]
+    names = _packed_names(out)
+    assert "ioso_npu.tsplit.2" in names and sum(n.startswith("ioso_npu.tsplit.npu.r") for n in names) == 2

@@ -1,6 +1,8 @@
 """Conv layers lowered through TIR (schedule + tensorize + walk) equal hw_model.reference bit for bit."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import tvm
@@ -213,5 +215,14 @@ def test_tir_program_equals_reference_on_random_conv_layers(a):
     spec = _spec(rng, a["c"], a["k"], a["hw"], a["kernel"], a["stride"], a["isg"], a["in_dtype"], a["wbits"])
     t = Tiling(ob_tile=a["ob"], rows=a["rows"], cb_tile=a["cb"], loop_order=a["order"], nbuf=a["nbuf"])
     prog = codegen.lower_conv(spec, t, CFG)
+    x = _x(rng, spec)
+    assert np.array_equal(_run(prog, spec, x), _want(spec, x))
+
+
+@pytest.mark.parametrize("order", ["ob_outer", "sp_outer"])
+def test_batched_conv_lowers_through_tir(order):
+    rng = np.random.default_rng(21)
+    spec = dataclasses.replace(_spec(rng, 40, 24, 5, 3, 1, True), n=3)
+    prog = codegen.lower_conv(spec, Tiling(ob_tile=1, rows=2, cb_tile=2, loop_order=order), CFG)
     x = _x(rng, spec)
     assert np.array_equal(_run(prog, spec, x), _want(spec, x))
