@@ -98,6 +98,7 @@ def main() -> None:
                       "mismatches_compiled_vs_deploy": _mismatches(got, want),
                       "mismatches_reference_vs_deploy": _mismatches(got_ref, want),
                       "npu_layers": npu, "cpu_layers": len(rep["layers"]) - npu, "fallbacks": len(rep["fallbacks"]),
+                      "npu_regions": [len(r.steps) for r in cm.regions],
                       "permutes": rep["permutes"], "compile_s": round(compile_s, 2),
                       "calib_s": round(calib_s, 2)}))
 
