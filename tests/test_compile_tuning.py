@@ -8,7 +8,7 @@ from onnx_builders import QDQBuilder
 import ioso_tvm
 from hw_model.layer_specs import Tiling
 from target_npu import runtime
-from target_npu.tuner import TuningRecordWarning, make_record, save_records, tkey, tune_model
+from target_npu.tuner import TuningRecordWarning, layer_key, make_record, save_records, tkey, tune_model
 
 
 def test_tuning_records_change_program_and_keep_results(tmp_path):
@@ -36,20 +36,28 @@ def test_tuning_records_change_program_and_keep_results(tmp_path):
         assert ioso_tvm.compile(model, tuning_records=str(other)).tilings[i] is None
 
 
-def test_tune_model_records_reach_compile(tmp_path):
-    """tvmc-tune-style records of a QDQ model are found by compile for its conv layers, which get faster or
-    stay, and the outputs stay bit exact."""
-    rng = np.random.default_rng(5)
-    b = QDQBuilder((1, 16, 12, 12), rng)
-    y = b.conv(b.conv(b.input, 32), 32, groups=32)
+@pytest.mark.parametrize("seed", [5, 6])
+def test_tune_model_records_reach_compile(tmp_path, seed):
+    """tvmc-tune-style records of a QDQ model with ISG groups are found by compile for each conv layer; the
+    compiled layer takes exactly the recorded best cycles (same group layout, same TIR path), never more
+    than the default, and the outputs stay bit exact."""
+    rng = np.random.default_rng(seed)
+    b = QDQBuilder((1, 40, 12, 12), rng)
+    y = b.conv(b.conv(b.input, 48), 48, groups=48)
     model = b.model([y])
     path = tmp_path / "rec.jsonl"
-    tune_model(model, trials=8, output=path, progress=False)
+    recs = tune_model(model, trials=8, output=path, progress=False)
     base, tuned = ioso_tvm.compile(model), ioso_tvm.compile(model, tuning_records=str(path))
     convs = [i for i, ly in enumerate(base.layers) if ly.kind == "conv"]
     assert len(convs) == 2 and all(tuned.tilings[i] is not None for i in convs)
     cb, ct = base.report()["layers"], tuned.report()["layers"]
-    assert all(ct[i]["cycles"] <= cb[i]["cycles"] for i in convs)
+    best = {}
+    for r in recs:
+        best[r["layer_key"]] = min(best.get(r["layer_key"], r["cycles"]), r["cycles"])
+    for i in convs:
+        key = layer_key(runtime.to_spec(base.layers[i]), base.config)
+        assert ct[i]["cycles"] == best[key] <= cb[i]["cycles"]
+    assert "_isg" in layer_key(runtime.to_spec(base.layers[convs[0]]), base.config)
     x = rng.standard_normal(b.shape).astype(np.float32)
     want = b.run_reference(x, [y])[0]
     assert np.array_equal(tuned.run(x), want)

@@ -55,7 +55,14 @@ def test_layer_keys_distinct() -> None:
              shape_spec(32, 32, 14, 14), shape_spec(32, 64, 14, 14), shape_spec(32, 32, 14, 12),
              shape_spec(32, 32, 14, 14, pads=(1, 1, 0, 0)), shape_spec(32, 32, 14, 14, groups=32),
              shape_spec(32, 32, 14, 14, dilation=(2, 2)), shape_spec(32, 32, 14, 14, n=2)]
+    grouped = [shape_spec(32, 32, 14, 14) for _ in range(3)]
+    grouped[0].isg_groups = np.repeat([1, 0], 16)
+    grouped[1].isg_groups = np.repeat([0, 1], 16)  # the same blocks per group: the same program, the same key
+    grouped[2].isg_groups = np.repeat([1, 2, 0, 0], 8)  # 1 block of group 1, 1 of group 2, 1 of group 0
+    specs += [grouped[0], grouped[2]]
     assert len({layer_key(s) for s in specs}) == len(specs)
+    assert layer_key(grouped[0]) == layer_key(grouped[1]) == layer_key(specs[2]) + "_isg1x1.0x1"
+    assert layer_key(grouped[2]).endswith("_isg1x1.2x1.0x1")
     with pytest.raises(TypeError, match="ConvSpec"):
         layer_key("conv")
 

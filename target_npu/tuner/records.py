@@ -15,9 +15,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from hw_model.config import NPUConfig
+from hw_model.config import DEFAULT_CONFIG, NPUConfig
 
-from .space import ORDERS, ConvSpec, Tiling, canonical, tunable, why_invalid
+from .space import ORDERS, ConvSpec, Tiling, canonical, group_blocks, tunable, why_invalid
 
 RECORD_VERSION = 2
 """Format version of a record line; bump when the knobs or the key change (2: hw_model Tiling knobs)."""
@@ -34,17 +34,18 @@ def config_hash(cfg: NPUConfig) -> str:
     return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def layer_key(spec: ConvSpec) -> str:
-    """Stable key of a conv layer's shape, e.g. ``conv2d_n1_c64_h56_w56_k64_3x3_s1x1_p1x1x1x1_d1x1_g1``.
-
-    The ISG group layout is not part of the key: a record found for a layer is re-checked against its
-    real spec (``check_tiling``) before use.
+def layer_key(spec: ConvSpec, cfg: NPUConfig = DEFAULT_CONFIG) -> str:
+    """Stable key of a conv layer's shape, e.g. ``conv2d_n1_c64_h56_w56_k64_3x3_s1x1_p1x1x1x1_d1x1_g1``,
+    plus, when its input channels are not all in ISG group 0, the input blocks per group in layout
+    order (``_isg1x2.2x1.0x1``: 2 blocks of group 1, 1 of group 2, 1 of group 0), which changes the program.
     """
     if not isinstance(spec, ConvSpec):
         raise TypeError(f"layer_key: spec must be a hw_model.layer_specs.ConvSpec, got {type(spec).__name__}")
     j = lambda v: "x".join(str(int(x)) for x in v)  # noqa: E731
+    gb = group_blocks(spec, cfg)
+    isg = "" if all(g == 0 for g, _ in gb) else "_isg" + ".".join(f"{g}x{n}" for g, n in gb)
     return (f"conv2d_n{spec.n}_c{spec.c}_h{spec.h}_w{spec.w}_k{spec.k}_{spec.kh}x{spec.kw}_s{j(spec.stride)}"
-            f"_p{j(spec.pads)}_d{j(spec.dilation)}_g{spec.groups}")
+            f"_p{j(spec.pads)}_d{j(spec.dilation)}_g{spec.groups}{isg}")
 
 
 def tiling_from_dict(d: Any) -> Tiling:
@@ -65,7 +66,7 @@ def tiling_from_dict(d: Any) -> Tiling:
 
 def make_record(spec: ConvSpec, tiling: Tiling, cycles: int, cfg: NPUConfig, tuner: str) -> dict[str, Any]:
     """One record (a dict) of a measured tiling of ``spec``."""
-    return {"version": RECORD_VERSION, "layer_key": layer_key(spec), "config": tiling.to_dict(),
+    return {"version": RECORD_VERSION, "layer_key": layer_key(spec, cfg), "config": tiling.to_dict(),
             "cycles": int(cycles), "npu_config_hash": config_hash(cfg), "tuner": tuner}
 
 def save_records(path: str | Path, records: Iterable[dict[str, Any]], append: bool = True) -> Path:
@@ -144,14 +145,14 @@ def best_tiling(records: str | Path | Iterable[dict[str, Any]], spec: ConvSpec, 
     """Fastest recorded tiling of the layer ``spec`` for this NPUConfig, or None (use the default schedule).
 
     ``records``: a path, the output of :func:`load_records`, or raw record dicts. Records of another
-    NPUConfig, and tilings ``check_tiling`` rejects for ``spec`` (e.g. its ISG groups need the D1 bank),
-    warn and are skipped. Layers the tuner does not tune give None.
+    NPUConfig, and tilings ``check_tiling`` rejects for ``spec``, warn and are skipped. Layers the tuner
+    does not tune give None.
     """
     if tunable(spec) is not None:
         return None
     if not isinstance(records, list) or any("where" not in r for r in records if isinstance(r, dict)):
         records = load_records(records)
-    key, h = layer_key(spec), config_hash(cfg)
+    key, h = layer_key(spec, cfg), config_hash(cfg)
     best: tuple[int, Tiling] | None = None
     for r in records:
         if r["layer_key"] != key:

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from hw_model.builder import channel_slots
-from hw_model.config import NPUConfig
+from hw_model.config import DEFAULT_CONFIG, NPUConfig
 from hw_model.layer_specs import ConvSpec, Tiling, conv_geometry
 from hw_model.layers import check_tiling, default_tiling
 
 __all__ = ["ORDERS", "ConvSpec", "Geometry", "Tiling", "canonical", "default_tiling", "enumerate_space",
-           "geometry", "shape_key", "shape_spec", "tkey", "tunable", "why_invalid"]
+           "geometry", "group_blocks", "shape_key", "shape_spec", "tkey", "tunable", "why_invalid"]
 
 ORDERS = ("ob_outer", "sp_outer")
 """Loop orders of ``hw_model.layer_specs.Tiling``: output-block tiles outermost (weights stay) or row tiles."""
@@ -51,12 +51,21 @@ def shape_spec(c: int, k: int, h: int, w: int, kh: int = 3, kw: int = 3, stride:
     return spec
 
 
-def shape_key(spec: ConvSpec) -> tuple:
+def group_blocks(spec: ConvSpec, cfg: NPUConfig) -> tuple[tuple[int, int], ...]:
+    """(ISG group, 16-channel input blocks) in the builder's layout order: the only part of the group
+    vector that shapes a program (each group padded to whole blocks, contract order)."""
+    _, bgroups = channel_slots(spec.c, spec.isg_groups, cfg)
+    out: list[tuple[int, int]] = []
+    for g in bgroups:
+        out[-1:] = [(g, out[-1][1] + 1)] if out and out[-1][0] == g else [*out[-1:], (g, 1)]
+    return tuple(out)
+
+
+def shape_key(spec: ConvSpec, cfg: NPUConfig = DEFAULT_CONFIG) -> tuple:
     """Everything of a ConvSpec that shapes its programs (not the weights): sizes, kernel, stride, pads,
     dilation, groups and the 16-channel block layout of its ISG groups."""
-    _, bgroups = channel_slots(spec.c, spec.isg_groups)
     return (int(spec.n), int(spec.c), int(spec.h), int(spec.w), int(spec.k), spec.kh, spec.kw, tuple(spec.stride),
-            tuple(spec.pads), tuple(spec.dilation), int(spec.groups), tuple(bgroups))
+            tuple(spec.pads), tuple(spec.dilation), int(spec.groups), group_blocks(spec, cfg))
 
 
 def tunable(spec: object) -> str | None:
@@ -146,4 +155,4 @@ def enumerate_space(spec: ConvSpec, cfg: NPUConfig) -> list[Tiling]:
     why = tunable(spec)
     if why is not None:
         raise ValueError(f"enumerate_space: {why}")
-    return [Tiling(*k) for k in _enumerate(shape_key(spec), cfg, _Box((spec,)))]
+    return [Tiling(*k) for k in _enumerate(shape_key(spec, cfg), cfg, _Box((spec,)))]

@@ -6,6 +6,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 from onnx import numpy_helper, shape_inference
 from tqdm import tqdm
@@ -28,9 +29,26 @@ def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def conv_specs(model: str | Path | onnx.ModelProto) -> list[ConvSpec]:
+def _isg_groups(node: onnx.NodeProto, producers: dict, inits: dict, cfg: NPUConfig) -> np.ndarray | None:
+    """ISG group per input channel from the ``Mul(gamma)`` feeding the Conv (docs/onnx_format.md), or None."""
+    mul = producers.get(node.input[0])
+    if mul is None or mul.op_type != "Mul":
+        return None
+    gamma = next((inits[i] for i in mul.input if i in inits), None)
+    if gamma is None:
+        return None
+    g = np.asarray(gamma, np.float32).reshape(-1)
+    factors = np.asarray(cfg.group_factors, np.float32)
+    hit = g[:, None] == factors[None, :]
+    if not hit.any(axis=1).all():
+        raise ValueError(f"Conv node {node.name!r}: ISG gamma values are not the group factors {cfg.group_factors}")
+    return np.argmax(hit, axis=1).astype(np.int64)
+
+
+def conv_specs(model: str | Path | onnx.ModelProto, cfg: NPUConfig | None = None) -> list[ConvSpec]:
     """Distinct dense and depthwise 2-D conv layers of an ONNX model (plain or QDQ), in graph order, as
-    shape-only ``hw_model`` ConvSpecs (batch 1 taken from the input shape, one ISG group).
+    shape-only ``hw_model`` ConvSpecs (zero weights) with the ISG group of each input channel read from
+    the ``Mul(gamma)`` before the Conv (none: all in group 0). Distinct = another shape or group layout.
 
     Other grouped convs and convs of unknown shape are skipped with a warning (they keep the default schedule).
     """
@@ -43,6 +61,8 @@ def conv_specs(model: str | Path | onnx.ModelProto) -> list[ConvSpec]:
     model = shape_inference.infer_shapes(model)
     shapes = _shapes(model)
     producers = {o: n for n in model.graph.node for o in n.output}
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    cfg = DEFAULT_CONFIG if cfg is None else cfg
     specs: list[ConvSpec] = []
     seen: set[tuple] = set()
     for node in model.graph.node:
@@ -65,12 +85,15 @@ def conv_specs(model: str | Path | onnx.ModelProto) -> list[ConvSpec]:
         except ValueError as e:
             warnings.warn(f"Conv node {node.name!r}: {e}; not tuned", stacklevel=2)
             continue
+        groups = _isg_groups(node, producers, inits, cfg)
+        if groups is not None and groups.size == spec.c:
+            spec.isg_groups = groups
         why = tunable(spec)
         if why is not None:
             warnings.warn(f"Conv node {node.name!r}: {why}", stacklevel=2)
             continue
-        if shape_key(spec) not in seen:
-            seen.add(shape_key(spec))
+        if shape_key(spec, cfg) not in seen:
+            seen.add(shape_key(spec, cfg))
             specs.append(spec)
     return specs
 
@@ -91,14 +114,14 @@ def tune_model(onnx_path_or_model: str | Path | onnx.ModelProto, trials: int, ou
     if not isinstance(trials, int) or trials < 1:
         raise ValueError(f"trials must be a positive int, got {trials!r}")
     fn = get_measure(measure)
-    specs = conv_specs(onnx_path_or_model)
+    specs = conv_specs(onnx_path_or_model, cfg)
     records: list[dict[str, Any]] = []
     bar = tqdm(specs, desc="tune layers", disable=not progress)
     # one pool for all layers: each worker imports TVM once
     pool = ProcessPoolExecutor(max_workers=jobs) if jobs > 1 else None
     try:
         for spec in bar:
-            key = layer_key(spec)
+            key = layer_key(spec, cfg)
             try:
                 t = make_tuner(tuner, spec, cfg, measurer=Measurer(spec, cfg, fn, jobs=jobs, pool=pool), seed=seed)
             except ValueError as e:
