@@ -133,7 +133,7 @@ def stages_of(stages: tuple[Stage, ...] | list[Stage], prefix: str) -> list[Stag
 
 def read_layer(stages: list[Stage]) -> LoweredLayer:
     """Tile geometry, shift-add sequence and output dtype from the walked stages (see module docstring)."""
-    macs = stages_of(stages, intrinsics.EXTERN)
+    macs = stages_of(stages, intrinsics.EXTERN) + stages_of(stages, intrinsics.DW_EXTERN)
     gsas = stages_of(stages, "ioso_npu_shift_add_")
     norms = stages_of(stages, "ioso_npu_norm_act_quant_")
     if len(norms) != 1 or not macs:
@@ -164,8 +164,9 @@ def lower_layer(spec: ConvSpec, tiling: Tiling, cfg: NPUConfig) -> LoweredLayer:
         return low
     low = read_layer(walk(schedule_conv(spec, tiling, cfg).mod["main"]))
     d = tile_domain(spec, tiling, cfg)
-    macs = stages_of(low.stages, intrinsics.EXTERN)
-    want = d["n"] * d["oh"] * d["ow"] * d["kb"] * d["cb"] * d["kh"] * d["kw"]
+    dw = d["depthwise"]
+    macs = stages_of(low.stages, intrinsics.DW_EXTERN if dw else intrinsics.EXTERN)
+    want = d["n"] * d["oh"] * d["ow"] * d["kb"] * (1 if dw else d["cb"]) * d["kh"] * d["kw"]
     got = sum(s.calls() for s in macs)
     want_gsa = () if single_unity(d, cfg) else tuple((cfg.isg_group_signs[g], j == 0)
                                                       for j, (g, *_r) in enumerate(d["segs"]))
@@ -173,7 +174,7 @@ def lower_layer(spec: ConvSpec, tiling: Tiling, cfg: NPUConfig) -> LoweredLayer:
     problems = []
     if got != want or len(macs) != len(d["segs"]):
         problems.append(f"{len(macs)} MAC stage(s) making {got} calls, expected {len(d['segs'])} making {want}")
-    if cb_inner != [cbt for *_r, cbt in d["segs"]]:
+    if not dw and cb_inner != [cbt for *_r, cbt in d["segs"]]:
         problems.append(f"input tiles per group {cb_inner}, expected {[cbt for *_r, cbt in d['segs']]}")
     if low.shift_adds != want_gsa:
         problems.append(f"shift-add sequence {low.shift_adds}, expected {want_gsa}")
@@ -201,7 +202,9 @@ def _check_program(prog: Program, low: LoweredLayer) -> None:
 
 
 def lower_conv(spec: ConvSpec | LinearSpec, tiling: Tiling | None, cfg: NPUConfig) -> Program:
-    """The NPU program of a dense conv / linear layer, generated from its scheduled TIR."""
+    """The NPU program of a conv (dense, grouped, depthwise) / linear layer, generated from its scheduled TIR.
+
+    Raises :class:`target_npu.schedule.NotLowerable` for a depthwise conv with scaled ISG groups."""
     conv = spec.as_conv() if isinstance(spec, LinearSpec) else spec
     if not isinstance(conv, ConvSpec):
         raise TypeError(f"lower_conv: spec must be a ConvSpec or LinearSpec, got {type(spec).__name__}")

@@ -7,6 +7,9 @@ Each intrinsic describes one pixel of one 16-lane output block (hw_model/config.
 ``ioso_npu.mac16x16``
     ``C[j] += int32(A[i]) * int32(B[i, j])`` over 16 input channels i, 16 output channels j (int8 MAC
     into int32). Extern ``ioso_npu_mac16x16(A, a_off, B, b_off, C, c_off)``.
+``ioso_npu.dwmac16``
+    Depthwise: ``C[j] += int32(A[j]) * int32(B[j])`` for 16 channels j (one 16-lane block-tap; the
+    MAC array's diagonal). Extern ``ioso_npu_dwmac16(A, a_off, B, b_off, C, c_off)``.
 ``ioso_npu.shift_add.<sign>.<init|acc>.s<n>``
     The ISG accumulator step D1 -> D2 of one group: ``C[j] = shift(A[j])`` (init, the first group) or
     ``C[j] = P[j] + shift(A[j])`` (acc), ``shift(d)`` = d, d - (d >> n), d + (d >> n) for sign 0, -1, +1
@@ -28,6 +31,8 @@ from tvm.script import tirx as T
 
 MAC = "ioso_npu.mac16x16"
 EXTERN = "ioso_npu_mac16x16"
+DW_MAC = "ioso_npu.dwmac16"
+DW_EXTERN = "ioso_npu_dwmac16"
 N = 16  # MAC array side (hw_model.isa.BLOCK)
 SIGNS = {-1: "neg", 0: "unit", 1: "pos"}
 OUT_DTYPES = ("int8", "uint8")
@@ -79,6 +84,32 @@ def _mac_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
         T.reads(C[0:N], A[0:N], B[0:N, 0:N])
         T.writes(C[0:N])
         T.evaluate(T.call_extern("int32", EXTERN, A.data, A.elem_offset, B.data, B.elem_offset,
+                                 C.data, C.elem_offset))
+
+
+@T.prim_func(s_tir=True)
+def _dw_desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+    A = T.match_buffer(a, (N,), "int8", offset_factor=1)
+    B = T.match_buffer(b, (N,), "int8", offset_factor=1)
+    C = T.match_buffer(c, (N,), "int32", offset_factor=1)
+    with T.sblock("root"):
+        T.reads(C[0:N], A[0:N], B[0:N])
+        T.writes(C[0:N])
+        for j in T.serial(N):
+            with T.sblock("update"):
+                vj = T.axis.remap("S", [j])
+                C[vj] = C[vj] + T.Cast("int32", A[vj]) * T.Cast("int32", B[vj])
+
+
+@T.prim_func(s_tir=True)
+def _dw_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+    A = T.match_buffer(a, (N,), "int8", offset_factor=1)
+    B = T.match_buffer(b, (N,), "int8", offset_factor=1)
+    C = T.match_buffer(c, (N,), "int32", offset_factor=1)
+    with T.sblock("root"):
+        T.reads(C[0:N], A[0:N], B[0:N])
+        T.writes(C[0:N])
+        T.evaluate(T.call_extern("int32", DW_EXTERN, A.data, A.elem_offset, B.data, B.elem_offset,
                                  C.data, C.elem_offset))
 
 
@@ -188,8 +219,9 @@ def shift_add_intrin(sign: int, init: bool, shift: int) -> str:
 
 
 def register() -> None:
-    """Register the MAC and NORM/ACT/QUANT intrinsics once (idempotent)."""
+    """Register the MAC, depthwise MAC and NORM/ACT/QUANT intrinsics once (idempotent)."""
     _register(MAC, _mac_desc, _mac_impl)
+    _register(DW_MAC, _dw_desc, _dw_impl)
     for dt in OUT_DTYPES:
         _register(norm_name(dt), *_norm_pair(dt))
 

@@ -3,9 +3,9 @@
 Each folded layer (``ioso_tvm.passes.fold_qdq.Layer``) becomes one global function
 ``<prefix>.<index>`` registered with ``tvm_ffi.register_global_func``. At registration
 (compile or load time) the layer's spec is made (``hw_model.layer_specs``) and its NPU
-program is built once: dense conv / linear layers through TIR (``target_npu.codegen.lower_conv``:
-schedule with the layer's ``Tiling`` knobs, tensorize, walk, emit), grouped / depthwise convs,
-adds and pools with ``hw_model.layers_alu.build_layer`` (default knobs
+program is built once: conv (dense, grouped, depthwise) / linear layers through TIR
+(``target_npu.codegen.lower_conv``: schedule with the layer's ``Tiling`` knobs, tensorize, walk,
+emit), depthwise convs with scaled ISG groups, adds and pools with ``hw_model.layers_alu.build_layer`` (default knobs
 ``hw_model.layers.default_tiling``); constants are packed into the program. A call
 packs the inputs into the program's DRAM layout, runs it on the functional simulator
 (``hw_model.cycles.simulate``) and unpacks the output.
@@ -33,6 +33,7 @@ from hw_model.layer_specs import AddSpec, ConvSpec, LinearSpec, PoolSpec, Tiling
 from hw_model.layers import default_tiling
 from hw_model.layers_alu import build_layer, pack_inputs, unpack_output
 from target_npu.codegen import lower_conv
+from target_npu.schedule import NotLowerable
 
 MODES = ("func", "perf", "both")
 
@@ -87,8 +88,11 @@ def make_program(layer: Any, cfg: NPUConfig, tiling: Tiling | None = None) -> tu
         return None, "input quantizer (CPU side of the contract)"
     try:
         spec = to_spec(layer)
-        if isinstance(spec, LinearSpec) or (isinstance(spec, ConvSpec) and spec.groups == 1):
-            return lower_conv(spec, tiling, cfg), None  # through TIR (target_npu.codegen)
+        if isinstance(spec, (LinearSpec, ConvSpec)):
+            try:
+                return lower_conv(spec, tiling, cfg), None  # through TIR (target_npu.codegen)
+            except NotLowerable:
+                pass  # depthwise with scaled ISG groups: the builder alone
         return build_layer(spec, tiling or default_tiling(spec, cfg), cfg), None
     except (ValueError, TypeError) as e:
         return None, f"hw_model rejects the layer: {e}"

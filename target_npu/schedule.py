@@ -18,7 +18,10 @@ the knobs of ``hw_model.layer_specs.Tiling`` to every stage: ``rows`` output row
 output blocks per tile, ``cb_tile`` input blocks per MAC tile, ``loop_order`` (``ob_outer``: n, kb_0,
 y_0, ...; ``sp_outer``: n, y_0, kb_0, ...), ``nbuf`` and ``cb_tile`` as annotations; then it
 decomposes the MAC reductions and tensorizes each stage with its intrinsic
-(:mod:`target_npu.intrinsics`). Dense convs only (groups == 1; a linear layer as a 1x1 conv).
+(:mod:`target_npu.intrinsics`). Dense and grouped convs (grouped: block-diagonal weights, as the
+builder runs them) use the 16x16 MAC; a linear layer is a 1x1 conv. A depthwise conv has one stage
+``mac_0`` (kernel ``(KBt, KH, KW, 16)``, input blocks = output blocks) tensorized with
+``ioso_npu.dwmac16``; with scaled ISG groups it raises :class:`NotLowerable` (the builder emits it).
 """
 from __future__ import annotations
 
@@ -52,19 +55,31 @@ def group_segments(spec: ConvSpec, cfg: NPUConfig) -> list[tuple[int, int, int]]
     return group_order_blocks(bgroups, cfg)
 
 
+class NotLowerable(ValueError):
+    """The layer has no TIR lowering (a depthwise conv with scaled ISG groups): the builder emits it."""
+
+
 def tile_domain(spec: ConvSpec, t: Tiling, cfg: NPUConfig = DEFAULT_CONFIG) -> dict[str, Any]:
     """Extents of the tiled layer: output rows/blocks rounded up to whole tiles; per group segment
-    (``segs``: group, offset in the padded input blocks, padded block count, input tile)."""
+    (``segs``: group, offset in the padded input blocks, padded block count, input tile). A depthwise
+    conv has one segment whose input blocks are its output blocks."""
     oh, ow, kb, _ = conv_geometry(spec)
     rows, ob = min(t.rows, oh), min(t.ob_tile, kb)
+    kbt = _ceil(kb, ob) * ob
+    if spec.is_depthwise:
+        segs = group_segments(spec, cfg)
+        if len(segs) != 1 or cfg.isg_group_signs[segs[0][0]] != 0:
+            raise NotLowerable("a depthwise conv with scaled ISG groups is emitted by the builder, not through TIR")
+        return {"n": spec.n, "oh": _ceil(oh, rows) * rows, "ow": ow, "kb": kbt, "cb": kbt, "rows": rows, "ob": ob,
+                "kh": spec.kh, "kw": spec.kw, "segs": [(segs[0][0], 0, kbt, ob)], "depthwise": True}
     segs, off = [], 0
     for g, a, e in group_segments(spec, cfg):
         cbt = min(t.cb_tile, e - a)
         blocks = _ceil(e - a, cbt) * cbt
         segs.append((g, off, blocks, cbt))
         off += blocks
-    return {"n": spec.n, "oh": _ceil(oh, rows) * rows, "ow": ow, "kb": _ceil(kb, ob) * ob, "cb": off,
-            "rows": rows, "ob": ob, "kh": spec.kh, "kw": spec.kw, "segs": segs}
+    return {"n": spec.n, "oh": _ceil(oh, rows) * rows, "ow": ow, "kb": kbt, "cb": off,
+            "rows": rows, "ob": ob, "kh": spec.kh, "kw": spec.kw, "segs": segs, "depthwise": False}
 
 
 def single_unity(d: dict[str, Any], cfg: NPUConfig) -> bool:
@@ -86,14 +101,13 @@ def primfunc_shapes(spec: ConvSpec, t: Tiling, cfg: NPUConfig = DEFAULT_CONFIG) 
     (sh, sw), (dh, dw) = spec.stride, spec.dilation
     hp = (d["oh"] - 1) * sh + dh * (spec.kh - 1) + 1
     wp = (d["ow"] - 1) * sw + dw * (spec.kw - 1) + 1
-    return {"data": (d["n"], hp, wp, d["cb"], B), "ker": (d["kb"], d["cb"], spec.kh, spec.kw, B, B),
+    ker = (d["kb"], spec.kh, spec.kw, B) if d["depthwise"] else (d["kb"], d["cb"], spec.kh, spec.kw, B, B)
+    return {"data": (d["n"], hp, wp, d["cb"], B), "ker": ker,
             "m": (d["kb"], B), "out": (d["n"], d["oh"], d["ow"], d["kb"], B)}
 
 
 def conv_primfunc(spec: ConvSpec, t: Tiling, cfg: NPUConfig = DEFAULT_CONFIG) -> tirx.PrimFunc:
     """The layer as a PrimFunc (see the module docstring for stages and layouts)."""
-    if spec.groups != 1:
-        raise ValueError(f"conv_primfunc: groups={spec.groups}; only dense convs are lowered through TIR")
     d = tile_domain(spec, t, cfg)
     (sh, sw), (dh, dw) = spec.stride, spec.dilation
     shapes = primfunc_shapes(spec, t, cfg)
@@ -108,7 +122,13 @@ def conv_primfunc(spec: ConvSpec, t: Tiling, cfg: NPUConfig = DEFAULT_CONFIG) ->
             data[n, y * sh + r * dh, x * sw + s * dw, off + cb, ci].astype("int32")
             * ker[kb, off + cb, r, s, ci, k].astype("int32"), axis=[cb, r, s, ci]), name=f"mac_{j}")
 
-    d1 = [mac(j, off, blocks) for j, (_, off, blocks, _) in enumerate(d["segs"])]
+    def dw_mac() -> te.Tensor:
+        r, s = te.reduce_axis((0, spec.kh), "r"), te.reduce_axis((0, spec.kw), "s")
+        return te.compute(shape, lambda n, y, x, kb, k: te.sum(
+            data[n, y * sh + r * dh, x * sw + s * dw, kb, k].astype("int32") * ker[kb, r, s, k].astype("int32"),
+            axis=[r, s]), name="mac_0")
+
+    d1 = [dw_mac()] if d["depthwise"] else [mac(j, off, blocks) for j, (_, off, blocks, _) in enumerate(d["segs"])]
     acc = d1[0]
     if not single_unity(d, cfg):
         acc = None
@@ -168,6 +188,16 @@ def schedule_conv(spec: ConvSpec, t: Tiling, cfg: NPUConfig = DEFAULT_CONFIG) ->
     for j, (g, _, _, cbt) in enumerate(d["segs"]):
         blk = sch.get_sblock(f"mac_{j}")
         lp = _loops_by_var(sch, blk, len(outer))
+        if d["depthwise"]:
+            nest = [lp.get(v) for v in ("v_y", "v_x", "v_kb", "v_r", "v_s")] + [lp["v_k"]]
+            nest = [lv for lv in nest if lv is not None]
+            sch.reorder(*nest)
+            sch.decompose_reduction(blk, nest[0])
+            sch.tensorize(lp["v_k"], intrinsics.DW_MAC)
+            upd = sch.get_sblock("mac_0_update_o")
+            sch.annotate(upd, NBUF_ATTR, int(t.nbuf))
+            sch.annotate(upd, CB_TILE_ATTR, int(t.cb_tile))
+            continue
         cb_o = cb_i = None
         if "v_cb" in lp:
             cb_o, cb_i = sch.split(lp["v_cb"], [None, cbt])

@@ -162,12 +162,32 @@ def test_tensorized_primfunc_calls_every_stage_intrinsic():
     assert "ioso_npu_shift_add_" in script and "_init_s4" in script
 
 
-def test_grouped_conv_is_refused_by_the_tir_path():
-    rng = np.random.default_rng(0)
-    spec = _spec(rng, 16, 16, 4, 3, 1, False)
-    spec.groups, spec.weight = 2, spec.weight[:, :8]
-    with pytest.raises(ValueError, match="groups"):
-        schedule_conv(spec, Tiling(), CFG)
+@pytest.mark.parametrize("c, groups", [(16, 16), (40, 40), (32, 2), (48, 3)])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_grouped_and_depthwise_convs_lower_through_tir(c, groups, stride):
+    rng = np.random.default_rng(c + groups + stride)
+    spec = _spec(rng, c, c, 7, 3, stride, False)
+    spec = dataclasses.replace(spec, groups=groups, weight=spec.weight[:, : c // groups].copy())
+    for t in (Tiling(ob_tile=1, rows=2, cb_tile=1), Tiling(ob_tile=3, rows=7, cb_tile=2, loop_order="ob_outer")):
+        prog = codegen.lower_conv(spec, t, CFG)
+        externs = {s["extern"] for s in prog.meta["tir"]["stages"]}
+        assert (intrinsics.DW_EXTERN in externs) == spec.is_depthwise
+        assert (intrinsics.EXTERN in externs) != spec.is_depthwise
+        x = _x(rng, spec)
+        want = ref.conv2d(x, spec.x_zp, spec.weight, spec.m, spec.b, spec.lo, spec.hi, np.dtype(spec.out_dtype),
+                          stride=spec.stride, pads=spec.pads, groups=groups, cfg=CFG)
+        assert np.array_equal(_run(prog, spec, x), want)
+
+
+def test_depthwise_with_scaled_groups_is_left_to_the_builder():
+    from target_npu.schedule import NotLowerable
+
+    rng = np.random.default_rng(4)
+    spec = _spec(rng, 32, 32, 5, 3, 1, False)
+    spec = dataclasses.replace(spec, groups=32, weight=spec.weight[:, :1].copy(),
+                               isg_groups=np.repeat([1, 0], 16))
+    with pytest.raises(NotLowerable):
+        codegen.lower_conv(spec, None, CFG)
 
 
 def test_lowered_nests_are_cached_by_shape_and_knobs():
