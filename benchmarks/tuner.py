@@ -8,7 +8,8 @@ schedule (useful MACs / (cycles x ``macs_per_cycle``)) and the roofline bound (b
 Part 2: ResNet-18 and MobileNetV2 (W4A4, 224x224, batch 1, seeded random weights as in
 benchmarks/compile_time.py) compiled with ``ioso_tvm.compile`` without and with the records of
 ``tune_model`` (what ``tvmc tune`` runs: xgb, ``--e2e-trials`` per layer); latency = sum of the
-per-layer cycles of ``CompiledModel.report()`` (perf mode).
+per-layer cycles of ``CompiledModel.report()`` (perf mode); each model once as exported (one ISG group per
+layer) and once with random hardened ISG groups (``_isg``: 2-3 groups per layer, as after calibration).
 
 Prints one JSON line, writes it to benchmarks/out/tuner.json and the best-so-far plot (xgboost vs random).
     python benchmarks/tuner.py [--seeds 3] [--jobs 1] [--e2e-trials 48] [--skip-e2e]
@@ -29,6 +30,7 @@ from tqdm import tqdm
 
 import ioso_tvm
 from hw_model.config import DEFAULT_CONFIG, NPUConfig
+from ioso_tvm.calib.isg import ISG
 from ioso_tvm.calib.qmodel import build_qmodel
 from ioso_tvm.export import export_onnx
 from ioso_tvm.models import build_model
@@ -51,11 +53,23 @@ E2E_TRIALS = 48
 """Trials per layer of the end-to-end tuning. Chosen: ~10 % of the largest ResNet-18 space (488 points)."""
 
 
-def exported(name: str) -> onnx.ModelProto:
-    """W4A4 QDQ ONNX of ``name`` at 1x3x224x224 (seeded random weights, as benchmarks/compile_time.py)."""
+def exported(name: str, isg: bool = False) -> onnx.ModelProto:
+    """W4A4 QDQ ONNX of ``name`` at 1x3x224x224 (seeded random weights, as benchmarks/compile_time.py).
+
+    ``isg``: give every ISG module random hardened groups (16-channel granules drawn uniformly from the
+    three groups, the remainder to one group) in place of a calibration, so the layers carry 2-3 groups."""
     torch.manual_seed(0)
     qm = build_qmodel(build_model(name).eval(), (3, 224, 224), 4, 4)
     qm.init_act_scales(torch.randn(2, 3, 224, 224), batch=2)
+    if isg:
+        rng = np.random.default_rng(0)
+        for m in qm.modules():
+            if isinstance(m, ISG):
+                c, gran = m.groups.numel(), DEFAULT_CONFIG.granularity
+                g = np.concatenate([np.repeat(rng.integers(0, DEFAULT_CONFIG.num_groups, c // gran), gran),
+                                    np.full(c % gran, rng.integers(0, DEFAULT_CONFIG.num_groups))])
+                m.groups.copy_(torch.from_numpy(rng.permutation(g).astype(np.int64)))
+                m.hard = True
     return export_onnx(qm, None, (1, 3, 224, 224))
 
 
@@ -103,9 +117,9 @@ def tune_layers(specs: list[ConvSpec], cfg: NPUConfig, seeds: int, budget_frac: 
     return rows
 
 
-def end_to_end(name: str, trials: int, jobs: int, cfg: NPUConfig) -> dict:
+def end_to_end(name: str, trials: int, jobs: int, cfg: NPUConfig, isg: bool = False) -> dict:
     """Sum of per-layer cycles before / after tuning (records from tune_model over all tunable layers)."""
-    model = exported(name)
+    model = exported(name, isg)
     base = ioso_tvm.compile(model, config=cfg)
     with tempfile.TemporaryDirectory() as d:
         rec = Path(d) / f"{name}.jsonl"
@@ -180,7 +194,8 @@ def main() -> None:
     if not args.skip_e2e:
         out["e2e_trials_per_layer"] = args.e2e_trials
         for name in ("resnet18", "mobilenetv2"):
-            out[f"e2e_{name}"] = end_to_end(name, args.e2e_trials, args.jobs, cfg)
+            for isg in (False, True):
+                out[f"e2e_{name}{'_isg' if isg else ''}"] = end_to_end(name, args.e2e_trials, args.jobs, cfg, isg)
     out["seconds"] = round(time.time() - t0, 1)
     line = json.dumps(out)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
