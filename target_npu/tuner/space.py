@@ -9,7 +9,6 @@ clips larger values, so they would only repeat a point).
 """
 from __future__ import annotations
 
-import functools
 import itertools
 from dataclasses import dataclass
 
@@ -125,27 +124,22 @@ def _rows(oh: int) -> list[int]:
     return sorted({d for d in range(1, oh + 1) if oh % d == 0} | set(_pow2_upto(oh)))
 
 
-@functools.lru_cache(maxsize=256)
-def _enumerate(key: tuple, cfg: NPUConfig, spec_box: tuple) -> tuple[TKey, ...]:
-    spec = spec_box[0]
-    g = geometry(spec, cfg)
-    cbs = [1] if g.depthwise else _pow2_upto(g.cbn)
-    pts = []
-    for ob, rows, cb, order, nbuf in itertools.product(_pow2_upto(g.kb), _rows(g.oh), cbs, ORDERS, (1, 2)):
-        t = Tiling(ob_tile=ob, rows=rows, cb_tile=cb, loop_order=order, nbuf=nbuf)
-        if why_invalid(spec, t, cfg) is None:
-            pts.append(tkey(t))
-    return tuple(pts)
+_SPACES: dict[tuple, tuple[TKey, ...]] = {}
+"""Valid points by (shape_key, NPUConfig): check_tiling depends on nothing else of the spec."""
 
 
-class _Box(tuple):
-    """Carries the spec into the lru_cache without hashing it (equal for any spec of one shape key)."""
-
-    def __hash__(self) -> int:
-        return 0
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Box)
+def _enumerate(spec: ConvSpec, cfg: NPUConfig) -> tuple[TKey, ...]:
+    key = (shape_key(spec, cfg), cfg)
+    if key not in _SPACES:
+        g = geometry(spec, cfg)
+        cbs = [1] if g.depthwise else _pow2_upto(g.cbn)
+        pts = []
+        for ob, rows, cb, order, nbuf in itertools.product(_pow2_upto(g.kb), _rows(g.oh), cbs, ORDERS, (1, 2)):
+            t = Tiling(ob_tile=ob, rows=rows, cb_tile=cb, loop_order=order, nbuf=nbuf)
+            if why_invalid(spec, t, cfg) is None:
+                pts.append(tkey(t))
+        _SPACES[key] = tuple(pts)
+    return _SPACES[key]
 
 
 def enumerate_space(spec: ConvSpec, cfg: NPUConfig) -> list[Tiling]:
@@ -155,4 +149,4 @@ def enumerate_space(spec: ConvSpec, cfg: NPUConfig) -> list[Tiling]:
     why = tunable(spec)
     if why is not None:
         raise ValueError(f"enumerate_space: {why}")
-    return [Tiling(*k) for k in _enumerate(shape_key(spec, cfg), cfg, _Box((spec,)))]
+    return [Tiling(*k) for k in _enumerate(spec, cfg)]
