@@ -55,11 +55,11 @@ class Region:
 
     def check(self) -> None:
         """Every ref names a region input or an earlier step (ValueError otherwise)."""
-        for j, s in enumerate([*self.steps, Step(-1, self.outputs)]):
-            for r in s.inputs:
+        for j, refs in enumerate([s.inputs for s in self.steps] + [self.outputs]):
+            for r in refs:
                 kind, _, k = r.partition(":")
-                if not k.isdigit() or (kind, int(k) < (self.num_inputs if kind == "in" else j)) not in \
-                        (("in", True), ("step", True)):
+                limit = {"in": self.num_inputs, "step": j}.get(kind)
+                if limit is None or not k.isdigit() or int(k) >= limit:
                     raise ValueError(f"region {self.symbol}: step {j} reads {r!r}, which is not defined before it")
 
 

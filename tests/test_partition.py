@@ -166,3 +166,17 @@ def test_a_cpu_layer_splits_the_npu_regions():
     assert sorted(r.layers for r in ctx.regions) == [[1], [3]]
     names = _packed_names(out)
     assert "ioso_npu.tsplit.2" in names and sum(n.startswith("ioso_npu.tsplit.npu.r") for n in names) == 2
+
+
+def test_region_records_round_trip_and_refuse_dangling_refs():
+    from target_npu.regions import Region, Step
+
+    r = Region("ioso_npu.mX.npu.r0", 2, (Step(3, ("in:0", "in:1")), Step(4, ("step:0",))), ("step:1", "step:0"))
+    assert Region.from_dict(r.to_dict()) == r and r.layers == [3, 4]
+    for bad in ({**r.to_dict(), "outputs": ["step:2"]},
+                {**r.to_dict(), "steps": [{"layer": 3, "inputs": ["in:2"]}]},
+                {**r.to_dict(), "steps": [{"layer": 3, "inputs": ["step:0"]}]},
+                {**r.to_dict(), "steps": [{"layer": 3, "inputs": ["x:0"]}]},
+                {"symbol": "s", "steps": []}):
+        with pytest.raises(ValueError, match="region"):
+            Region.from_dict(bad)
