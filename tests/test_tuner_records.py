@@ -47,7 +47,7 @@ def test_round_trip(tmp_path: Path) -> None:
     assert tkey(best_tiling(recs, SPEC, CFG)) == tkey(best)
     assert Measurer(SPEC, CFG)([best]) == [cycles]
     assert best_tiling(path, shape_spec(16, 16, 8, 8), CFG) is None  # other layer: no record
-    assert best_tiling(path, shape_spec(32, 32, 14, 14, pads=1, groups=2), CFG) is None  # not tunable
+    assert best_tiling(path, shape_spec(32, 32, 14, 14, pads=1, groups=2), CFG) is None  # grouped: another key
 
 
 def test_layer_keys_distinct() -> None:
@@ -155,13 +155,17 @@ def test_tune_model_writes_records_for_tunable_convs(tmp_path: Path) -> None:
         tune_model(tmp_path / "nope.onnx", trials=1, output=out)
 
 
-def test_tune_model_skips_grouped_convs(tmp_path: Path) -> None:
+def test_tune_model_tunes_grouped_convs_and_skips_unknown_shapes(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.standard_normal((32, 8, 3, 3)).astype(np.float32), "w")
-    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1], group=4, name="gc")],
-                          "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32, 8, 8])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
-    with pytest.warns(UserWarning, match="'gc': grouped conv"):
+    w1 = numpy_helper.from_array(rng.standard_normal((32, 32, 3)).astype(np.float32), "w1")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1], group=4, name="gc"),
+             helper.make_node("Conv", ["z", "w1"], ["v"], name="c1d")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32, 8, 8]),
+                                       helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 32, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+                           helper.make_tensor_value_info("v", TensorProto.FLOAT, None)], [w, w1])
+    with pytest.warns(UserWarning, match="'c1d': unknown or non-2-D"):
         recs = tune_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), trials=2,
                           output=tmp_path / "g.jsonl", progress=False)
-    assert recs == []
+    assert {r["layer_key"] for r in recs} == {layer_key(shape_spec(32, 32, 8, 8, pads=1, groups=4))}

@@ -1,9 +1,9 @@
 """Measurement of candidate schedules: ``fn(spec, tiling, cfg) -> cycles``, cached, in parallel processes.
 
 Backends (core cycles of ``hw_model.cycles.simulate(prog, None, cfg, mode="perf")``, no values computed):
-- ``"tir"`` (default): the program the compiler runs. Dense convs: ``target_npu.codegen.lower_conv``
-  (TIR schedule + tensorize + walk + emit); depthwise convs: ``hw_model.layers.build_conv``, which is
-  what ``target_npu.runtime.make_program`` uses for them.
+- ``"tir"`` (default): the program the compiler runs (as ``target_npu.runtime.make_program``):
+  ``target_npu.codegen.lower_conv`` (TIR schedule + tensorize + walk + emit), or, for the layers it
+  raises ``NotLowerable`` on (depthwise with scaled ISG groups), ``hw_model.layers.build_conv``.
 - ``"builder"``: ``hw_model.layers.build_conv`` for every layer (no TIR); the tests check it equals ``"tir"``.
 """
 from __future__ import annotations
@@ -31,13 +31,16 @@ def _cycles(prog: object, cfg: NPUConfig) -> int:
 
 
 def tir_cycles(spec: ConvSpec, t: Tiling, cfg: NPUConfig) -> int:
-    """Cycles of the compiler's program for this tiling (TIR path for dense convs). ValueError if invalid."""
-    _check(spec, t, cfg)
-    if spec.groups == 1:
-        from target_npu.codegen import lower_conv
+    """Cycles of the compiler's program for this tiling (the TIR path unless the layer is not lowerable).
+    ValueError if the tiling is invalid."""
+    from target_npu.codegen import lower_conv
+    from target_npu.schedule import NotLowerable
 
+    _check(spec, t, cfg)
+    try:
         return _cycles(lower_conv(spec, t, cfg), cfg)
-    return builder_cycles(spec, t, cfg)
+    except NotLowerable:
+        return builder_cycles(spec, t, cfg)
 
 
 def builder_cycles(spec: ConvSpec, t: Tiling, cfg: NPUConfig) -> int:

@@ -68,11 +68,9 @@ def shape_key(spec: ConvSpec, cfg: NPUConfig = DEFAULT_CONFIG) -> tuple:
 
 
 def tunable(spec: object) -> str | None:
-    """Why a layer is not tuned (None: it is): dense and depthwise 2-D convs are."""
+    """Why a layer is not tuned (None: it is): 2-D convs (dense, grouped, depthwise) are."""
     if not isinstance(spec, ConvSpec):
         return f"only hw_model ConvSpec layers are tuned, got {type(spec).__name__}"
-    if spec.groups != 1 and not spec.is_depthwise:
-        return f"grouped conv (groups={spec.groups}) is not tuned"
     return None
 
 

@@ -1,4 +1,4 @@
-"""``tune_model``: tune every dense / depthwise conv layer of an ONNX model and write JSON-lines records."""
+"""``tune_model``: tune every 2-D conv layer of an ONNX model and write JSON-lines records."""
 from __future__ import annotations
 
 import warnings
@@ -46,11 +46,11 @@ def _isg_groups(node: onnx.NodeProto, producers: dict, inits: dict, cfg: NPUConf
 
 
 def conv_specs(model: str | Path | onnx.ModelProto, cfg: NPUConfig | None = None) -> list[ConvSpec]:
-    """Distinct dense and depthwise 2-D conv layers of an ONNX model (plain or QDQ), in graph order, as
+    """Distinct 2-D conv layers (dense, grouped, depthwise) of an ONNX model (plain or QDQ), in graph order, as
     shape-only ``hw_model`` ConvSpecs (zero weights) with the ISG group of each input channel read from
     the ``Mul(gamma)`` before the Conv (none: all in group 0). Distinct = another shape or group layout.
 
-    Other grouped convs and convs of unknown shape are skipped with a warning (they keep the default schedule).
+    Convs of unknown or non-2-D shape are skipped with a warning (they keep the default schedule).
     """
     if isinstance(model, (str, Path)):
         if not Path(model).is_file():
