@@ -225,7 +225,10 @@ def main(argv: list[str] | None = None) -> dict:
                    help="first add the rows of these files (written by parallel runs) to --out; rows in --out win")
     args = p.parse_args(argv)
     if args.merge:
-        merge_rows(Path(args.out), [Path(f) for f in args.merge])
+        added = merge_rows(Path(args.out), [Path(f) for f in args.merge])
+        if not args.report:  # merging is its own job: no calibration runs after it
+            print(json.dumps({"rows_added": added, "rows_total": len(load_rows(Path(args.out)))}))
+            return {"rows_added": added}
     if args.report:
         rows = load_rows(Path(args.out))
         print(markdown_table(rows))
