@@ -36,7 +36,16 @@ from hw_model.isa import GroupShiftAdd, NormActQuant, Program
 from hw_model.layer_specs import ConvSpec, LinearSpec, Tiling
 from hw_model.layers import build_conv, default_tiling
 from target_npu import intrinsics
-from target_npu.schedule import CB_TILE_ATTR, NBUF_ATTR, schedule_conv, single_unity, tile_domain, tiling_key, var_names
+from target_npu.schedule import (
+    CB_TILE_ATTR,
+    NBUF_ATTR,
+    NotLowerable,
+    schedule_conv,
+    single_unity,
+    tile_domain,
+    tiling_key,
+    var_names,
+)
 
 
 @dataclass(frozen=True)
@@ -189,7 +198,7 @@ def lower_layer(spec: ConvSpec, tiling: Tiling, cfg: NPUConfig) -> LoweredLayer:
 def _check_program(prog: Program, low: LoweredLayer) -> None:
     """The emitted program runs what the TIR says: one NORM per output tile, the TIR's shift-add signs."""
     naq = sum(isinstance(i, NormActQuant) for i in prog.instrs)
-    norm = next(s for s in low.stages if s.extern.startswith("ioso_npu_norm_act_quant_"))
+    norm = stages_of(low.stages, "ioso_npu_norm_act_quant_")[0]
     outer = norm.bound("v_y_o")[:-1] + norm.bound("v_kb_o")[:-1] + norm.bound("v_n_o")
     tiles = 1
     for name in set(outer):
@@ -217,3 +226,13 @@ def lower_conv(spec: ConvSpec | LinearSpec, tiling: Tiling | None, cfg: NPUConfi
     if isinstance(spec, LinearSpec):
         prog.meta["layer"] = "linear"
     return prog
+
+
+def conv_program(spec: ConvSpec | LinearSpec, tiling: Tiling | None, cfg: NPUConfig) -> Program:
+    """The program the compiler runs for a conv / linear layer: :func:`lower_conv`, or the builder alone
+    (``hw_model.layers.build_conv``) for a layer the TIR path raises ``NotLowerable`` on."""
+    try:
+        return lower_conv(spec, tiling, cfg)
+    except NotLowerable:
+        conv = spec.as_conv() if isinstance(spec, LinearSpec) else spec
+        return build_conv(conv, tiling, cfg)

@@ -100,12 +100,12 @@ def _codegen(functions: Any, options: Any, constant_names: Any) -> list[Any]:
     if not _ACTIVE:
         raise RuntimeError("relax.ext.ioso_npu called outside target_npu.partition.partition")
     ctx = _ACTIVE[-1]
+    programs = [ctx.programs.get(i) for i in range(len(ctx.layers))]
     for f in functions:
         region = read_region(f, str(f.attrs["global_symbol"]), lambda c: ctx.layer_of(c)[0])
         for i in region.layers:
             ctx.symbols[i] = region.symbol
         ctx.regions.append(region)
-        programs = [ctx.programs.get(i) for i in range(len(ctx.layers))]
         runtime.register_region(region, ctx.layers, programs, ctx.config, ctx.profile)
     return []
 

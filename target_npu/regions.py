@@ -98,10 +98,9 @@ def read_region(func: relax.Function, symbol: str, layer_of: Callable[[relax.Cal
                     raise ValueError(f"NPU region {symbol}: a composite holds {len(calls)} layers, expected 1")
                 refs[b.var] = f"step:{len(steps)}"
                 steps.append(Step(calls[0], tuple(ref(a) for a in v.args)))
-            elif isinstance(v, (relax.Var, relax.Tuple)):
-                if isinstance(v, relax.Var):
-                    refs[b.var] = ref(v)
-            else:
+            elif isinstance(v, relax.Var):
+                refs[b.var] = ref(v)
+            elif not isinstance(v, relax.Tuple):  # a tuple binding is only read through the return value
                 raise ValueError(f"NPU region {symbol}: unexpected binding {v}")
     body = func.body.body
     outs = body.fields if isinstance(body, relax.Tuple) else [body]

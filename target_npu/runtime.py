@@ -32,8 +32,7 @@ from hw_model.cycles import simulate
 from hw_model.layer_specs import AddSpec, ConvSpec, LinearSpec, PoolSpec, Tiling
 from hw_model.layers import default_tiling
 from hw_model.layers_alu import build_layer, pack_inputs, unpack_output
-from target_npu.codegen import lower_conv
-from target_npu.schedule import NotLowerable
+from target_npu.codegen import conv_program
 
 MODES = ("func", "perf", "both")
 
@@ -89,10 +88,7 @@ def make_program(layer: Any, cfg: NPUConfig, tiling: Tiling | None = None) -> tu
     try:
         spec = to_spec(layer)
         if isinstance(spec, (LinearSpec, ConvSpec)):
-            try:
-                return lower_conv(spec, tiling, cfg), None  # through TIR (target_npu.codegen)
-            except NotLowerable:
-                pass  # depthwise with scaled ISG groups: the builder alone
+            return conv_program(spec, tiling, cfg), None  # through TIR (target_npu.codegen)
         return build_layer(spec, tiling or default_tiling(spec, cfg), cfg), None
     except (ValueError, TypeError) as e:
         return None, f"hw_model rejects the layer: {e}"

@@ -188,25 +188,15 @@ def schedule_conv(spec: ConvSpec, t: Tiling, cfg: NPUConfig = DEFAULT_CONFIG) ->
     for j, (g, _, _, cbt) in enumerate(d["segs"]):
         blk = sch.get_sblock(f"mac_{j}")
         lp = _loops_by_var(sch, blk, len(outer))
-        if d["depthwise"]:
-            nest = [lp.get(v) for v in ("v_y", "v_x", "v_kb", "v_r", "v_s")] + [lp["v_k"]]
-            nest = [lv for lv in nest if lv is not None]
-            sch.reorder(*nest)
-            sch.decompose_reduction(blk, nest[0])
-            sch.tensorize(lp["v_k"], intrinsics.DW_MAC)
-            upd = sch.get_sblock("mac_0_update_o")
-            sch.annotate(upd, NBUF_ATTR, int(t.nbuf))
-            sch.annotate(upd, CB_TILE_ATTR, int(t.cb_tile))
-            continue
         cb_o = cb_i = None
-        if "v_cb" in lp:
+        if "v_cb" in lp:  # dense / grouped (a depthwise MAC has no input-block or ci axis)
             cb_o, cb_i = sch.split(lp["v_cb"], [None, cbt])
         nest = [cb_o, lp.get("v_y"), lp.get("v_x"), lp.get("v_kb"), cb_i, lp.get("v_r"), lp.get("v_s"),
-                lp["v_k"], lp["v_ci"]]
+                lp["v_k"], lp.get("v_ci")]
         nest = [lv for lv in nest if lv is not None]
         sch.reorder(*nest)
         sch.decompose_reduction(blk, nest[0])
-        sch.tensorize(lp["v_k"], intrinsics.MAC)
+        sch.tensorize(lp["v_k"], intrinsics.DW_MAC if d["depthwise"] else intrinsics.MAC)
         upd = sch.get_sblock(f"mac_{j}_update_o")
         sch.annotate(upd, NBUF_ATTR, int(t.nbuf))
         sch.annotate(upd, CB_TILE_ATTR, int(t.cb_tile))

@@ -1,9 +1,9 @@
 """Measurement of candidate schedules: ``fn(spec, tiling, cfg) -> cycles``, cached, in parallel processes.
 
 Backends (core cycles of ``hw_model.cycles.simulate(prog, None, cfg, mode="perf")``, no values computed):
-- ``"tir"`` (default): the program the compiler runs (as ``target_npu.runtime.make_program``):
-  ``target_npu.codegen.lower_conv`` (TIR schedule + tensorize + walk + emit), or, for the layers it
-  raises ``NotLowerable`` on (depthwise with scaled ISG groups), ``hw_model.layers.build_conv``.
+- ``"tir"`` (default): the program the compiler runs, ``target_npu.codegen.conv_program`` (as
+  ``target_npu.runtime.make_program``): ``lower_conv`` (TIR schedule + tensorize + walk + emit), or,
+  for the layers it raises ``NotLowerable`` on (depthwise with scaled ISG groups), ``build_conv``.
 - ``"builder"``: ``hw_model.layers.build_conv`` for every layer (no TIR); the tests check it equals ``"tir"``.
 """
 from __future__ import annotations
@@ -33,14 +33,10 @@ def _cycles(prog: object, cfg: NPUConfig) -> int:
 def tir_cycles(spec: ConvSpec, t: Tiling, cfg: NPUConfig) -> int:
     """Cycles of the compiler's program for this tiling (the TIR path unless the layer is not lowerable).
     ValueError if the tiling is invalid."""
-    from target_npu.codegen import lower_conv
-    from target_npu.schedule import NotLowerable
+    from target_npu.codegen import conv_program
 
     _check(spec, t, cfg)
-    try:
-        return _cycles(lower_conv(spec, t, cfg), cfg)
-    except NotLowerable:
-        return builder_cycles(spec, t, cfg)
+    return _cycles(conv_program(spec, t, cfg), cfg)
 
 
 def builder_cycles(spec: ConvSpec, t: Tiling, cfg: NPUConfig) -> int:
