@@ -70,3 +70,15 @@ def test_deploy_overflow_is_detected():
     big = torch.full((1, 1, 12, 12), 2**40, dtype=torch.int64)
     with pytest.raises(OverflowError):
         layer(big)
+
+
+def test_float32_mac_path_equals_float64_path(monkeypatch):
+    """The float32 MAC (taken when the bound allows) gives the same integers as the float64 one."""
+    from ioso_tvm.calib import deploy
+
+    qm, x = _qmodel(resnet20(), (1, 16, 16), 4, 4, 3, seed=11, n=4)
+    fast = qm.integer_model().run(x)[qm.output]
+    monkeypatch.setattr(deploy, "FLOAT32_EXACT_BOUND", 0.0)  # every layer on float64
+    slow = qm.integer_model().run(x)[qm.output]
+    assert fast.unique().numel() > 1
+    assert np.array_equal(fast.numpy(), slow.numpy())
