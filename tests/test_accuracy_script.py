@@ -57,3 +57,17 @@ def test_merge_adds_missing_rows_only(accuracy, tmp_path):
     assert accuracy.merge_rows(out, [other]) == 0
     with pytest.raises(ValueError, match="missing.json"):
         accuracy.merge_rows(out, [tmp_path / "missing.json"])
+
+
+def test_not_deployable_ablation_is_marked_fake_quant(accuracy, tmp_path, capsys):
+    out = tmp_path / "acc.json"
+    res = accuracy.main(["--models", "resnet20", "--bits", "W4A4", "--methods", "ioso_oso_after_act", "--seeds", "0",
+                         "--iters", "2", "--act-iters", "2", "--calib-images", "32", "--test-images", "50",
+                         "--shipped-data", "--out", str(out)])
+    row = next(r for r in json.loads(out.read_text()) if "method" in r)
+    assert res["rows_written"] == 1 and res["simulator_vs_deploy_mismatching_rows"] == 0
+    assert row["eval"] == "fake_quant" and row["top1_deploy"] is None and row["top1"] == row["top1_fakequant"]
+    assert "per-channel clamp" in row["not_deployable"]
+    capsys.readouterr()
+    accuracy.main(["--out", str(out), "--report", str(tmp_path / "acc.png")])
+    assert "n/a (fake-quant only)" in capsys.readouterr().out

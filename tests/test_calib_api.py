@@ -199,3 +199,31 @@ def test_ioso_ablation_learns_only_the_chosen_part(parts):
 def test_ioso_parts_must_name_isg_or_oso():
     with pytest.raises(ValueError, match="ioso_parts"):
         calibrate(TinyRes(c=8).eval(), _data(), "ioso", 2, 4, CalibConfig(**SMALL, ioso_parts=("isg", "bias")))
+
+
+def test_oso_after_activation_is_fake_quant_only():
+    """CalibConfig(oso_position="after_act"): forward is outq(gamma * act(y) + phi) and the model
+    refuses to deploy or export with a reason, instead of silently moving OSO before the ReLU."""
+    from ioso_tvm import export_onnx
+    from ioso_tvm.calib.qmodules import NotDeployableError
+
+    x = _data()
+    qm = calibrate(TinyRes(c=8).eval(), x, "ioso", 4, 4, CalibConfig(**SMALL, oso_position="after_act"))
+    relu_layers = [ly for ly in qm.layers() if ly.oso_after_act and ly.outq.act == "relu"]
+    assert relu_layers
+    ly = relu_layers[0]
+    with torch.no_grad():
+        ly.oso_offset.copy_(torch.linspace(-0.5, 0.5, ly.oso_offset.numel()))
+        ly.oso_scale.copy_(torch.linspace(0.5, 1.5, ly.oso_scale.numel()))
+        h = torch.randn(4, ly.in_channels, 6, 6)
+        y = ly.pre_act(h)
+        want = ly.outq(torch.relu(y) * ly.oso_scale.view(1, -1, 1, 1) + ly.oso_offset.view(1, -1, 1, 1))
+        assert torch.equal(ly(h), want)
+        before = ly.outq(y * ly.oso_scale.view(1, -1, 1, 1) + ly.oso_offset.view(1, -1, 1, 1))
+        assert not torch.equal(ly(h), before)  # the position matters once some offset is > 0
+    with pytest.raises(NotDeployableError, match="per-channel clamp"):
+        qm.deploy(x[:2])
+    with pytest.raises(NotDeployableError, match="per-channel clamp"):
+        export_onnx(qm, None, input_shape=(1, 1, 12, 12))
+    with pytest.raises(ValueError, match="oso_position"):
+        calibrate(TinyRes(c=8).eval(), x, "ioso", 4, 4, CalibConfig(**SMALL, oso_position="middle"))

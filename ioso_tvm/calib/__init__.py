@@ -71,6 +71,10 @@ def calibrate(model: nn.Module, calib_data: torch.Tensor | np.ndarray, method: s
         raise ValueError(f"calib_data samples of shape {tuple(data.shape[1:])} do not fit the model: {e}") from e
     qm.init_act_scales(data[: config.act_init_samples])
     spec = method_spec(method, config)
+    if spec.oso and config.oso_position == "after_act":
+        for op in qm.ops.values():
+            if hasattr(op, "oso_after_act"):
+                op.oso_after_act = True
     engine = Engine(qm, spec, config)
     if spec.adaround:
         engine.run(data)

@@ -48,6 +48,10 @@ class CalibConfig:
     ioso_parts: tuple[str, ...] = ("isg", "oso")
     """What method "ioso" learns: "isg" (input-channel scale groups), "oso" (output scale/offset) or both.
     Published: both; one alone is the ablation of the conference paper (papers/000, Sec. 4.2, Table 4)."""
+    oso_position: str = "before_act"
+    """Where OSO sits: "before_act" (published: folded into NORM) or "after_act" (papers/000 App. D.7,
+    Table 9 ablation). "after_act" runs in fake-quant only: the NPU's ACT clamp is per layer, and OSO
+    after a ReLU needs a per-channel one, so such a model cannot be exported or deployed."""
     granularity: int = DEFAULT_CONFIG.granularity
     """Channels per ISG group come in multiples of this (1 = free). NPUConfig.granularity (journal App. A-C)."""
     harden_at: float = 0.9
@@ -90,6 +94,8 @@ class CalibConfig:
         if not self.ioso_parts or not set(self.ioso_parts) <= {"isg", "oso"}:
             raise ValueError(f"CalibConfig.ioso_parts must be a non-empty subset of ('isg', 'oso'), got "
                              f"{self.ioso_parts!r}")
+        if self.oso_position not in ("before_act", "after_act"):
+            raise ValueError(f"CalibConfig.oso_position must be 'before_act' or 'after_act', got {self.oso_position!r}")
         if self.granularity < 1:
             raise ValueError(f"CalibConfig.granularity must be >= 1, got {self.granularity}")
 

@@ -20,6 +20,10 @@ from .isg import ISG
 from .quantizers import ActQuantizer, WeightQuantizer
 
 
+class NotDeployableError(ValueError):
+    """The calibrated model uses a feature the NPU's integer contract cannot express."""
+
+
 class QInput(nn.Module):
     """Network input quantizer (signed, ``bits`` wide). Input (N, C, H, W) float32."""
 
@@ -68,6 +72,7 @@ class QLayer(nn.Module):
         self.isg = ISG(cin, cfg)
         self.oso_scale = nn.Parameter(torch.ones(k))
         self.oso_offset = nn.Parameter(torch.zeros(k))
+        self.oso_after_act = False  # ablation (CalibConfig.oso_position): fake-quant only, not deployable
         self.outq = ActQuantizer(abits, None)
 
     @property
@@ -94,6 +99,8 @@ class QLayer(nn.Module):
             else:
                 w = w * (g.view(1, -1, 1, 1) if self.kind == "conv" else g.view(1, -1))
         y = self._op(x, w, self.bias)
+        if self.oso_after_act:
+            return y
         return y * self._shape(self.oso_scale) + self._shape(self.oso_offset)
 
     def float_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -101,7 +108,10 @@ class QLayer(nn.Module):
         return self.outq.float_act(self._op(x, self.weight, self.bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.outq(self.pre_act(x))
+        y = self.pre_act(x)
+        if self.oso_after_act:  # outq(gamma_z * act(y) + phi_z): outq clips to the act's range again
+            y = self.outq.float_act(y) * self._shape(self.oso_scale) + self._shape(self.oso_offset)
+        return self.outq(y)
 
     @torch.no_grad()
     def integer_params(self) -> dict[str, np.ndarray]:
@@ -110,6 +120,10 @@ class QLayer(nn.Module):
         deploy mode and the ONNX export read."""
         if not self.isg.hard:
             raise RuntimeError(f"layer {self.name!r}: ISG groups are not hardened yet")
+        if self.oso_after_act and self.outq.act is not None:
+            raise NotDeployableError(
+                f"layer {self.name!r}: OSO after the activation needs a per-channel clamp that the NPU's "
+                "NORM/ACT/QUANT does not have; this model runs in fake-quant only (QuantModel.forward)")
         w_int = self.wq.integer(self.weight, hard=True)
         return {
             "w_int": w_int.cpu().numpy().astype(np.int8),
