@@ -26,6 +26,7 @@ from tqdm import tqdm
 import ioso_tvm
 from hw_model.config import NPUConfig
 from ioso_tvm import datasets, models
+from ioso_tvm.calib.methods import default_lr_act
 from ioso_tvm.calib.qmodules import NotDeployableError
 
 METHODS = {  # row key -> (calibrate's method, CalibConfig overrides)
@@ -134,7 +135,17 @@ def evaluate(qmodel, x: np.ndarray, y: np.ndarray, config: NPUConfig, batch: int
             "latency_us": float(report["total_us"]) / batch}
 
 
-def run_one(model_name: str, wbits: int, abits: int, key: str, seed: int, args, x_test, y_test) -> dict:
+def deploy_top1(qmodel, x: np.ndarray, y: np.ndarray, batch: int) -> float:
+    """Top-1 of torch deploy mode (the exact integer model) on float32 x (N, C, H, W)."""
+    im = qmodel.integer_model()
+    with torch.no_grad():
+        out = [im(torch.from_numpy(np.ascontiguousarray(x[i:i + batch]))).numpy() for i in range(0, len(y), batch)]
+    return top1(np.concatenate(out), y)
+
+
+def run_one(model_name: str, wbits: int, abits: int, key: str, seed: int, args, x_test, y_test,
+            full: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+    """One row; ``full`` (x, y): the whole test set, scored in deploy mode too (``top1_deploy_full``)."""
     table = ABLATIONS if key in ABLATIONS else METHODS
     method, overrides, *npu_over = table[key]
     npu = NPUConfig(**(npu_over[0] if npu_over else {}))
@@ -148,8 +159,15 @@ def run_one(model_name: str, wbits: int, abits: int, key: str, seed: int, args, 
                                 abits=abits, config=cfg)
     seconds = time.perf_counter() - t0
     ev = evaluate(qmodel, x_test, y_test, npu, min(EVAL_BATCH, len(y_test)))
+    if full is not None and len(full[1]) > ev["test_images"]:
+        if ev["eval"] == "fake_quant":
+            ev["top1_fakequant_full"] = fake_quant_top1(qmodel, *full, EVAL_BATCH)
+        else:
+            ev["top1_deploy_full"] = deploy_top1(qmodel, *full, EVAL_BATCH)
+        ev["test_images_full"] = int(len(full[1]))
     return {"model": model_name, "wbits": wbits, "abits": abits, "method": key, "seed": seed, **ev,
             "calib_images": args.calib_images, "iters": args.iters, "act_iters": args.act_iters,
+            "lr_act": cfg.lr_act if cfg.lr_act is not None else default_lr_act(args.act_iters),
             "calib_seconds": round(seconds, 2)}
 
 
@@ -235,7 +253,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--act-iters", type=int, default=100,
                    help="activation-step iterations per block (chosen: 1/5 of --iters; papers: 5000)")
     p.add_argument("--calib-images", type=int, default=1024, help="papers: 1024")
-    p.add_argument("--test-images", type=int, default=None, help="default: the whole test set")
+    p.add_argument("--test-images", type=int, default=None,
+                   help="images run on the simulator (default: the whole test set)")
+    p.add_argument("--deploy-full", action="store_true",
+                   help="with --test-images: also score the whole test set in deploy mode (top1_deploy_full; "
+                        "about 1 min per row for 10k images on one core)")
     p.add_argument("--shipped-data", dest="full_data", action="store_false",
                    help="use the shipped subsets instead of drawing from the Debian package's data")
     p.add_argument("--out", default="benchmarks/results/accuracy.json")
@@ -268,9 +290,9 @@ def main(argv: list[str] | None = None) -> dict:
         images, labels, _ = datasets.load_test_set()
     else:
         images, labels = datasets.load_subset("test")
-    if args.test_images:
-        images, labels = images[:args.test_images], labels[:args.test_images]
-    x_test, y_test = datasets.to_model_input(images), labels
+    x_all, y_all = datasets.to_model_input(images), labels
+    x_test, y_test = (x_all[:args.test_images], y_all[:args.test_images]) if args.test_images else (x_all, y_all)
+    full = (x_all, y_all) if args.deploy_full and len(y_all) > len(y_test) else None  # deploy mode on all
     todo = [(m, *parse_bits(b), k, s) for m in args.models for b in args.bits for k in args.methods
             for s in args.seeds]
     todo = [t for t in todo if t not in done]
@@ -278,10 +300,12 @@ def main(argv: list[str] | None = None) -> dict:
     for m in args.models:
         if (m, None, None, None, None) not in done:
             rows.append(fp_row(m, x_test, y_test))
+            if full is not None:
+                rows[-1].update(fp_top1_full=fp_row(m, *full)["fp_top1"], test_images_full=int(len(y_all)))
             done.add((m, None, None, None, None))
     save_rows(out, rows)
     for m, w, a, k, s in tqdm(todo, desc="accuracy grid", file=sys.stderr):
-        row = run_one(m, w, a, k, s, args, x_test, y_test)
+        row = run_one(m, w, a, k, s, args, x_test, y_test, full)
         if row["eval"] == "npu_simulator":
             mismatching += row["top1"] != row["top1_deploy"] or row["logit_mismatches"] > 0
         tqdm.write(json.dumps(row), file=sys.stderr)

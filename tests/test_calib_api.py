@@ -227,3 +227,17 @@ def test_oso_after_activation_is_fake_quant_only():
         export_onnx(qm, None, input_shape=(1, 1, 12, 12))
     with pytest.raises(ValueError, match="oso_position"):
         calibrate(TinyRes(c=8).eval(), x, "ioso", 4, 4, CalibConfig(**SMALL, oso_position="middle"))
+
+
+def test_default_act_lr_keeps_the_published_travel():
+    from ioso_tvm.calib import default_lr_act
+
+    assert default_lr_act(5000) == pytest.approx(4e-5) and default_lr_act(9000) == pytest.approx(4e-5)
+    assert default_lr_act(100) == pytest.approx(2e-3)
+    steps = {}
+    for lr in (None, default_lr_act(SMALL["act_iters"]), 4e-5):
+        torch.manual_seed(0)
+        qm = calibrate(TinyRes(c=8).eval(), _data(), "brecq", 4, 4, CalibConfig(**SMALL, lr_act=lr))
+        steps[lr] = torch.stack([q.step.detach().reshape(()) for q in qm.quantizers()])
+    assert torch.equal(steps[None], steps[default_lr_act(SMALL["act_iters"])])  # None resolves to the rule
+    assert not torch.equal(steps[None], steps[4e-5])

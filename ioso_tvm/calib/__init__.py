@@ -12,7 +12,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from .methods import METHODS, CalibConfig, MethodSpec, default_lr_isg, default_reg_weight, is_mobilenet_v2, method_spec
+from .methods import (
+    METHODS,
+    CalibConfig,
+    MethodSpec,
+    default_lr_act,
+    default_lr_isg,
+    default_reg_weight,
+    is_mobilenet_v2,
+    method_spec,
+)
 from .qmodel import Block, QuantModel, Step, build_qmodel, check_calib_data
 from .quantizers import check_bits
 
@@ -59,6 +68,10 @@ def calibrate(model: nn.Module, calib_data: torch.Tensor | np.ndarray, method: s
         config = dataclasses.replace(config, lr_isg=default_lr_isg(config.iters))
         log.info("calibrate: CalibConfig.lr_isg not set, using %g (1e-3 x 20000 / %d iterations)", config.lr_isg,
                  config.iters)
+    if config.lr_act is None:
+        config = dataclasses.replace(config, lr_act=default_lr_act(config.act_iters))
+        log.info("calibrate: CalibConfig.lr_act not set, using %g (4e-5 x 5000 / %d iterations)", config.lr_act,
+                 config.act_iters)
     data = check_calib_data(calib_data, None, min(config.batch_size, config.num_samples))
     data = data[: config.num_samples]
     from .engine import Engine

@@ -70,39 +70,49 @@ class IntLayer:
         self.b = torch.from_numpy(b).view(shape)
         self.w = torch.from_numpy(p["w_int"].astype(np.float64))
         self.w32 = self.w.to(torch.float32)
-        self.groups = torch.from_numpy(p["isg_groups"])
         self.cfg = op.isg.cfg
         self.wabs = self.w.abs().reshape(self.w.shape[0], -1).sum(1).max().item()
+        groups = torch.from_numpy(p["isg_groups"])
+        signs = self.cfg.isg_group_signs
+        order = [g for g, sg in enumerate(signs) if sg != 0] + [g for g, sg in enumerate(signs) if sg == 0]
+        # (group, its input channels) in the contract's order; a grouped conv keeps all channels and masks
+        self.parts = [(g, torch.nonzero(groups == g).flatten()) for g in order if bool((groups == g).any())]
+        self.masked = op.kind == "conv" and op.groups > 1 and len(self.parts) > 1
+        self.growth = 1.0 + 2.0 ** -self.cfg.isg_shift  # |shifted sums| and |D2| <= MAC bound x growth
 
     def acc(self, x: torch.Tensor) -> torch.Tensor:
-        """int64 D2 accumulator of integer input ``x`` (stored values)."""
+        """D2 accumulator of integer input ``x`` (stored values), as exact integers in a float tensor.
+
+        Every D1 / shifted / D2 value is an integer of magnitude <= (MAC bound) x growth, so float MACs
+        are exact in any summation order: float32 below 2^24 (then int32 cannot overflow either), else
+        float64 with the int32 checks of the contract. The shift ``d >> n`` is ``floor(d * 2^-n)``."""
         op, cfg = self.op, self.cfg
         xo = x - self.qin.zp
         bound = self.wabs * float(xo.abs().max()) if xo.numel() else 0.0
         if bound >= 2.0**53:
             raise OverflowError(f"layer {op.name!r}: MAC bound exceeds 2^53, float64 MAC would not be exact")
-        # Every partial sum is an integer of magnitude <= bound, so a float MAC is exact whatever the
-        # summation order when bound < 2^(mantissa bits + 1); float32 convs run several times faster.
-        dtype = torch.float32 if bound < FLOAT32_EXACT_BOUND else torch.float64
-        xo, w = xo.to(dtype), (self.w32 if dtype == torch.float32 else self.w)
-        order = [g for g, s in enumerate(cfg.isg_group_signs) if s != 0] + \
-                [g for g, s in enumerate(cfg.isg_group_signs) if s == 0]
+        fast = bound * self.growth < FLOAT32_EXACT_BOUND
+        xo, w = (xo.to(torch.float32), self.w32) if fast else (xo.to(torch.float64), self.w)
+        check = (lambda t, what: t) if fast else (lambda t, what: _check_int32(t, f"layer {op.name!r}: {what}"))
         d2 = None
-        view = (1, -1, 1, 1) if op.kind == "conv" else (1, -1)
-        for g in order:
-            mask = (self.groups == g)
-            if not bool(mask.any()):
-                continue
-            xg = xo * mask.to(dtype).view(view)
-            if op.kind == "conv":
-                d1 = F.conv2d(xg, w, None, op.stride, op.padding, op.dilation, op.groups)
+        for g, chans in self.parts:
+            if len(self.parts) == 1:
+                xg, wg = xo, w
+            elif self.masked:
+                mask = torch.zeros(xo.shape[1], dtype=xo.dtype)
+                mask[chans] = 1
+                xg, wg = xo * mask.view(1, -1, *([1] * (xo.dim() - 2))), w
             else:
-                d1 = F.linear(xg, w)
-            d1 = _check_int32(d1.round().to(torch.int64), f"layer {op.name!r}: D1 partial sum of group {g}")
+                xg, wg = xo[:, chans], w[:, chans]
+            if op.kind == "conv":
+                d1 = F.conv2d(xg, wg, None, op.stride, op.padding, op.dilation, op.groups)
+            else:
+                d1 = F.linear(xg, wg)
+            d1 = check(d1, f"D1 partial sum of group {g}")
             sign = cfg.isg_group_signs[g]
-            sh = d1 if sign == 0 else d1 + sign * (d1 >> cfg.isg_shift)
-            _check_int32(sh, f"layer {op.name!r}: shifted partial sum of group {g}")
-            d2 = sh if d2 is None else _check_int32(d2 + sh, f"layer {op.name!r}: D2 accumulator")
+            sh = d1 if sign == 0 else check(d1 + sign * torch.floor(d1 * 2.0 ** -cfg.isg_shift),
+                                            f"shifted partial sum of group {g}")
+            d2 = sh if d2 is None else check(d2 + sh, "D2 accumulator")
         if d2 is None:  # no input channel at all cannot happen; keep shapes right
             raise ValueError(f"layer {op.name!r} has no input channels")
         return d2

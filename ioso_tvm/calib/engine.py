@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .methods import CalibConfig, MethodSpec, default_lr_isg
+from .methods import CalibConfig, MethodSpec, default_lr_act, default_lr_isg
 from .qmodel import Block, QuantModel, _find_blocks
 from .qmodules import QLayer
 
@@ -246,10 +246,11 @@ class Engine:
 
     def _act_step(self, block, layers, quantizers, q_in, fp_in, target, hist) -> None:
         cfg, spec = self.cfg, self.spec
-        groups = [{"params": [q.step for q in quantizers], "lr": cfg.lr_act}]
+        lr_act = default_lr_act(cfg.act_iters) if cfg.lr_act is None else cfg.lr_act
+        groups = [{"params": [q.step for q in quantizers], "lr": lr_act}]
         if spec.oso and layers:
             groups.append({"params": [p for layer in layers for p in (layer.oso_scale, layer.oso_offset)],
-                           "lr": cfg.lr_act})
+                           "lr": lr_act})
         opt = torch.optim.Adam(groups)
         bar = tqdm(range(cfg.act_iters), desc=f"{spec.name} A {block.name}", disable=not cfg.progress, leave=False)
         for it in bar:
