@@ -211,6 +211,68 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def pivot_table(rows: list[dict], methods: list[str] | None = None) -> str:
+    """Markdown: one line per (model, bits), one column per method, cells "mean (spread, seeds)"."""
+    summ = {(r["model"], r["bits"], r["method"]): r for r in summarize(rows)}
+    methods = methods or [m for m in METHODS if any(k[2] == m for k in summ)]
+    cases = sorted({k[:2] for k in summ if k[2] in methods}, key=lambda c: (c[0], -parse_bits(c[1])[0],
+                                                                           -parse_bits(c[1])[1]))
+    fp = {r["model"]: 100 * r["fp_top1"] for r in rows if "fp_top1" in r}
+    lines = ["| model | bits | float | " + " | ".join(methods) + " |", "|---|---|---|" + "---|" * len(methods)]
+    for model, bits in cases:
+        cells = [f"{summ[model, bits, m]['top1_mean']:.2f} ({summ[model, bits, m]['top1_spread']:.2f}, "
+                 f"{summ[model, bits, m]['seeds']})" if (model, bits, m) in summ else "-" for m in methods]
+        lines.append(f"| {model} | {bits} | {fp.get(model, float('nan')):.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def target_table(rows: list[dict]) -> str:
+    """Markdown check of the targets: IOSO gain over its base vs the larger seed spread (W2A4, W3A3),
+    and the W4A4 IOSO gap to float (<= 1.5 pp)."""
+    summ = {(r["model"], r["bits"], r["method"]): r for r in summarize(rows)}
+    fp = {r["model"]: 100 * r["fp_top1"] for r in rows if "fp_top1" in r}
+    lines = ["| model | bits | comparison | value | bar | seeds | met |", "|---|---|---|---|---|---|---|"]
+    for model in sorted(fp):
+        for bits in ("W2A4", "W3A3"):
+            for base in ("brecq", "qdrop"):
+                a, b = summ.get((model, bits, f"ioso_{base}")), summ.get((model, bits, base))
+                if a and b:
+                    gain, bar = a["top1_mean"] - b["top1_mean"], max(a["top1_spread"], b["top1_spread"])
+                    seeds = min(a["seeds"], b["seeds"])
+                    lines.append(f"| {model} | {bits} | ioso_{base} - {base} | {gain:+.2f} pp | > {bar:.2f} (spread) "
+                                 f"| {seeds} | {'yes' if gain > bar and seeds >= 3 else 'no'} |")
+        for m in ("ioso_brecq", "ioso_qdrop"):
+            a = summ.get((model, "W4A4", m))
+            if a:
+                gap = fp[model] - a["top1_mean"]
+                lines.append(f"| {model} | W4A4 | float - {m} | {gap:.2f} pp | <= 1.50 | {a['seeds']} | "
+                             f"{'yes' if gap <= 1.5 and a['seeds'] >= 3 else 'no'} |")
+    return "\n".join(lines)
+
+
+def ablation_table(rows: list[dict]) -> str:
+    """Markdown: the ablation rows next to brecq / ioso_brecq of the same model, bits and seeds, with
+    the cycle model's latency per image (batch 500) and its change against ioso_brecq."""
+    abl = [r for r in rows if r.get("method") in ABLATIONS]
+    lines = ["| model | bits | method | seeds | top-1 % | latency us/image | vs ioso_brecq |",
+             "|---|---|---|---|---|---|---|"]
+    for model, w, a in sorted({(r["model"], r["wbits"], r["abits"]) for r in abl}):
+        seeds = {r["seed"] for r in abl if (r["model"], r["wbits"], r["abits"]) == (model, w, a)}
+        same = [r for r in rows if (r.get("model"), r.get("wbits"), r.get("abits")) == (model, w, a)
+                and r.get("seed") in seeds]
+        ref_lat = np.mean([r["latency_us"] for r in same if r["method"] == "ioso_brecq"] or [np.nan])
+        for m in ["brecq", "ioso_brecq", *ABLATIONS]:
+            rs = [r for r in same if r["method"] == m]
+            if not rs:
+                continue
+            lat = np.mean([r.get("latency_us", np.nan) for r in rs])
+            rel = f"{100 * (lat / ref_lat - 1):+.1f} %" if np.isfinite(lat) and np.isfinite(ref_lat) else "-"
+            top = 100 * np.mean([r["top1"] for r in rs])
+            cost = f"{lat:.2f} | {rel}" if np.isfinite(lat) else "- (not deployable) | -"
+            lines.append(f"| {model} | W{w}A{a} | {m} | {len(rs)} | {top:.2f} | {cost} |")
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict], png: str | Path) -> Path:
     """Grouped bars: mean top-1 per method for each (model, bits), error bars = seed range."""
     import matplotlib
@@ -273,7 +335,7 @@ def main(argv: list[str] | None = None) -> dict:
             return {"rows_added": added}
     if args.report:
         rows = load_rows(Path(args.out))
-        print(markdown_table(rows))
+        print(pivot_table(rows), target_table(rows), ablation_table(rows), markdown_table(rows), sep="\n\n")
         plot(rows, args.report)
         return {"rows": len(rows)}
     if args.quick:

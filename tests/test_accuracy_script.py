@@ -35,6 +35,7 @@ def test_quick_run_rows_resume_and_report(accuracy, tmp_path, capsys):
     accuracy.main(["--out", str(out), "--report", str(tmp_path / "acc.png")])
     table = capsys.readouterr().out
     assert "| resnet20 | W4A4 | rtn |" in table
+    assert "| model | bits | float | rtn |" in table  # the pivot: one column per method
     assert (tmp_path / "acc.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -71,3 +72,20 @@ def test_not_deployable_ablation_is_marked_fake_quant(accuracy, tmp_path, capsys
     capsys.readouterr()
     accuracy.main(["--out", str(out), "--report", str(tmp_path / "acc.png")])
     assert "n/a (fake-quant only)" in capsys.readouterr().out
+
+
+def test_target_table_compares_gain_with_spread_and_gap_with_float(accuracy):
+    def rows(method, bits, tops):
+        w, a = accuracy.parse_bits(bits)
+        return [{"model": "m", "wbits": w, "abits": a, "method": method, "seed": s, "top1": t, "top1_deploy": t,
+                 "calib_seconds": 1.0} for s, t in enumerate(tops)]
+
+    data = [{"model": "m", "fp_top1": 0.95}, *rows("brecq", "W2A4", [0.70, 0.71, 0.72]),
+            *rows("ioso_brecq", "W2A4", [0.80, 0.81, 0.80]), *rows("qdrop", "W2A4", [0.70, 0.75, 0.72]),
+            *rows("ioso_qdrop", "W2A4", [0.73, 0.74, 0.75]), *rows("ioso_brecq", "W4A4", [0.94, 0.94, 0.94]),
+            *rows("ioso_qdrop", "W4A4", [0.92, 0.93])]
+    lines = {ln.split("|")[3].strip(): ln for ln in accuracy.target_table(data).splitlines()[2:]}
+    assert lines["ioso_brecq - brecq"].endswith("| yes |")  # +9.3 pp > 2 pp spread
+    assert lines["ioso_qdrop - qdrop"].endswith("| no |")  # +1.7 pp < 5 pp spread
+    assert lines["float - ioso_brecq"].endswith("| yes |")  # 1.0 pp gap, 3 seeds
+    assert lines["float - ioso_qdrop"].endswith("| no |")  # 2.5 pp gap, 2 seeds
