@@ -167,7 +167,8 @@ def run_one(model_name: str, wbits: int, abits: int, key: str, seed: int, args, 
         ev["test_images_full"] = int(len(full[1]))
     return {"model": model_name, "wbits": wbits, "abits": abits, "method": key, "seed": seed, **ev,
             "calib_images": args.calib_images, "iters": args.iters, "act_iters": args.act_iters,
-            "lr_act": cfg.lr_act if cfg.lr_act is not None else default_lr_act(args.act_iters),
+            "lr_act": cfg.lr_act,
+            "lr_oso_act": cfg.lr_oso_act if cfg.lr_oso_act is not None else default_lr_act(args.act_iters),
             "calib_seconds": round(seconds, 2)}
 
 

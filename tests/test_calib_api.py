@@ -229,15 +229,20 @@ def test_oso_after_activation_is_fake_quant_only():
         calibrate(TinyRes(c=8).eval(), x, "ioso", 4, 4, CalibConfig(**SMALL, oso_position="middle"))
 
 
-def test_default_act_lr_keeps_the_published_travel():
+def test_default_oso_act_lr_keeps_the_published_travel():
+    """lr_oso_act=None resolves to 4e-5 x 5000 / act_iters; it moves OSO only, so BRECQ (no OSO) is unchanged."""
     from ioso_tvm.calib import default_lr_act
 
     assert default_lr_act(5000) == pytest.approx(4e-5) and default_lr_act(9000) == pytest.approx(4e-5)
     assert default_lr_act(100) == pytest.approx(2e-3)
-    steps = {}
-    for lr in (None, default_lr_act(SMALL["act_iters"]), 4e-5):
+    rule = default_lr_act(SMALL["act_iters"])
+
+    def run(method, lr):
         torch.manual_seed(0)
-        qm = calibrate(TinyRes(c=8).eval(), _data(), "brecq", 4, 4, CalibConfig(**SMALL, lr_act=lr))
-        steps[lr] = torch.stack([q.step.detach().reshape(()) for q in qm.quantizers()])
-    assert torch.equal(steps[None], steps[default_lr_act(SMALL["act_iters"])])  # None resolves to the rule
-    assert not torch.equal(steps[None], steps[4e-5])
+        qm = calibrate(TinyRes(c=8).eval(), _data(), method, 4, 4, CalibConfig(**SMALL, lr_oso_act=lr))
+        return torch.cat([torch.cat([ly.oso_scale.detach(), ly.oso_offset.detach()]) for ly in qm.layers()]
+                         + [q.step.detach().reshape(1) for q in qm.quantizers()])
+
+    assert torch.equal(run("ioso", None), run("ioso", rule))  # None resolves to the rule
+    assert not torch.equal(run("ioso", None), run("ioso", 4e-5))
+    assert torch.equal(run("brecq", None), run("brecq", 4e-5))

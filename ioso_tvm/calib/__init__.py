@@ -68,10 +68,10 @@ def calibrate(model: nn.Module, calib_data: torch.Tensor | np.ndarray, method: s
         config = dataclasses.replace(config, lr_isg=default_lr_isg(config.iters))
         log.info("calibrate: CalibConfig.lr_isg not set, using %g (1e-3 x 20000 / %d iterations)", config.lr_isg,
                  config.iters)
-    if config.lr_act is None:
-        config = dataclasses.replace(config, lr_act=default_lr_act(config.act_iters))
-        log.info("calibrate: CalibConfig.lr_act not set, using %g (4e-5 x 5000 / %d iterations)", config.lr_act,
-                 config.act_iters)
+    if config.lr_oso_act is None:
+        config = dataclasses.replace(config, lr_oso_act=default_lr_act(config.act_iters))
+        log.info("calibrate: CalibConfig.lr_oso_act not set, using %g (4e-5 x 5000 / %d iterations)",
+                 config.lr_oso_act, config.act_iters)
     data = check_calib_data(calib_data, None, min(config.batch_size, config.num_samples))
     data = data[: config.num_samples]
     from .engine import Engine

@@ -246,11 +246,11 @@ class Engine:
 
     def _act_step(self, block, layers, quantizers, q_in, fp_in, target, hist) -> None:
         cfg, spec = self.cfg, self.spec
-        lr_act = default_lr_act(cfg.act_iters) if cfg.lr_act is None else cfg.lr_act
-        groups = [{"params": [q.step for q in quantizers], "lr": lr_act}]
+        lr_oso = default_lr_act(cfg.act_iters) if cfg.lr_oso_act is None else cfg.lr_oso_act
+        groups = [{"params": [q.step for q in quantizers], "lr": cfg.lr_act}]
         if spec.oso and layers:
             groups.append({"params": [p for layer in layers for p in (layer.oso_scale, layer.oso_offset)],
-                           "lr": lr_act})
+                           "lr": lr_oso})
         opt = torch.optim.Adam(groups)
         bar = tqdm(range(cfg.act_iters), desc=f"{spec.name} A {block.name}", disable=not cfg.progress, leave=False)
         for it in bar:
