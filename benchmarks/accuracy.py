@@ -252,8 +252,8 @@ def target_table(rows: list[dict]) -> str:
 
 
 def ablation_table(rows: list[dict]) -> str:
-    """Markdown: the ablation rows next to brecq / ioso_brecq of the same model, bits and seeds, with
-    the cycle model's latency per image (batch 500) and its change against ioso_brecq."""
+    """Markdown: the ablation rows next to ioso_brecq of the same model, bits and seeds, with the cycle
+    model's latency per image (batch 500) and its change against ioso_brecq."""
     abl = [r for r in rows if r.get("method") in ABLATIONS]
     lines = ["| model | bits | method | seeds | top-1 % | latency us/image | vs ioso_brecq |",
              "|---|---|---|---|---|---|---|"]
@@ -262,7 +262,7 @@ def ablation_table(rows: list[dict]) -> str:
         same = [r for r in rows if (r.get("model"), r.get("wbits"), r.get("abits")) == (model, w, a)
                 and r.get("seed") in seeds]
         ref_lat = np.mean([r["latency_us"] for r in same if r["method"] == "ioso_brecq"] or [np.nan])
-        for m in ["brecq", "ioso_brecq", *ABLATIONS]:
+        for m in ["ioso_brecq", *ABLATIONS]:
             rs = [r for r in same if r["method"] == m]
             if not rs:
                 continue
@@ -275,7 +275,7 @@ def ablation_table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], png: str | Path) -> Path:
-    """Grouped bars: mean top-1 per method for each (model, bits), error bars = seed range."""
+    """Grouped bars: mean top-1 per method (METHODS keys) for each (model, bits), error bars = seed range."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -283,7 +283,7 @@ def plot(rows: list[dict], png: str | Path) -> Path:
 
     summ = summarize(rows)
     cases = sorted({(r["model"], r["bits"]) for r in summ})
-    methods = [m for m in [*METHODS, *ABLATIONS] if any(r["method"] == m for r in summ)]
+    methods = [m for m in METHODS if any(r["method"] == m for r in summ)]  # ablations: ablation_table
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(cases)), 4))
     width = 0.8 / max(len(methods), 1)
     for j, m in enumerate(methods):
@@ -295,9 +295,10 @@ def plot(rows: list[dict], png: str | Path) -> Path:
                 ys.append(r["top1_mean"])
                 err.append(r["top1_spread"] / 2)
         ax.bar(xs, ys, width, yerr=err, label=m, capsize=2)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))], [f"{m}\n{b}" for m, b in cases])
+    labels = [f"{m.replace('_small', '')}\n{b}" for m, b in cases]
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))], labels, fontsize=8)
     ax.set_ylabel("top-1 % (NPU simulator)")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)
