@@ -298,7 +298,8 @@ def plot(rows: list[dict], png: str | Path) -> Path:
     labels = [f"{m.replace('_small', '')}\n{b}" for m, b in cases]
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))], labels, fontsize=8)
     ax.set_ylabel("top-1 % (NPU simulator)")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    if methods:  # a file of ablation rows only has no bars here (see ablation_table)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)
