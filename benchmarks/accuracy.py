@@ -101,11 +101,21 @@ def top1(logits: np.ndarray, labels: np.ndarray) -> float:
     return float((logits.argmax(1) == labels).mean())
 
 
+def batched_logits(fn, x: np.ndarray, batch: int) -> np.ndarray:
+    """``fn`` (torch float32 (B, C, H, W) -> logits) over float32 x (N, C, H, W) in batches of ``batch``."""
+    with torch.no_grad():
+        return np.concatenate([fn(torch.from_numpy(np.ascontiguousarray(x[i:i + batch]))).numpy()
+                               for i in range(0, len(x), batch)])
+
+
 def fake_quant_top1(qmodel, x: np.ndarray, y: np.ndarray, batch: int) -> float:
     """Top-1 of the fake-quant float model (``QuantModel.forward``) on float32 x (N, C, H, W)."""
-    with torch.no_grad():
-        out = [qmodel(torch.from_numpy(np.ascontiguousarray(x[i:i + batch]))).numpy() for i in range(0, len(y), batch)]
-    return top1(np.concatenate(out), y)
+    return top1(batched_logits(qmodel, x, batch), y)
+
+
+def deploy_top1(qmodel, x: np.ndarray, y: np.ndarray, batch: int) -> float:
+    """Top-1 of torch deploy mode (the exact integer model) on float32 x (N, C, H, W)."""
+    return top1(batched_logits(qmodel.integer_model(), x, batch), y)
 
 
 def evaluate(qmodel, x: np.ndarray, y: np.ndarray, config: NPUConfig, batch: int) -> dict:
@@ -114,33 +124,21 @@ def evaluate(qmodel, x: np.ndarray, y: np.ndarray, config: NPUConfig, batch: int
     n = len(y) - len(y) % batch
     fq = fake_quant_top1(qmodel, x[:n], y[:n], batch)
     try:
-        qmodel.integer_model()
+        integer_model = qmodel.integer_model()  # built once: deploy mode's constants for every batch
     except NotDeployableError as e:
         return {"top1": fq, "top1_deploy": None, "top1_fakequant": fq, "test_images": int(n), "eval": "fake_quant",
                 "not_deployable": str(e)}
     onnx_model = ioso_tvm.export_onnx(qmodel, None, input_shape=(batch, *x.shape[1:]))
     compiled = ioso_tvm.compile(onnx_model, input_shapes={"input": [batch, *x.shape[1:]]}, config=config)
-    sim, dep = [], []
-    for i in range(0, n, batch):
-        xb = np.ascontiguousarray(x[i:i + batch])
-        sim.append(np.asarray(compiled.run({"input": xb})))
-        with torch.no_grad():
-            dep.append(qmodel.deploy(torch.from_numpy(xb)).numpy())
-    sim, dep = np.concatenate(sim), np.concatenate(dep)
+    sim = np.concatenate([np.asarray(compiled.run({"input": np.ascontiguousarray(x[i:i + batch])}))
+                          for i in range(0, n, batch)])
+    dep = batched_logits(integer_model, x[:n], batch)
     report = compiled.report()
     return {"top1": top1(sim, y[:n]), "top1_deploy": top1(dep, y[:n]), "top1_fakequant": fq, "test_images": int(n),
             "eval": "npu_simulator",
             "logit_mismatches": int((sim != dep).sum()),
             "npu_layers": sum(r["device"] == "npu" for r in report["layers"]),
             "latency_us": float(report["total_us"]) / batch}
-
-
-def deploy_top1(qmodel, x: np.ndarray, y: np.ndarray, batch: int) -> float:
-    """Top-1 of torch deploy mode (the exact integer model) on float32 x (N, C, H, W)."""
-    im = qmodel.integer_model()
-    with torch.no_grad():
-        out = [im(torch.from_numpy(np.ascontiguousarray(x[i:i + batch]))).numpy() for i in range(0, len(y), batch)]
-    return top1(np.concatenate(out), y)
 
 
 def run_one(model_name: str, wbits: int, abits: int, key: str, seed: int, args, x_test, y_test,
@@ -199,9 +197,14 @@ def summarize(rows: list[dict]) -> list[dict]:
 EQUAL_TEXT = {True: "yes", False: "NO", None: "n/a (fake-quant only)"}
 
 
+def float_top1(rows: list[dict]) -> dict[str, float]:
+    """Model -> float top-1 in % (the ``fp_top1`` rows)."""
+    return {r["model"]: 100 * r["fp_top1"] for r in rows if "fp_top1" in r}
+
+
 def markdown_table(rows: list[dict]) -> str:
     """The summary as a Markdown table (top-1 in %, mean and spread over seeds)."""
-    fp = {r["model"]: 100 * r["fp_top1"] for r in rows if "fp_top1" in r}
+    fp = float_top1(rows)
     lines = ["| model | bits | method | top-1 % (mean) | spread (max-min) | seeds | simulator == deploy | "
              "calib s |", "|---|---|---|---|---|---|---|---|"]
     for m, v in fp.items():
@@ -218,7 +221,7 @@ def pivot_table(rows: list[dict], methods: list[str] | None = None) -> str:
     methods = methods or [m for m in METHODS if any(k[2] == m for k in summ)]
     cases = sorted({k[:2] for k in summ if k[2] in methods}, key=lambda c: (c[0], -parse_bits(c[1])[0],
                                                                            -parse_bits(c[1])[1]))
-    fp = {r["model"]: 100 * r["fp_top1"] for r in rows if "fp_top1" in r}
+    fp = float_top1(rows)
     lines = ["| model | bits | float | " + " | ".join(methods) + " |", "|---|---|---|" + "---|" * len(methods)]
     for model, bits in cases:
         cells = [f"{summ[model, bits, m]['top1_mean']:.2f} ({summ[model, bits, m]['top1_spread']:.2f}, "
@@ -231,7 +234,7 @@ def target_table(rows: list[dict]) -> str:
     """Markdown check of the targets: IOSO gain over its base vs the larger seed spread (W2A4, W3A3),
     and the W4A4 IOSO gap to float (<= 1.5 pp)."""
     summ = {(r["model"], r["bits"], r["method"]): r for r in summarize(rows)}
-    fp = {r["model"]: 100 * r["fp_top1"] for r in rows if "fp_top1" in r}
+    fp = float_top1(rows)
     lines = ["| model | bits | comparison | value | bar | seeds | met |", "|---|---|---|---|---|---|---|"]
     for model in sorted(fp):
         for bits in ("W2A4", "W3A3"):

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .methods import CalibConfig, MethodSpec, default_lr_act, default_lr_isg
+from .methods import CalibConfig, MethodSpec
 from .qmodel import Block, QuantModel, _find_blocks
 from .qmodules import QLayer
 
@@ -68,6 +68,8 @@ class Engine:
     """Runs the reconstruction of every block of ``qm`` for method ``spec``."""
 
     def __init__(self, qm: QuantModel, spec: MethodSpec, cfg: CalibConfig) -> None:
+        if cfg.lr_isg is None or cfg.lr_oso_act is None:  # ``calibrate`` resolves the schedule rules
+            raise ValueError("Engine needs CalibConfig.lr_isg and lr_oso_act resolved (calibrate() does this)")
         self.qm, self.spec, self.cfg = qm, spec, cfg
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.blocks = qm.blocks if spec.blocks == "block" else _find_blocks(
@@ -207,8 +209,7 @@ class Engine:
 
     def _weight_step(self, block, layers, q_in, fp_in, target, hist) -> None:
         cfg, spec = self.cfg, self.spec
-        lr_isg = default_lr_isg(cfg.iters) if cfg.lr_isg is None else cfg.lr_isg
-        groups = [{"params": [], "lr": cfg.lr_round}, {"params": [], "lr": lr_isg},
+        groups = [{"params": [], "lr": cfg.lr_round}, {"params": [], "lr": cfg.lr_isg},
                   {"params": [], "lr": cfg.lr_oso}]
         for layer in layers:
             layer.wq.init_adaround(layer.weight)
@@ -246,11 +247,10 @@ class Engine:
 
     def _act_step(self, block, layers, quantizers, q_in, fp_in, target, hist) -> None:
         cfg, spec = self.cfg, self.spec
-        lr_oso = default_lr_act(cfg.act_iters) if cfg.lr_oso_act is None else cfg.lr_oso_act
         groups = [{"params": [q.step for q in quantizers], "lr": cfg.lr_act}]
         if spec.oso and layers:
             groups.append({"params": [p for layer in layers for p in (layer.oso_scale, layer.oso_offset)],
-                           "lr": lr_oso})
+                           "lr": cfg.lr_oso_act})
         opt = torch.optim.Adam(groups)
         bar = tqdm(range(cfg.act_iters), desc=f"{spec.name} A {block.name}", disable=not cfg.progress, leave=False)
         for it in bar:
