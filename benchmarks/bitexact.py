@@ -8,7 +8,11 @@ partitioned (NPU layers on the simulator) and with ``offload=False`` (every laye
 ``hw_model.reference``). Both are compared with ``QuantModel.deploy`` element by element.
 Prints one JSON line:
 ``{"model", "size", "bits", "elements", "mismatches_compiled_vs_deploy",
-"mismatches_reference_vs_deploy", "npu_layers", "cpu_layers", "permutes", "compile_s", ...}``.
+"mismatches_reference_vs_deploy", "npu_layers", "cpu_layers", "permutes", "host_round_trips"
+(layer outputs inside a region that reached the host: 0), "stream_instructions" (stored in the
+region streams), "explicit_permutes" (gathered LOADs) and "explicit_permute_cycles", "dram_peak_bytes",
+"planner_off" (mismatching elements + extra cycles with the permutation planner off: > 0 means the
+permutation is real), "compile_s", ...}``.
 
     .venv/bin/python benchmarks/bitexact.py --model resnet18 --size cifar --bits W4A4
 """
@@ -90,8 +94,14 @@ def main() -> None:
     ref = ioso_tvm.compile(onnx_model, offload=False)
     with torch.no_grad():
         want = qm.deploy(x).numpy()
-    got, got_ref = cm.run(x.numpy()), ref.run(x.numpy())
+    got, got_ref = cm.run(x.numpy(), mode="both"), ref.run(x.numpy())
+    boundary = sum(len(st.meta["inputs"]) + len(st.meta["outputs"]) for st in cm.streams)
+    host_round_trips = cm.profile.host_transfers - boundary  # tensors between layers that reached the host
     rep = cm.report()
+    # mutation of the planner: the same model with no producer permuted
+    off = ioso_tvm.compile(onnx_model, permute_groups=False)
+    got_off = off.run(x.numpy())
+    rep_off = off.report()
     npu = sum(r["device"] == "npu" for r in rep["layers"])
     print(json.dumps({"model": a.model, "size": a.size, "bits": a.bits, "method": a.method,
                       "elements": int(want.size),
@@ -99,7 +109,16 @@ def main() -> None:
                       "mismatches_reference_vs_deploy": _mismatches(got_ref, want),
                       "npu_layers": npu, "cpu_layers": len(rep["layers"]) - npu, "fallbacks": len(rep["fallbacks"]),
                       "npu_regions": [len(r.steps) for r in cm.regions],
-                      "permutes": rep["permutes"], "compile_s": round(compile_s, 2),
+                      "permutes": rep["permutes"], "host_round_trips": host_round_trips,
+                      "stream_instructions": rep["stream_instructions"],
+                      "explicit_permutes": rep["explicit_permutes"],
+                      "explicit_permute_cycles": rep["explicit_permute_cycles"],
+                      "dram_peak_bytes": rep["dram_peak_bytes"], "total_cycles": rep["total_cycles"],
+                      "planner_off": _mismatches(got_off, want) + rep_off["total_cycles"] - rep["total_cycles"],
+                      "planner_off_detail": {"mismatches": _mismatches(got_off, want),
+                                             "extra_cycles": rep_off["total_cycles"] - rep["total_cycles"],
+                                             "explicit_permutes": rep_off["explicit_permutes"]},
+                      "compile_s": round(compile_s, 2),
                       "calib_s": round(calib_s, 2)}))
 
 

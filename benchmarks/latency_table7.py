@@ -14,7 +14,9 @@ compiled.
 (``FIT_GRID``) for the smallest ``fit_score`` = the largest of |ResNet-50 error| / 10 % (both
 columns) and |ResNet-50 ISG overhead error| / 0.5 pp: score <= 1 meets the targets. Deterministic:
 first best point in grid order. The NPUConfig defaults are the result. Prints one JSON line:
-``{"resnet50": {"baseline_us", "isg_us", "overhead_pct", errors}, "mobilenetv2": {...}, "paper": {...},
+``{"resnet50": {"baseline_us", "isg_us", "overhead_pct", errors, "stream_baseline_us" (the baseline
+as compiled: the linked region streams with their SYNC barriers), "stream_vs_layer_sum_pct"},
+"mobilenetv2": {...}, "paper": {...},
 "max_rel_err_pct", "max_overhead_err_pp", "fit_score", "config", "seconds"}``.
 
     python benchmarks/latency_table7.py [--fit]
@@ -54,12 +56,23 @@ FIT_ON = "resnet50"
 a prediction (its Table 7 latency is not reachable, see docs/cycle_model.md)."""
 
 
-def layer_specs(name: str, cfg: NPUConfig) -> list:
-    """hw_model specs of every NPU layer of ``name`` at 1x3x224x224 (compiled, permuted)."""
+def compiled(name: str, cfg: NPUConfig) -> ioso_tvm.compiler.CompiledModel:
+    """``name`` at 1x3x224x224, W8A8, seeded random weights, compiled for the NPU (one ISG group)."""
     torch.manual_seed(0)
     qm = build_qmodel(build_model(name).eval(), (3, 224, 224), 8, 8)
     qm.init_act_scales(torch.randn(2, 3, 224, 224), batch=2)
-    cm = ioso_tvm.compile(export_onnx(qm, None, (1, 3, 224, 224)), config=cfg)
+    return ioso_tvm.compile(export_onnx(qm, None, (1, 3, 224, 224)), config=cfg)
+
+
+def stream_us(cm: ioso_tvm.compiler.CompiledModel) -> float:
+    """Latency of the compiled model's linked region streams (SYNC barriers between layers, every
+    inter-layer tensor through DRAM) from the cycle model, in microseconds."""
+    return cm.report()["total_us"]
+
+
+def layer_specs(name: str, cfg: NPUConfig, cm: ioso_tvm.compiler.CompiledModel | None = None) -> list:
+    """hw_model specs of every NPU layer of ``name`` at 1x3x224x224 (compiled, permuted)."""
+    cm = compiled(name, cfg) if cm is None else cm
     specs = []
     for ly in cm.layers:
         spec = to_spec(ly)
@@ -115,8 +128,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     base = NPUConfig()
-    specs = {"resnet50": layer_specs("resnet50", base), "mobilenetv2": layer_specs("mobilenetv2", base)}
+    models = {m: compiled(m, base) for m in PAPER_US}
+    specs = {m: layer_specs(m, base, cm) for m, cm in models.items()}
     result = {"config": {k: getattr(base, k) for k in FIT_GRID}, **evaluate(specs, base)}
+    for m, cm in models.items():  # the same baseline column as one linked stream per region
+        result[m]["stream_baseline_us"] = round(stream_us(cm), 1)
+        result[m]["stream_vs_layer_sum_pct"] = round(100 * (stream_us(cm) / result[m]["baseline_us"] - 1), 2)
     if args.fit:
         best = None
         points = list(itertools.product(*FIT_GRID.values()))

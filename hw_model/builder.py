@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from hw_model.config import DEFAULT_CONFIG, NPUConfig
+from hw_model.dram import place
 from hw_model.isa import (
     BLOCK,
     DTYPES,
@@ -27,6 +28,7 @@ from hw_model.isa import (
     Program,
     Region,
     Store,
+    Sync,
 )
 
 
@@ -66,6 +68,28 @@ def identity_slots(c: int) -> np.ndarray:
     """Channels in order, zero padded to a multiple of 16."""
     cp = -(-c // BLOCK) * BLOCK
     return np.concatenate([np.arange(c), -np.ones(cp - c, np.int64)]).astype(np.int64)
+
+
+def check_slots(slots: np.ndarray, c: int, what: str = "slots") -> np.ndarray:
+    """A stored channel layout as int64: length a multiple of 16, every channel 0..c-1 exactly once, -1
+    elsewhere (ValueError naming ``what`` otherwise)."""
+    s = np.asarray(slots)
+    if s.ndim != 1 or s.size == 0 or s.size % BLOCK or not np.issubdtype(s.dtype, np.integer):
+        raise ValueError(f"{what}: a layout is a 1-D int array whose length is a multiple of {BLOCK}, "
+                         f"got {s.dtype} {s.shape}")
+    s = s.astype(np.int64)
+    if s.min() < -1 or sorted(s[s >= 0].tolist()) != list(range(c)):
+        raise ValueError(f"{what}: must hold every channel 0..{c - 1} exactly once and -1 elsewhere")
+    return s
+
+
+def gather_table(need: np.ndarray, stored: np.ndarray) -> np.ndarray:
+    """int32 table for a gathered LOAD: entry j = stored position of channel ``need[j]``, -1 where
+    ``need[j]`` is padding (or the channel is not stored)."""
+    pos = np.full(max(int(need.max(initial=-1)), int(stored.max(initial=-1))) + 1, -1, np.int64)
+    used = stored >= 0
+    pos[stored[used]] = np.flatnonzero(used)
+    return np.where(need >= 0, pos[np.maximum(need, 0)], -1).astype(np.int32)
 
 
 def pack_nhwc(x: np.ndarray, slots: np.ndarray) -> np.ndarray:
@@ -110,22 +134,23 @@ class ProgramBuilder:
         self.regions: dict[str, Region] = {}
 
     # ---------------------------------------------------------------- DRAM
-    def alloc(self, name: str, dtype: str, size: int, kind: str = "scratch") -> str:
-        """Reserve a DRAM region of ``size`` elements (kind input / output / scratch)."""
+    def alloc(self, name: str, dtype: str, size: int, kind: str = "scratch", addr: int | None = None) -> str:
+        """Reserve a DRAM region of ``size`` elements (kind input / output / scratch); ``addr`` (bytes) fixes
+        its place in the DRAM image, None lets :meth:`finish` place it."""
         if name in self.regions:
             raise ValueError(f"DRAM region {name!r} allocated twice")
         if dtype not in DTYPES:
             raise ValueError(f"DRAM region {name!r}: dtype {dtype!r} not in {DTYPES}")
-        self.regions[name] = Region(name, dtype, int(size), kind)
+        self.regions[name] = Region(name, dtype, int(size), kind, addr=addr)
         return name
 
-    def const(self, name: str, data: np.ndarray, dtype: str) -> str:
-        """A constant DRAM region packed now (flattened, cast to ``dtype`` exactly)."""
+    def const(self, name: str, data: np.ndarray, dtype: str, addr: int | None = None) -> str:
+        """A constant DRAM region packed now (flattened, cast to ``dtype`` exactly); ``addr`` as in alloc."""
         arr = np.asarray(data)
         flat = arr.astype(dtype).reshape(-1)
         if not np.array_equal(flat.astype(np.float64), arr.reshape(-1).astype(np.float64)):
             raise ValueError(f"constant {name!r} does not fit {dtype} exactly")
-        self.alloc(name, dtype, flat.size, "const")
+        self.alloc(name, dtype, flat.size, "const", addr)
         self.regions[name].data = flat
         return name
 
@@ -136,11 +161,12 @@ class ProgramBuilder:
 
     def load(self, region: str, dram_offset: int, mem: str, sram_addr: int, n0: int, n1: int, n2: int,
              dram_stride0: int, dram_stride1: int, pad: tuple[int, int, int, int] = (0, 0, 0, 0),
-             pad_value: float = 0, **deps: bool) -> Load:
-        """LOAD; ``pad`` = (top, left, bottom, right) in rows / runs of the destination."""
+             pad_value: float = 0, gather: str = "", gather_offset: int = 0, **deps: bool) -> Load:
+        """LOAD; ``pad`` = (top, left, bottom, right) in rows / runs of the destination; ``gather`` names a
+        const int32 channel-index table (entries from ``gather_offset``) for a gathered innermost run."""
         pt, pl, pb, pr = pad
         return self._emit(Load(region, dram_offset, mem, sram_addr, n0, n1, n2, dram_stride0, dram_stride1,
-                               pt, pb, pl, pr, pad_value, **deps))
+                               pt, pb, pl, pr, pad_value, gather, gather_offset, **deps))
 
     def store(self, sram_addr: int, region: str, dram_offset: int, n0: int, n1: int, n2: int,
               dram_stride0: int, dram_stride1: int, **deps: bool) -> Store:
@@ -165,8 +191,14 @@ class ProgramBuilder:
     def alu_sum(self, **fields: Any) -> AluSum:
         return self._emit(AluSum(**fields))
 
+    def sync(self, **deps: bool) -> Sync:
+        """SYNC: the barrier between two layers of one stream (token flags only)."""
+        return self._emit(Sync(**deps))
+
     def finish(self, meta: dict[str, Any] | None = None, validate: bool = True) -> Program:
-        """The Program (validated against ``cfg`` unless told otherwise)."""
+        """The Program, every region placed in the DRAM image (``hw_model.dram.place``), validated against
+        ``cfg`` unless told otherwise."""
+        place(self.regions)
         prog = Program(list(self.instrs), dict(self.regions), dict(meta or {}))
         if validate:
             prog.validate(self.cfg)

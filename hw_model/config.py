@@ -65,6 +65,10 @@ class NPUConfig:
     instr_overhead_cycles: int = 16
     """Fixed issue/setup cycles per instruction. Fitted to Table 7 by benchmarks/latency_table7.py
     (grid 4/8/16)."""
+    dma_burst_cycles: int = 8
+    """Setup cycles of one extra DRAM burst: a gathered LOAD pays it once per run of consecutive
+    channel-table entries beyond the first, per (i, j) row. Chosen: ~10 ns at 800 MHz, a DRAM burst's
+    setup; no paper gives a number, and it is not fitted (Table 7's layers need no gather)."""
 
     def __post_init__(self) -> None:
         for f in fields(self):

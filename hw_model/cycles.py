@@ -2,6 +2,8 @@
 
 Costs (cycles; see docs/cycle_model.md), every instruction adds ``cfg.instr_overhead_cycles``:
   LOAD / STORE      ceil(bytes moved / dram_bytes_per_cycle)                      unit load / store
+  gathered LOAD     as LOAD + n0 * n1 * (runs - 1) * dma_burst_cycles + ceil(4 * n2 / dram_bytes_per_cycle)
+                    (runs: maximal runs of consecutive table entries; the last term reads the table)
   GEMM              ceil(pixels * n_ob * n_cb * kh * kw / (pe_arrays * pixels_per_cycle)) unit mac
                     (depthwise: n_cb = 1 per output block: one 16-lane block-tap per cycle)
   GROUP_SHIFT_ADD   steps (pipelined behind the MACs: only the stage latency shows), unit acc;
@@ -9,11 +11,13 @@ Costs (cycles; see docs/cycle_model.md), every instruction adds ``cfg.instr_over
                     3 groups: 1 + 2 + 1 = 4 (journal App. A-B), 2 groups: 1 + 1 = 2, 1 group: none.
   NORM_ACT_QUANT    ceil(values / (post_lanes * pe_arrays))                       unit post
   ALU_ADD / MAX / SUM  ceil(values read / (post_lanes * pe_arrays))              unit alu
+  SYNC              the overhead only                                             unit sync
 The three queues run in order; an instruction starts when its queue is free and every token it
 pops has been pushed (FIFO per token channel).
 
 Modes (as Gemmini's simulators): ``func`` values only, ``perf`` cycles only (pure arithmetic over
 the instructions), ``both`` values and cycles, with a check that the cycles equal ``perf``'s.
+A linked stream (``meta["layers"]``) also gets one report per layer section (:func:`section_reports`).
 """
 from __future__ import annotations
 
@@ -24,9 +28,41 @@ from typing import Any
 import numpy as np
 
 from hw_model.config import DEFAULT_CONFIG, NPUConfig
-from hw_model.isa import AluAdd, AluMax, AluSum, Gemm, GroupShiftAdd, Instr, Load, NormActQuant, Program, Store
+from hw_model.isa import (
+    AluAdd,
+    AluMax,
+    AluSum,
+    Gemm,
+    GroupShiftAdd,
+    Instr,
+    Load,
+    NormActQuant,
+    Program,
+    Store,
+    Sync,
+)
 
-UNITS = ("load", "mac", "acc", "post", "alu", "store")
+UNITS = ("load", "mac", "acc", "post", "alu", "store", "sync")
+
+
+def gather_runs(table: np.ndarray) -> int:
+    """Maximal runs of consecutive entries (t[k+1] == t[k] + 1) of a gather table slice; -1 entries are
+    not read and break runs."""
+    t = np.asarray(table, np.int64).reshape(-1)
+    if t.size == 0:
+        return 0
+    starts = t >= 0
+    starts[1:] &= (t[1:] != t[:-1] + 1) | (t[:-1] < 0)
+    return int(starts.sum())
+
+
+def _gather_extra(ins: Load, prog: Program, cfg: NPUConfig) -> int:
+    """Cycles a gathered LOAD adds to the plain LOAD of the same bytes: one burst setup per extra run
+    per (i, j) row, and the read of its n2 int32 table entries."""
+    tab = prog.regions[ins.gather].data
+    runs = gather_runs(np.asarray(tab).reshape(-1)[ins.gather_offset:ins.gather_offset + ins.n2])
+    return ins.n0 * ins.n1 * max(runs - 1, 0) * cfg.dma_burst_cycles + \
+        math.ceil(4 * ins.n2 / cfg.dram_bytes_per_cycle)
 
 
 def instr_cost(ins: Instr, prog: Program, cfg: NPUConfig = DEFAULT_CONFIG) -> tuple[str, int]:
@@ -38,6 +74,8 @@ def instr_cost(ins: Instr, prog: Program, cfg: NPUConfig = DEFAULT_CONFIG) -> tu
     if isinstance(ins, (Load, Store)):
         nbytes = ins.n0 * ins.n1 * ins.n2 * np.dtype(prog.regions[ins.region].dtype).itemsize
         unit, c = ("load" if isinstance(ins, Load) else "store"), math.ceil(nbytes / cfg.dram_bytes_per_cycle)
+        if isinstance(ins, Load) and ins.gather:
+            c += _gather_extra(ins, prog, cfg)
     elif isinstance(ins, Gemm):
         work = ins.oh * ins.ow * ins.n_ob * (1 if ins.depthwise else ins.n_cb) * ins.kh * ins.kw
         unit, c = "mac", math.ceil(work / lanes)
@@ -53,6 +91,8 @@ def instr_cost(ins: Instr, prog: Program, cfg: NPUConfig = DEFAULT_CONFIG) -> tu
         unit, c = "alu", math.ceil(ins.rows * ins.cols / post)
     elif isinstance(ins, (AluMax, AluSum)):
         unit, c = "alu", math.ceil(ins.oh * ins.ow * ins.cols * ins.kh * ins.kw / post)
+    elif isinstance(ins, Sync):
+        unit, c = "sync", 0
     else:
         raise TypeError(f"instr_cost: not an NPU instruction: {type(ins).__name__}")
     return unit, c + cfg.instr_overhead_cycles
@@ -124,20 +164,81 @@ def timeline(prog: Program, cfg: NPUConfig = DEFAULT_CONFIG,
     return total, busy, span
 
 
+def _moved_bytes(prog: Program, instrs: list[Instr], cls: type) -> int:
+    """DRAM bytes moved by the LOADs or STOREs among ``instrs`` (n0 * n1 * n2 elements each)."""
+    return sum(i.n0 * i.n1 * i.n2 * np.dtype(prog.regions[i.region].dtype).itemsize
+               for i in instrs if isinstance(i, cls))
+
+
+def _report(name: str, total: int, busy: dict[str, int], macs: int, groups: int, instrs: list[Instr],
+            prog: Program, cfg: NPUConfig) -> dict[str, Any]:
+    peak = cfg.macs_per_cycle
+    return {"layer": name, "cycles": int(total), "us": total / cfg.clock_mhz,
+            "macs": macs, "mac_utilisation": macs / (total * peak) if total else 0.0,
+            "groups": groups, "instructions": len(instrs),
+            "bytes_loaded": int(_moved_bytes(prog, instrs, Load)),
+            "bytes_stored": int(_moved_bytes(prog, instrs, Store)),
+            "busy": {u: int(v) for u, v in busy.items()}}
+
+
 def layer_report(prog: Program, cfg: NPUConfig = DEFAULT_CONFIG, total: int | None = None,
                  busy: dict[str, int] | None = None) -> dict[str, Any]:
     """JSON-serialisable per-layer report: cycles, us, MACs, utilisation, groups, bytes, busy per unit."""
     if total is None or busy is None:
         total, busy, _ = timeline(prog, cfg)
-    macs = int(prog.meta.get("macs", 0))
-    peak = cfg.macs_per_cycle
-    nbytes = {q: sum(i.n0 * i.n1 * i.n2 * np.dtype(prog.regions[i.region].dtype).itemsize
-                     for i in prog.instrs if isinstance(i, cls)) for q, cls in (("load", Load), ("store", Store))}
-    return {"layer": prog.meta.get("layer", "?"), "cycles": int(total), "us": total / cfg.clock_mhz,
-            "macs": macs, "mac_utilisation": macs / (total * peak) if total else 0.0,
-            "groups": int(prog.meta.get("groups", 0)), "instructions": len(prog.instrs),
-            "bytes_loaded": int(nbytes["load"]), "bytes_stored": int(nbytes["store"]),
-            "busy": {u: int(v) for u, v in busy.items()}}
+    return _report(prog.meta.get("layer", "?"), total, busy, int(prog.meta.get("macs", 0)),
+                   int(prog.meta.get("groups", 0)), prog.instrs, prog, cfg)
+
+
+def _sections(prog: Program) -> list[dict[str, Any]]:
+    """``prog.meta["layers"]``, checked: [start, end) ranges in order covering every instruction."""
+    secs = prog.meta.get("layers")
+    if not isinstance(secs, list) or not secs:
+        raise ValueError("section_reports: prog.meta['layers'] must be a non-empty list of sections")
+    pos = 0
+    for j, sec in enumerate(secs):
+        if not isinstance(sec, dict) or sec.get("start") != pos or not isinstance(sec.get("end"), (int, np.integer)) \
+                or sec["end"] < pos:
+            raise ValueError(f"section_reports: section #{j} ({sec!r}) must start at instruction {pos} "
+                             f"and end at or after it")
+        pos = sec["end"]
+    if pos != len(prog.instrs):
+        raise ValueError(f"section_reports: the sections end at instruction {pos}, the program has "
+                         f"{len(prog.instrs)}")
+    return secs
+
+
+def section_reports(prog: Program, cfg: NPUConfig = DEFAULT_CONFIG,
+                    span: list[tuple[int, int]] | None = None) -> list[dict[str, Any]]:
+    """One :func:`layer_report`-shaped dict per section of a linked stream (``prog.meta["layers"]``:
+    name, [start, end) instruction range, macs, groups). Cycles of section j = (latest end of its and
+    the earlier sections' instructions) - (latest end of the earlier sections' instructions), so the
+    sections sum to the program's total; busy and bytes count the section's own instructions.
+    ``span`` = (start, end) per instruction from :func:`timeline` (computed if None)."""
+    secs = _sections(prog)
+    if span is None:
+        _, _, span = timeline(prog, cfg)
+    out, done = [], 0
+    for sec in secs:
+        instrs = prog.instrs[sec["start"]:sec["end"]]
+        end = max([done] + [span[k][1] for k in range(sec["start"], sec["end"])])
+        busy = dict.fromkeys(UNITS, 0)
+        for ins in instrs:
+            unit, cyc = instr_cost(ins, prog, cfg)
+            busy[unit] += cyc
+        out.append(_report(str(sec.get("name", "?")), end - done, busy, int(sec.get("macs", 0)),
+                           int(sec.get("groups", 0)), instrs, prog, cfg))
+        done = end
+    return out
+
+
+def _full_report(prog: Program, cfg: NPUConfig, order: list[int] | None = None) -> dict[str, Any]:
+    """layer_report plus, when ``meta`` has "layers", the per-section reports."""
+    total, busy, span = timeline(prog, cfg, order=order)
+    report = layer_report(prog, cfg, total, busy)
+    if "layers" in prog.meta:
+        report["sections"] = section_reports(prog, cfg, span)
+    return report
 
 
 @dataclass
@@ -150,13 +251,14 @@ class SimResult:
 
 def simulate(prog: Program, inputs: dict[str, np.ndarray] | None, cfg: NPUConfig = DEFAULT_CONFIG,
              mode: str = "both") -> SimResult:
-    """Run ``prog`` in mode ``func`` / ``perf`` / ``both`` (see module docstring)."""
+    """Run ``prog`` in mode ``func`` / ``perf`` / ``both`` (see module docstring); the report has
+    ``sections`` (:func:`section_reports`) when ``prog.meta`` has "layers"."""
     from hw_model.functional import Machine
     if mode not in ("func", "perf", "both"):
         raise ValueError(f"simulate: mode must be func, perf or both, got {mode!r}")
     if mode == "perf":
         prog.validate(cfg)
-        return SimResult(None, layer_report(prog, cfg))
+        return SimResult(None, _full_report(prog, cfg))
     if inputs is None:
         raise ValueError(f"simulate: mode {mode!r} needs the input regions")
     machine = Machine(prog, inputs, cfg)
@@ -164,9 +266,8 @@ def simulate(prog: Program, inputs: dict[str, np.ndarray] | None, cfg: NPUConfig
     outputs = machine.run(on_instr=(lambda k, _i: executed.append(k)) if mode == "both" else None)
     if mode == "func":
         return SimResult(outputs, None)
-    total, busy, _ = timeline(prog, cfg, order=executed)
-    report = layer_report(prog, cfg, total, busy)
-    perf = layer_report(prog, cfg)
+    report = _full_report(prog, cfg, order=executed)
+    perf = _full_report(prog, cfg)
     if perf != report:
         raise RuntimeError(f"cycle model: perf ({perf['cycles']}) and both ({report['cycles']}) disagree")
     return SimResult(outputs, report)

@@ -1,5 +1,8 @@
 """Functional simulator: executes a validated Program bit-exactly per ``hw_model.reference``.
 
+DRAM is one byte image per Machine (:class:`hw_model.dram.DramImage`); ``Machine.dram[name]`` is a
+typed view of a region's bytes, so regions that share bytes alias as on the device.
+
 On-chip memories are numpy arrays indexed in elements. Scratchpad, weight buffer and accumulator
 hold their integers as float64 (exact below 2^53), so one GEMM instruction is one BLAS matmul
 over its whole tile (im2col copy), or for stride-1 kernels one BLAS call per kernel tap on a
@@ -15,6 +18,7 @@ from numpy.lib.stride_tricks import as_strided
 
 from hw_model import reference as ref
 from hw_model.config import DEFAULT_CONFIG, NPUConfig
+from hw_model.dram import DramImage
 from hw_model.isa import (
     BLOCK,
     AluAdd,
@@ -26,6 +30,7 @@ from hw_model.isa import (
     NormActQuant,
     Program,
     Store,
+    Sync,
     mem_size,
 )
 
@@ -58,12 +63,14 @@ def _as_bytes(vals: np.ndarray, dtype: str) -> np.ndarray:
 
 
 class Machine:
-    """The NPU state: DRAM regions and the four on-chip memories."""
+    """The NPU state: the DRAM image (``image``; ``dram[name]`` = typed views of its regions) and the four
+    on-chip memories."""
 
     def __init__(self, prog: Program, inputs: dict[str, np.ndarray], cfg: NPUConfig = DEFAULT_CONFIG) -> None:
         prog.validate(cfg)
         self.prog, self.cfg = prog, cfg
-        self.dram: dict[str, np.ndarray] = {}
+        self.image = DramImage(prog)
+        self.dram: dict[str, np.ndarray] = {name: self.image.view(name) for name in prog.regions}
         need = {n for n, r in prog.regions.items() if r.kind == "input"}
         unknown = set(inputs) - need
         if unknown:
@@ -76,17 +83,16 @@ class Machine:
                 if a.dtype != np.dtype(r.dtype) or a.size != r.size:
                     raise ValueError(f"input {name!r}: expected {r.size} elements of {r.dtype}, "
                                      f"got {a.size} of {a.dtype}")
-                self.dram[name] = a.reshape(-1).copy()
-            elif r.kind == "const":
-                self.dram[name] = np.asarray(r.data, r.dtype).reshape(-1).copy()
-            else:
-                self.dram[name] = np.zeros(r.size, r.dtype)
+                self.dram[name][...] = a.reshape(-1)
         self.mem = {m: np.zeros(mem_size(m, cfg), np.float32 if m == "cbuf" else np.float64)
                     for m in ("spad", "wbuf", "cbuf", "acc")}
 
     # ------------------------------------------------------------------ instructions
     def load(self, i: Load, k: int) -> None:
-        src = _view(self.dram[i.region], i.dram_offset, (i.n0, i.n1, i.n2), (i.dram_stride0, i.dram_stride1, 1))
+        if i.gather:
+            src = self._gathered(i)
+        else:
+            src = _view(self.dram[i.region], i.dram_offset, (i.n0, i.n1, i.n2), (i.dram_stride0, i.dram_stride1, 1))
         r, c, n = i.dst_shape()
         dst = self.mem[i.mem][i.sram_addr:i.sram_addr + r * c * n].reshape(r, c, n)
         if i.pad_top or i.pad_bottom or i.pad_left or i.pad_right:
@@ -95,6 +101,16 @@ class Machine:
             dst[:, :i.pad_left] = i.pad_value
             dst[:, i.pad_left + i.n1:] = i.pad_value
         dst[i.pad_top:i.pad_top + i.n0, i.pad_left:i.pad_left + i.n1] = src
+
+    def _gathered(self, i: Load) -> np.ndarray:
+        """(n0, n1, n2) source of a gathered LOAD: one fancy-indexing read, -1 table entries -> pad_value."""
+        t = self.dram[i.gather][i.gather_offset:i.gather_offset + i.n2].astype(np.int64)
+        base = (i.dram_offset + np.arange(i.n0)[:, None, None] * i.dram_stride0
+                + np.arange(i.n1)[None, :, None] * i.dram_stride1)
+        vals = self.dram[i.region][base + np.maximum(t, 0)]
+        if (t < 0).any():
+            vals = np.where(t < 0, np.float64(i.pad_value), vals)  # as the padding rows: written as a value
+        return vals
 
     def store(self, i: Store, k: int) -> None:
         n = i.n0 * i.n1 * i.n2
@@ -199,11 +215,14 @@ class Machine:
         _check32(s, "average pool sum", k)
         self.mem["acc"][i.out_addr:i.out_addr + n] = s.reshape(-1)
 
+    def sync(self, i: Sync, k: int) -> None:
+        """SYNC moves no data: the functional model runs in issue order anyway."""
+
     def run(self, on_instr=None) -> dict[str, np.ndarray]:
         """Execute every instruction in issue order (``on_instr(k, ins)`` after each); returns output regions."""
         table = {Load: self.load, Store: self.store, Gemm: self.gemm, GroupShiftAdd: self.group_shift_add,
                  NormActQuant: self.norm_act_quant, AluAdd: self.alu_add, AluMax: self.alu_max,
-                 AluSum: self.alu_sum}
+                 AluSum: self.alu_sum, Sync: self.sync}
         for k, ins in enumerate(self.prog.instrs):
             table[type(ins)](ins, k)
             if on_instr is not None:

@@ -7,7 +7,8 @@ Memories (addresses and sizes in *elements*, see ``docs/isa.md``):
   ``cbuf`` NORM / ALU constants, float32, ``cfg.const_buf_kib`` KiB;
   ``acc``  accumulator (D2 tiles, and D1 tiles of ISG layers), int32, ``cfg.acc_buf_kib``
            + ``cfg.isg_d1_kib`` KiB (layer plans keep each tile within its bank).
-DRAM is a set of named regions (dtype + element count); constants are packed at build time.
+DRAM is a set of named regions (dtype + element count + byte address in one DRAM image, see
+``hw_model.dram``); constants are packed at build time.
 
 Queues: LOAD runs on the load queue, STORE on the store queue, everything else on the compute
 queue. Dependency tokens (VTA style): ``push_next`` / ``pop_prev`` between load->compute and
@@ -69,6 +70,10 @@ class Load(Instr):
 
     dst shape (pad_top + n0 + pad_bottom, pad_left + n1 + pad_right, n2) at ``sram_addr``; padding is
     filled with ``pad_value``. Source element (i, j, k) = region[dram_offset + i*dram_stride0 + j*dram_stride1 + k].
+
+    Gathered LOAD (``gather`` names a const int32 region, the channel-index table): the innermost run is
+    gathered, source element (i, j, k) = region[dram_offset + i*dram_stride0 + j*dram_stride1 + t[k]] with
+    t[k] = table[gather_offset + k]; t[k] = -1 writes ``pad_value`` (nothing is read).
     """
 
     region: str
@@ -85,6 +90,8 @@ class Load(Instr):
     pad_left: int = 0
     pad_right: int = 0
     pad_value: float = 0
+    gather: str = ""
+    gather_offset: int = 0
     opcode: ClassVar[str] = "LOAD"
     queue: ClassVar[str] = "load"
 
@@ -281,5 +288,16 @@ class AluSum(_Window):
         return [("spad", *self._in_span(), "input"), ("acc", self.out_addr, self.out_addr + n, "output")]
 
 
+@dataclass
+class Sync(Instr):
+    """Barrier between the layers of one stream (compute queue, token flags only; no data moves).
+
+    The linker emits: the last STORE of layer j with ``push_prev``, ``Sync(pop_next=True, push_prev=True)``,
+    then the first LOAD of layer j+1 with ``pop_next``: layer j+1 loads nothing before layer j has stored.
+    """
+
+    opcode: ClassVar[str] = "SYNC"
+
+
 OPCODES: dict[str, type[Instr]] = {c.opcode: c for c in
-                                   (Load, Store, Gemm, GroupShiftAdd, NormActQuant, AluAdd, AluMax, AluSum)}
+                                   (Load, Store, Gemm, GroupShiftAdd, NormActQuant, AluAdd, AluMax, AluSum, Sync)}

@@ -16,10 +16,11 @@ from hw_model.instructions import (
     Load,
     NormActQuant,
     Store,
+    Sync,
     mem_size,
 )
 from hw_model.program import ISA_VERSION, Program, Region, check_tokens, validate_program
 
 __all__ = ["BLOCK", "DTYPES", "MEMS", "OPCODES", "ISA_VERSION", "AluAdd", "AluMax", "AluSum", "Gemm",
-           "GroupShiftAdd", "Instr", "Load", "NormActQuant", "Store", "mem_size", "Program", "Region",
+           "GroupShiftAdd", "Instr", "Load", "NormActQuant", "Store", "Sync", "mem_size", "Program", "Region",
            "check_tokens", "validate_program"]

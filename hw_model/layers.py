@@ -3,6 +3,11 @@
 All emit through :class:`hw_model.builder.ProgramBuilder`. Programs take one DRAM input region
 ``x`` (and ``y`` for add) in padded NHWC (see :func:`hw_model.builder.pack_nhwc`) and write ``out``;
 ``Program.meta`` records shapes and channel layouts so :func:`run_layer` can pack and unpack.
+
+``in_slots`` (one int64 slots array per input) is the layout each input has in DRAM (default: the
+identity, zero padded). A conv needs its input in group order (``channel_slots``); when the stored
+layout differs, its input LOADs gather through a const int32 table ``gather_x`` (one DMA burst per
+run of consecutive channels, costed by the cycle model) instead of the host permuting the tensor.
 """
 from __future__ import annotations
 
@@ -10,7 +15,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hw_model.builder import BLOCK, ProgramBuilder, StepTokens, channel_slots, identity_slots, row_window
+from hw_model.builder import (
+    BLOCK,
+    ProgramBuilder,
+    StepTokens,
+    channel_slots,
+    check_slots,
+    gather_table,
+    identity_slots,
+    row_window,
+)
 from hw_model.config import DEFAULT_CONFIG, NPUConfig
 from hw_model.isa import Program, mem_size
 from hw_model.layer_specs import AddSpec, ConvSpec, LinearSpec, PoolSpec, Tiling, conv_geometry, pool_geometry
@@ -48,8 +62,17 @@ def _conv_plan(spec: ConvSpec, t: Tiling, cfg: NPUConfig) -> _Plan:
     return _Plan(in_rows * wp * n_cb * BLOCK, w_rows * n_ob * BLOCK, 2 * n_ob * BLOCK, p, p if single else 2 * p)
 
 
-def check_tiling(spec, tiling: Tiling, cfg: NPUConfig = DEFAULT_CONFIG) -> None:
-    """Raise ValueError if the tiling's buffers (times ``nbuf``) do not fit the on-chip memories."""
+def _stored_width(spec, in_slots: list | None) -> int:
+    """Padded channels per pixel of a pool's / add's (first) input as stored (its tiles keep that layout)."""
+    if in_slots is not None and len(in_slots):
+        return int(np.size(in_slots[0]))
+    return -(-spec.c // BLOCK) * BLOCK
+
+
+def check_tiling(spec, tiling: Tiling, cfg: NPUConfig = DEFAULT_CONFIG, in_slots: list | None = None) -> None:
+    """Raise ValueError if the tiling's buffers (times ``nbuf``) do not fit the on-chip memories.
+
+    ``in_slots``: stored input layouts (matter for pools and adds, whose tiles keep them)."""
     if not isinstance(tiling, Tiling):
         raise TypeError(f"tiling must be a Tiling, got {type(tiling).__name__}")
     tiling.check()
@@ -65,7 +88,7 @@ def check_tiling(spec, tiling: Tiling, cfg: NPUConfig = DEFAULT_CONFIG) -> None:
     elif isinstance(spec, PoolSpec):
         oh, ow = pool_geometry(spec)
         kh, kw = spec.window
-        rows, n_cb = min(tiling.rows, oh), min(tiling.ob_tile, -(-spec.c // BLOCK))
+        rows, n_cb = min(tiling.rows, oh), min(tiling.ob_tile, _stored_width(spec, in_slots) // BLOCK)
         in_rows = (rows - 1) * spec.stride[0] + kh
         wp = spec.w + spec.pads[1] + spec.pads[3]
         out = rows * ow * n_cb * BLOCK
@@ -73,7 +96,7 @@ def check_tiling(spec, tiling: Tiling, cfg: NPUConfig = DEFAULT_CONFIG) -> None:
                 + (tiling.nbuf * out if spec.kind != "max" else 0),
                 "cbuf": tiling.nbuf * 2 * n_cb * BLOCK, "acc": out if spec.kind != "max" else 0}
     elif isinstance(spec, AddSpec):
-        cp = -(-spec.c // BLOCK) * BLOCK
+        cp = _stored_width(spec, in_slots)
         pix = min(tiling.rows, spec.n * spec.h * spec.w)
         need = {"spad": tiling.nbuf * 3 * pix * cp, "cbuf": 3 * cp}
     else:
@@ -84,8 +107,9 @@ def check_tiling(spec, tiling: Tiling, cfg: NPUConfig = DEFAULT_CONFIG) -> None:
             raise ValueError(f"tiling {tiling} overflows {mem}: needs {n} elements, {mem} holds {size}")
 
 
-def default_tiling(spec, cfg: NPUConfig = DEFAULT_CONFIG) -> Tiling:
-    """Largest tiles that fit, double buffered when possible (chosen: greedy, rows first, then out blocks)."""
+def default_tiling(spec, cfg: NPUConfig = DEFAULT_CONFIG, in_slots: list | None = None) -> Tiling:
+    """Largest tiles that fit, double buffered when possible (chosen: greedy, rows first, then out blocks);
+    ``in_slots`` as in :func:`check_tiling`."""
     if isinstance(spec, LinearSpec):
         spec = spec.as_conv()
     if isinstance(spec, AddSpec):
@@ -93,7 +117,7 @@ def default_tiling(spec, cfg: NPUConfig = DEFAULT_CONFIG) -> Tiling:
         cands = [Tiling(rows=r, nbuf=nb) for nb in (2, 1) for r in (total, 4096, 1024, 256, 64, 16, 4, 1)]
     else:
         oh = conv_geometry(spec)[0] if isinstance(spec, ConvSpec) else pool_geometry(spec)[0]
-        nblk = -(-(spec.k if isinstance(spec, ConvSpec) else spec.c) // BLOCK)
+        nblk = -(-spec.k // BLOCK) if isinstance(spec, ConvSpec) else _stored_width(spec, in_slots) // BLOCK
         cbl = -(-spec.c // BLOCK)
         cands = [Tiling(ob_tile=ob, rows=r, cb_tile=cb, nbuf=nb)
                  for nb in (2, 1) for cb in sorted({cbl, 16, 8, 4, 2, 1}, reverse=True)
@@ -106,7 +130,7 @@ def default_tiling(spec, cfg: NPUConfig = DEFAULT_CONFIG) -> Tiling:
                                   -min(t.ob_tile, nblk), -min(t.rows, oh)))
     for t in cands:
         try:
-            check_tiling(spec, t, cfg)
+            check_tiling(spec, t, cfg, in_slots)
             return t
         except ValueError:
             continue
@@ -120,16 +144,31 @@ def _steps(n: int, ytiles: int, obtiles: int, cbtiles: int, order: str) -> list[
             for c in range(cbtiles)]
 
 
-def build_conv(spec: ConvSpec, tiling: Tiling | None = None, cfg: NPUConfig = DEFAULT_CONFIG) -> Program:
-    """Program of one conv layer (MAC + ISG + NORM + ACT + QUANT), DRAM regions x -> out."""
+def stored_layouts(in_slots: list | None, chans: list[int]) -> list[np.ndarray]:
+    """The stored layout of each input: ``in_slots`` checked, or the identity (zero padded)."""
+    if in_slots is None:
+        return [identity_slots(c) for c in chans]
+    if not isinstance(in_slots, (list, tuple)) or len(in_slots) != len(chans):
+        raise ValueError(f"in_slots must be a list of {len(chans)} slots array(s), one per input")
+    return [check_slots(s, c, f"in_slots[{j}]") for j, (s, c) in enumerate(zip(in_slots, chans))]
+
+
+def build_conv(spec: ConvSpec, tiling: Tiling | None = None, cfg: NPUConfig = DEFAULT_CONFIG,
+               in_slots: list[np.ndarray] | None = None) -> Program:
+    """Program of one conv layer (MAC + ISG + NORM + ACT + QUANT), DRAM regions x -> out.
+
+    ``in_slots``: ``[slots]`` of x as stored in DRAM (None: identity). The input LOADs are gathered
+    through ``gather_x`` when that differs from the group order the layer needs."""
     spec.check(cfg)
     tiling = default_tiling(spec, cfg) if tiling is None else tiling
     check_tiling(spec, tiling, cfg)
     oh, ow, kb, cbn = conv_geometry(spec)
     dw = spec.is_depthwise
     slots_in, bgroups = channel_slots(spec.c, spec.isg_groups, cfg)
+    stored = stored_layouts(in_slots, [spec.c])[0]
+    gathered = not np.array_equal(stored, slots_in)
     slots_out = slots_in if dw else identity_slots(spec.k)
-    cp, kp = slots_in.size, slots_out.size
+    cp, kp, cps = slots_in.size, slots_out.size, stored.size
     kb = kp // BLOCK
     cbn = cp // BLOCK
     pl = _conv_plan(spec, tiling, cfg)
@@ -137,8 +176,10 @@ def build_conv(spec: ConvSpec, tiling: Tiling | None = None, cfg: NPUConfig = DE
     n_cb_t = n_ob_t if dw else min(tiling.cb_tile, cbn)
     (sh, sw), (dh, dwl), (pt, pleft, _pb, pright) = spec.stride, spec.dilation, spec.pads
     b = ProgramBuilder(cfg)
-    b.alloc("x", spec.in_dtype, spec.n * spec.h * spec.w * cp, "input")
+    b.alloc("x", spec.in_dtype, spec.n * spec.h * spec.w * cps, "input")
     b.alloc("out", spec.out_dtype, spec.n * oh * ow * kp, "output")
+    if gathered:
+        b.const("gather_x", gather_table(slots_in, stored), "int32")
     wq = spec.dense_weight()
     used_in, used_out = slots_in >= 0, slots_out >= 0
     if dw:
@@ -193,9 +234,12 @@ def build_conv(spec: ConvSpec, tiling: Tiling | None = None, cfg: NPUConfig = DE
         ld = []
         for k in loads_of[s]:
             if k == "in":
-                ld.append(dict(region="x", dram_offset=((i * spec.h + a_lo) * spec.w) * cp + c0 * BLOCK, mem="spad",
-                               sram_addr=spad_in[slot], n0=n_real, n1=spec.w, n2=pix, dram_stride0=spec.w * cp,
-                               dram_stride1=cp, pad=(pad_t, pleft, pad_b, pright), pad_value=spec.x_zp))
+                # gathered: the table maps needed channel position c0*16 + k to its stored position
+                gx = dict(gather="gather_x", gather_offset=c0 * BLOCK) if gathered else {}
+                ld.append(dict(region="x", dram_offset=((i * spec.h + a_lo) * spec.w) * cps
+                               + (0 if gathered else c0 * BLOCK), mem="spad",
+                               sram_addr=spad_in[slot], n0=n_real, n1=spec.w, n2=pix, dram_stride0=spec.w * cps,
+                               dram_stride1=cps, pad=(pad_t, pleft, pad_b, pright), pad_value=spec.x_zp, **gx))
             elif k == "w" and dw:
                 ld.append(dict(region="w", dram_offset=ob0 * BLOCK, mem="wbuf", sram_addr=slot * pl.w_tile,
                                n0=spec.kh * spec.kw, n1=1, n2=wrow, dram_stride0=cp, dram_stride1=0))
@@ -245,10 +289,11 @@ def build_conv(spec: ConvSpec, tiling: Tiling | None = None, cfg: NPUConfig = DE
                     ow * kp, kp, pop_prev=True, push_prev=tok.store_push(u))
             u += 1
     meta = {"layer": "conv", "inputs": {"x": {"shape": [spec.n, spec.c, spec.h, spec.w],
-                                              "slots": slots_in.tolist(), "dtype": spec.in_dtype}},
+                                              "slots": stored.tolist(), "dtype": spec.in_dtype}},
             "output": {"region": "out", "shape": [spec.n, spec.k, oh, ow], "slots": slots_out.tolist(),
                        "dtype": spec.out_dtype},
-            "macs": spec.macs(), "groups": len(order), "tiling": tiling.to_dict()}
+            "macs": spec.macs(), "groups": len(order), "tiling": tiling.to_dict(),
+            "gathered_loads": sum(bool(getattr(i, "gather", "")) for i in b.instrs)}
     return b.finish(meta)
 
 
@@ -263,9 +308,10 @@ def group_order_blocks(bgroups: list[int], cfg: NPUConfig) -> list[tuple[int, in
     return out
 
 
-def build_linear(spec: LinearSpec, tiling: Tiling | None = None, cfg: NPUConfig = DEFAULT_CONFIG) -> Program:
-    """A linear layer as a 1x1 conv whose pixels are the batch rows (x region = (N, Cpad))."""
-    prog = build_conv(spec.as_conv(), tiling, cfg)
+def build_linear(spec: LinearSpec, tiling: Tiling | None = None, cfg: NPUConfig = DEFAULT_CONFIG,
+                 in_slots: list[np.ndarray] | None = None) -> Program:
+    """A linear layer as a 1x1 conv whose pixels are the batch rows (x region = (N, len(stored slots)))."""
+    prog = build_conv(spec.as_conv(), tiling, cfg, in_slots)
     prog.meta["layer"] = "linear"
     return prog
 

@@ -5,21 +5,23 @@ from typing import Any
 
 import numpy as np
 
-from hw_model.builder import BLOCK, ProgramBuilder, StepTokens, identity_slots, pack_nhwc, row_window, unpack_nhwc
+from hw_model.builder import BLOCK, ProgramBuilder, StepTokens, gather_table, pack_nhwc, row_window, unpack_nhwc
 from hw_model.config import DEFAULT_CONFIG, NPUConfig
 from hw_model.isa import Program
 from hw_model.layer_specs import AddSpec, ConvSpec, LinearSpec, PoolSpec, Tiling, pool_geometry
 
 
-def build_pool(spec: PoolSpec, tiling: Tiling | None = None, cfg: NPUConfig = DEFAULT_CONFIG) -> Program:
-    """Max / average / global average pool; DRAM regions x -> out (padded NHWC)."""
-    from hw_model.layers import check_tiling, default_tiling
+def build_pool(spec: PoolSpec, tiling: Tiling | None = None, cfg: NPUConfig = DEFAULT_CONFIG,
+               in_slots: list[np.ndarray] | None = None) -> Program:
+    """Max / average / global average pool; DRAM regions x -> out (padded NHWC). Channels are independent:
+    the output keeps the stored input layout ``in_slots[0]`` (None: identity), no gather."""
+    from hw_model.layers import check_tiling, default_tiling, stored_layouts
     spec.check()
-    tiling = default_tiling(spec, cfg) if tiling is None else tiling
-    check_tiling(spec, tiling, cfg)
+    slots = stored_layouts(in_slots, [spec.c])[0]
+    tiling = default_tiling(spec, cfg, [slots]) if tiling is None else tiling
+    check_tiling(spec, tiling, cfg, [slots])
     oh, ow = pool_geometry(spec)
     (kh, kw), (sh, sw), (pt, pleft, _pb, pright) = spec.window, spec.stride, spec.pads
-    slots = identity_slots(spec.c)
     cp = slots.size
     nblk = cp // BLOCK
     rows_t, n_cb_t = min(tiling.rows, oh), min(tiling.ob_tile, nblk)
@@ -69,28 +71,37 @@ def build_pool(spec: PoolSpec, tiling: Tiling | None = None, cfg: NPUConfig = DE
     meta = {"layer": f"{spec.kind}_pool", "inputs": {"x": {"shape": [spec.n, spec.c, spec.h, spec.w],
                                                            "slots": slots.tolist(), "dtype": spec.in_dtype}},
             "output": {"region": "out", "shape": [spec.n, spec.c, oh, ow], "slots": slots.tolist(),
-                       "dtype": spec.out_dtype}, "macs": 0, "groups": 0, "tiling": tiling.to_dict()}
+                       "dtype": spec.out_dtype}, "macs": 0, "groups": 0, "tiling": tiling.to_dict(),
+            "gathered_loads": 0}
     return b.finish(meta)
 
 
-def build_add(spec: AddSpec, tiling: Tiling | None = None, cfg: NPUConfig = DEFAULT_CONFIG) -> Program:
-    """Residual add; DRAM regions x, y -> out (padded NHWC); ``tiling.rows`` = pixels per tile."""
-    from hw_model.layers import check_tiling, default_tiling
+def build_add(spec: AddSpec, tiling: Tiling | None = None, cfg: NPUConfig = DEFAULT_CONFIG,
+              in_slots: list[np.ndarray] | None = None) -> Program:
+    """Residual add; DRAM regions x, y -> out (padded NHWC); ``tiling.rows`` = pixels per tile.
+
+    ``in_slots`` = [layout of x, layout of y] as stored (None: identity). The output keeps x's layout;
+    y is gathered into it through ``gather_y`` when its layout differs."""
+    from hw_model.layers import check_tiling, default_tiling, stored_layouts
     spec.check()
-    tiling = default_tiling(spec, cfg) if tiling is None else tiling
-    check_tiling(spec, tiling, cfg)
-    slots = identity_slots(spec.c)
-    cp = slots.size
+    slots, slots_y = stored_layouts(in_slots, [spec.c, spec.c])
+    tiling = default_tiling(spec, cfg, [slots]) if tiling is None else tiling
+    check_tiling(spec, tiling, cfg, [slots])
+    gathered = not np.array_equal(slots, slots_y)
+    cp, cpy = slots.size, slots_y.size
     total = spec.n * spec.h * spec.w
     pix = min(tiling.rows, total)
     nb, tile = tiling.nbuf, pix * cp
     b = ProgramBuilder(cfg)
-    for name, dt in (("x", spec.a_dtype), ("y", spec.b_dtype)):
-        b.alloc(name, dt, total * cp, "input")
+    b.alloc("x", spec.a_dtype, total * cp, "input")
+    b.alloc("y", spec.b_dtype, total * cpy, "input")
     b.alloc("out", spec.out_dtype, total * cp, "output")
+    if gathered:
+        b.const("gather_y", gather_table(slots, slots_y), "int32")
     consts = np.zeros(3 * cp, np.float32)
+    used = slots >= 0
     for j, v in enumerate((spec.ma, spec.mb, spec.bias)):
-        consts[j * cp:j * cp + spec.c] = np.broadcast_to(np.asarray(v, np.float32), (spec.c,))
+        consts[j * cp:(j + 1) * cp][used] = np.broadcast_to(np.asarray(v, np.float32), (spec.c,))[slots[used]]
     b.const("alu", consts, "float32")
     steps = list(range(-(-total // pix)))
     tok = StepTokens([True] * len(steps), list(steps), nb, nb)
@@ -101,6 +112,9 @@ def build_add(spec: AddSpec, tiling: Tiling | None = None, cfg: NPUConfig = DEFA
         base = slot * 3 * tile
         loads = [dict(region=r, dram_offset=p0 * cp, mem="spad", sram_addr=base + j * tile, n0=1, n1=1, n2=n,
                       dram_stride0=0, dram_stride1=0) for j, r in enumerate(("x", "y"))]
+        if gathered:  # one run of cp gathered channels per pixel, into x's layout
+            loads[1] = dict(region="y", dram_offset=p0 * cpy, mem="spad", sram_addr=base + tile, n0=p1 - p0, n1=1,
+                            n2=cp, dram_stride0=cpy, dram_stride1=0, gather="gather_y", gather_offset=0)
         if s == 0:
             loads.append(dict(region="alu", dram_offset=0, mem="cbuf", sram_addr=0, n0=1, n1=1, n2=3 * cp,
                               dram_stride0=0, dram_stride1=0))
@@ -114,19 +128,21 @@ def build_add(spec: AddSpec, tiling: Tiling | None = None, cfg: NPUConfig = DEFA
         b.store(base + 2 * tile, "out", p0 * cp, 1, 1, n, 0, 0, pop_prev=True, push_prev=tok.store_push(s))
     shape = [spec.n, spec.c, spec.h, spec.w]
     meta = {"layer": "add", "inputs": {"x": {"shape": shape, "slots": slots.tolist(), "dtype": spec.a_dtype},
-                                       "y": {"shape": shape, "slots": slots.tolist(), "dtype": spec.b_dtype}},
+                                       "y": {"shape": shape, "slots": slots_y.tolist(), "dtype": spec.b_dtype}},
             "output": {"region": "out", "shape": shape, "slots": slots.tolist(), "dtype": spec.out_dtype},
-            "macs": 0, "groups": 0, "tiling": tiling.to_dict()}
+            "macs": 0, "groups": 0, "tiling": tiling.to_dict(),
+            "gathered_loads": sum(bool(getattr(i, "gather", "")) for i in b.instrs)}
     return b.finish(meta)
 
 
-def build_layer(spec, tiling: Tiling | None = None, cfg: NPUConfig = DEFAULT_CONFIG) -> Program:
-    """Dispatch on the spec type."""
+def build_layer(spec, tiling: Tiling | None = None, cfg: NPUConfig = DEFAULT_CONFIG,
+                in_slots: list[np.ndarray] | None = None) -> Program:
+    """Dispatch on the spec type; ``in_slots`` = stored layout of each input (None: identity)."""
     from hw_model.layers import build_conv, build_linear
     table = {ConvSpec: build_conv, LinearSpec: build_linear, PoolSpec: build_pool, AddSpec: build_add}
     if type(spec) not in table:
         raise TypeError(f"build_layer: unknown spec type {type(spec).__name__}")
-    return table[type(spec)](spec, tiling, cfg)
+    return table[type(spec)](spec, tiling, cfg, in_slots)
 
 
 def pack_inputs(prog: Program, *arrays: np.ndarray) -> dict[str, np.ndarray]:

@@ -1,5 +1,5 @@
 """The Program container (instructions + DRAM regions + meta, JSON round trip) and its validation:
-field ranges, memory bounds, DRAM regions, dependency-token deadlocks."""
+field ranges, memory bounds, DRAM regions, gather tables, the memory map, dependency-token deadlocks."""
 from __future__ import annotations
 
 import base64
@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from hw_model.config import DEFAULT_CONFIG, NPUConfig
+from hw_model.dram import check_memory_map, dram_bytes
 from hw_model.instructions import (
     DTYPES,
     MEMS,
@@ -27,24 +28,29 @@ from hw_model.instructions import (
     mem_size,
 )
 
-ISA_VERSION = 1
+ISA_VERSION = 2
+"""Version of the JSON encoding. 2: regions carry byte addresses (one DRAM image), LOAD gather, SYNC."""
+
 
 @dataclass
 class Region:
-    """A named DRAM tensor: ``kind`` is input / output / const / scratch; ``data`` only for const."""
+    """A named DRAM tensor: ``kind`` is input / output / const / scratch; ``data`` only for const;
+    ``addr`` its byte address in the DRAM image (None until placed, see ``hw_model.dram.place``)."""
 
     name: str
     dtype: str
     size: int
     kind: str
     data: np.ndarray | None = None
+    addr: int | None = None
 
     @property
     def nbytes(self) -> int:
         return self.size * np.dtype(self.dtype).itemsize
 
     def to_dict(self) -> dict[str, Any]:
-        d = {"name": self.name, "dtype": self.dtype, "size": self.size, "kind": self.kind}
+        d = {"name": self.name, "dtype": self.dtype, "size": self.size, "kind": self.kind,
+             "addr": None if self.addr is None else int(self.addr)}
         if self.data is not None:
             d["data_b64"] = base64.b64encode(np.ascontiguousarray(self.data, np.dtype(self.dtype).newbyteorder("<"))
                                              .tobytes()).decode("ascii")
@@ -56,7 +62,8 @@ class Region:
         if "data_b64" in d:
             data = np.frombuffer(base64.b64decode(d["data_b64"]), np.dtype(d["dtype"]).newbyteorder("<"))
             data = data.astype(d["dtype"])
-        return cls(d["name"], d["dtype"], int(d["size"]), d["kind"], data)
+        addr = d.get("addr")
+        return cls(d["name"], d["dtype"], int(d["size"]), d["kind"], data, None if addr is None else int(addr))
 
 
 @dataclass
@@ -71,6 +78,11 @@ class Program:
         """Raise ValueError naming the instruction and field on any bad program."""
         validate_program(self, cfg)
 
+    @property
+    def dram_bytes(self) -> int:
+        """Bytes of the DRAM image: max(addr + nbytes) over the placed regions, aligned (``hw_model.dram``)."""
+        return dram_bytes(self.regions)
+
     def to_json(self) -> str:
         return json.dumps({"isa_version": ISA_VERSION, "meta": self.meta,
                            "regions": [r.to_dict() for r in self.regions.values()],
@@ -82,9 +94,10 @@ class Program:
             d = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"Program.from_json: not JSON ({e})") from None
-        if not isinstance(d, dict) or d.get("isa_version") != ISA_VERSION:
-            raise ValueError(f"Program.from_json: expected isa_version {ISA_VERSION}, "
-                             f"got {d.get('isa_version') if isinstance(d, dict) else type(d).__name__}")
+        got = d.get("isa_version", "none") if isinstance(d, dict) else f"none (a JSON {type(d).__name__})"
+        if got != ISA_VERSION:
+            raise ValueError(f"Program.from_json: got isa_version {got}, expected {ISA_VERSION} (version 2 added "
+                             f"DRAM addresses, gathered LOADs and SYNC; rebuild the program with this hw_model)")
         instrs = []
         for k, item in enumerate(d["instrs"]):
             item = dict(item)
@@ -103,7 +116,7 @@ class Program:
 _NONNEG = ("dram_offset", "sram_addr", "acc_addr", "in_addr", "w_addr", "out_addr", "d1_addr", "d2_addr",
            "m_addr", "b_addr", "a_addr", "ma_addr", "mb_addr", "bias_addr", "pad_top", "pad_bottom",
            "pad_left", "pad_right", "dram_stride0", "dram_stride1", "acc_stride", "in_row_stride",
-           "in_pix_stride", "w_row_stride", "d1_stride", "d2_stride", "out_stride")
+           "in_pix_stride", "w_row_stride", "d1_stride", "d2_stride", "out_stride", "gather_offset")
 _POS = ("n0", "n1", "n2", "n_ob", "n_cb", "kh", "kw", "oh", "ow", "rows", "cols", "stride_h", "stride_w",
         "dil_h", "dil_w")
 _QUEUE_FLAGS = {"load": ("pop_prev", "push_prev"), "store": ("pop_next", "push_next")}
@@ -153,8 +166,9 @@ def _check_fields(k: int, ins: Instr, prog: Program, cfg: NPUConfig) -> None:
         reg = prog.regions.get(ins.region)
         if reg is None:
             raise ValueError(f"{where}: unknown DRAM region {ins.region!r}; known: {', '.join(prog.regions)}")
-        lo, hi = _span(ins.dram_offset, [(ins.n0, ins.dram_stride0), (ins.n1, ins.dram_stride1)], ins.n2)
-        if hi > reg.size:
+        inner = _check_gather(where, ins, prog) if isinstance(ins, Load) and ins.gather else ins.n2
+        lo, hi = _span(ins.dram_offset, [(ins.n0, ins.dram_stride0), (ins.n1, ins.dram_stride1)], inner)
+        if inner and hi > reg.size:
             raise ValueError(f"{where}: DRAM address {hi - 1} out of range of region {ins.region!r} "
                              f"({reg.size} elements)")
         if isinstance(ins, Store) and reg.kind == "const":
@@ -166,6 +180,25 @@ def _check_fields(k: int, ins: Instr, prog: Program, cfg: NPUConfig) -> None:
         if hi > size:
             raise ValueError(f"{where}: {role} overflows {mem} (needs addresses up to {hi - 1}, "
                              f"{mem} holds {size} elements)")
+
+
+def _check_gather(where: str, ins: Load, prog: Program) -> int:
+    """Check a gathered LOAD's table; returns the innermost extent it reads (max entry + 1, 0 if none)."""
+    tab = prog.regions.get(ins.gather)
+    if tab is None:
+        raise ValueError(f"{where}: unknown gather table {ins.gather!r}; known: {', '.join(prog.regions)}")
+    if tab.kind != "const" or tab.dtype != "int32":
+        raise ValueError(f"{where}: gather table {ins.gather!r} must be a const int32 region, "
+                         f"got {tab.kind} {tab.dtype}")
+    if ins.gather_offset + ins.n2 > tab.size:
+        raise ValueError(f"{where}: gather entries {ins.gather_offset}..{ins.gather_offset + ins.n2 - 1} out of "
+                         f"range of table {ins.gather!r} ({tab.size} entries)")
+    if tab.data is None or tab.data.size != tab.size:
+        raise ValueError(f"{where}: gather table {ins.gather!r} has no data")
+    t = np.asarray(tab.data).reshape(-1)[ins.gather_offset:ins.gather_offset + ins.n2]
+    if t.min() < -1:
+        raise ValueError(f"{where}: gather table {ins.gather!r} holds {int(t.min())} (entries must be >= -1)")
+    return int(t.max()) + 1
 
 
 def check_tokens(instrs: list[Instr]) -> None:
@@ -217,4 +250,5 @@ def validate_program(prog: Program, cfg: NPUConfig = DEFAULT_CONFIG) -> None:
         if not isinstance(ins, Instr) or type(ins) not in OPCODES.values():
             raise ValueError(f"instruction #{k}: not an NPU instruction ({type(ins).__name__})")
         _check_fields(k, ins, prog, cfg)
+    check_memory_map(prog)
     check_tokens(prog.instrs)

@@ -1,10 +1,11 @@
 """Compile API: ``compile(model) -> CompiledModel``; ``CompiledModel.run/report/export``; ``load``.
 
 Pipeline for ``target="ioso_npu"`` (docs/compiler.md): ONNX import (``ioso_tvm.frontend``) ->
-fold the QDQ chains into integer layer markers (``ioso_tvm.passes.fold_qdq``) -> group
-permutation (``ioso_tvm.passes.permute_groups``) -> BYOC partition (``target_npu.partition``:
-pattern table with NPU checks, ``FuseOpsByPattern``, ``RunCodegen`` with ``relax.ext.ioso_npu``,
-dense convs lowered through TIR) -> ``tvm.compile(mod, "llvm")`` for the host part -> Relax VM.
+the pass pipeline ``ioso_tvm.passes.pipeline.npu_pipeline`` (a ``tvm.transform.Sequential``: fold
+the QDQ chains into integer layer markers, plan the group permutation, BYOC partition with
+``target_npu.partition``: pattern table with pure NPU checks, ``FuseOpsByPattern``, ``RunCodegen``
+with ``relax.ext.ioso_npu`` linking each region into one instruction stream) ->
+``tvm.compile(mod, "llvm")`` for the host part -> Relax VM.
 Chains that cannot be folded stay float QDQ ops run by the VM on the CPU; layers failing a
 partition check run on the CPU with ``hw_model.reference``; the log (``logging`` name
 ``ioso_tvm.compiler``) and :meth:`CompiledModel.report` ``["fallbacks"]`` name both with the reason.
@@ -20,7 +21,9 @@ differ from ``hw_model.reference`` by rounding.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -31,12 +34,12 @@ import tvm
 from tvm import relax
 
 from hw_model.config import NPUConfig
+from hw_model.cycles import instr_cost, simulate
+from hw_model.isa import Load, Program
 from ioso_tvm.frontend import import_onnx, load_onnx
-from ioso_tvm.passes.fold_qdq import Layer, find_layers, fold_qdq
-from ioso_tvm.passes.permute_groups import apply_plan, plan_permutations
+from ioso_tvm.passes.fold_qdq import Layer
+from ioso_tvm.passes.pipeline import NPUCompileState, npu_pipeline
 from target_npu import runtime
-from target_npu.partition import partition
-from target_npu.patterns import PartitionContext
 from target_npu.regions import Region
 
 log = logging.getLogger("ioso_tvm.compiler")
@@ -63,29 +66,30 @@ def _to_onnx(model: Any, input_shapes: dict[str, list[int]] | None) -> onnx.Mode
 
 
 class CompiledModel:
-    """A compiled model: a Relax VM whose NPU layers call registered runtime functions."""
+    """A compiled model: a Relax VM whose NPU regions call their linked instruction streams."""
 
     def __init__(self, executable: Any, layers: list[Layer], prefix: str, config: NPUConfig,
                  inputs: list[dict[str, Any]], target: str, fallbacks: list[tuple[str, str]],
                  permutes: dict[str, int] | None = None, tilings: list[Any] | None = None,
-                 npu: list[bool] | None = None, cpu_reasons: dict[int, str] | None = None,
-                 programs: dict[int, Any] | None = None, regions: list[Region] | None = None) -> None:
+                 cpu_reasons: dict[int, str] | None = None, regions: list[Region] | None = None,
+                 streams: list[Program] | None = None) -> None:
         self.executable, self.layers, self.prefix, self.config = executable, layers, prefix, config
         self.inputs, self.target, self.fallbacks = inputs, target, fallbacks
         self.permutes = permutes or {"permutes_needed": 0, "gathered_loads": 0, "permuted_tensors": 0}
         self.profile = runtime.Profile()
         self.tilings = list(tilings) if tilings is not None else [None] * len(layers)
-        self.npu = list(npu) if npu is not None else [ly.kind != "input" for ly in layers]
         self.cpu_reasons = dict(cpu_reasons or {})
-        self.programs = []
-        for i, (ly, t) in enumerate(zip(layers, self.tilings)):
-            runtime.register_layer(f"{prefix}.{i}", ly, config, self.profile, t, on_npu=False)
-            self.programs.append(runtime.register_layer(f"{prefix}.npu.{i}", ly, config, self.profile, t,
-                                                        program=(programs or {}).get(i)) if self.npu[i] else None)
-        self.regions = list(regions or [])
-        for region in self.regions:
-            runtime.register_region(region, layers, self.programs, config, self.profile)
-        self._cycles: list[int] | None = None
+        self.regions, self.streams = list(regions or []), list(streams or [])
+        for i, ly in enumerate(layers):
+            runtime.register_layer(f"{prefix}.{i}", ly, config, self.profile)
+        for stream in self.streams:
+            runtime.register_region(stream, config, self.profile)
+        self.npu = [False] * len(layers)
+        for stream in self.streams:
+            for sec in stream.meta["layers"]:
+                self.npu[sec["index"]] = True
+        self._static: dict[int, dict[str, Any]] | None = None
+        self.ir_module: tvm.IRModule | None = None
         self.vm = relax.VirtualMachine(executable, tvm.cpu())
 
     def run(self, inputs: dict[str, np.ndarray] | np.ndarray, mode: str = "func") -> np.ndarray | list[np.ndarray]:
@@ -109,38 +113,57 @@ class CompiledModel:
             return out.numpy()
         return [o.numpy() for o in out]
 
+    def _stream_sections(self) -> dict[int, dict[str, Any]]:
+        """Per NPU layer index: its section of the stream with the cycle model's static report."""
+        if self._static is None:
+            self._static = {}
+            for stream in self.streams:
+                rep = simulate(stream, None, self.config, mode="perf").report
+                for sec, r in zip(stream.meta["layers"], rep["sections"]):
+                    self._static[sec["index"]] = {**sec, **r}
+        return self._static
+
     def report(self) -> dict[str, Any]:
         """Per-layer device, cycles (last perf/both run, else the static estimate), µs, MAC utilisation,
-        ``lowering`` ("tir": through target_npu.codegen, "build_layer": hw_model directly, None: CPU)."""
-        if self._cycles is None:
-            self._cycles = [runtime.layer_cycles(ly, self.config, p) for ly, p in zip(self.layers, self.programs)]
+        ``lowering`` ("tir": through target_npu.codegen, "build_layer": hw_model directly, None: CPU),
+        and per region its stream: instructions, gathered loads and their cycles, DRAM bytes."""
+        secs = self._stream_sections()
         rows = []
-        for i, (ly, prog, cyc) in enumerate(zip(self.layers, self.programs, self._cycles)):
+        for i, ly in enumerate(self.layers):
+            sec = secs.get(i)
+            cyc = 0 if sec is None else int(sec["cycles"])
             macs = ly.macs()
             gvec = ly.consts.get("isg_groups")
-            rows.append({"name": ly.name, "kind": ly.kind, "device": "cpu" if prog is None else "npu",
-                         "instructions": 0 if prog is None else len(prog.instrs),
+            # a layer in no stream and not kept on the CPU was removed from the graph (dead code)
+            device = "npu" if sec is not None else "cpu" if i in self.cpu_reasons or ly.kind == "input" else "removed"
+            rows.append({"name": ly.name, "kind": ly.kind, "device": device,
+                         "instructions": 0 if sec is None else sec["end"] - sec["start"],
                          "out_shape": list(ly.out_shape), "macs": macs, "cycles": cyc,
                          "us": cyc / self.config.clock_mhz,
                          "mac_utilisation": macs / (cyc * self.config.macs_per_cycle) if macs and cyc else 0.0,
-                         "cpu_reason": None if prog is None and ly.kind == "input" else
-                         (self.cpu_reasons.get(i) or runtime.make_program(ly, self.config)[1]
-                          if prog is None else None),
+                         "cpu_reason": self.cpu_reasons.get(i) if device == "cpu" else None,
                          "isg_groups_used": 0 if gvec is None else int(len(np.unique(gvec))),
-                         "lowering": None if prog is None else "tir" if "tir" in prog.meta else "build_layer"})
+                         "gathered_loads": 0 if sec is None else sec["gathered_loads"],
+                         "lowering": None if sec is None else sec["lowering"]})
         total = sum(r["cycles"] for r in rows)
+        streams = [stream_summary(st, self.config) for st in self.streams]
         return {"target": self.target, "layers": rows, "total_cycles": total,
                 "total_us": total / self.config.clock_mhz,
                 "fallbacks": [{"tensor": n, "op": "qdq", "reason": r} for n, r in self.fallbacks]
                 + [{"tensor": self.layers[i].out_name or self.layers[i].name, "op": self.layers[i].name, "reason": r}
                    for i, r in sorted(self.cpu_reasons.items())],
-                "permutes": dict(self.permutes)}
+                "permutes": dict(self.permutes), "streams": streams,
+                "stream_instructions": sum(s["instructions"] for s in streams),
+                "explicit_permutes": sum(s["gathered_loads"] for s in streams),
+                "explicit_permute_cycles": sum(s["gather_cycles"] for s in streams),
+                "dram_peak_bytes": sum(s["memory"].get("dram_bytes", 0) for s in streams)}
 
     def export(self, path: str | Path) -> Path:
-        """Write a ``.tar`` (JSON + npz + VM library; see ``target_npu.artifact``)."""
+        """Write a ``.tar`` (see ``target_npu.artifact``): the region streams as stored, the layer
+        descriptions (CPU layers, report), the host executable."""
         from target_npu.artifact import save_artifact
 
-        programs, constants = {}, {}
+        descs, constants = [], {}
         for i, ly in enumerate(self.layers):
             scal = {}
             for k, v in ly.consts.items():
@@ -148,46 +171,72 @@ class CompiledModel:
                     constants[f"{i}.{k}"] = v
                 else:
                     scal[k] = v.item() if isinstance(v, np.generic) else v
-            programs[str(i)] = {"kind": ly.kind, "name": ly.name, "out_shape": list(ly.out_shape),
-                                "out_dtype": ly.out_dtype, "consts": scal,
-                                "tiling": None if self.tilings[i] is None else self.tilings[i].to_dict()}
+            descs.append({"kind": ly.kind, "name": ly.name, "out_shape": list(ly.out_shape),
+                          "out_dtype": ly.out_dtype, "consts": scal,
+                          "tiling": None if self.tilings[i] is None else self.tilings[i].to_dict()})
+        programs = {"regions": [{"region": r.to_dict(), "stream": json.loads(st.to_json())}
+                                for r, st in zip(self.regions, self.streams)]}
         meta = {"inputs": self.inputs, "prefix": self.prefix, "target": self.target,
-                "fallbacks": [list(f) for f in self.fallbacks], "num_layers": len(self.layers),
-                "permutes": self.permutes, "npu": self.npu, "regions": [r.to_dict() for r in self.regions],
-                "cpu_reasons": {str(k): v for k, v in self.cpu_reasons.items()}}
+                "fallbacks": [list(f) for f in self.fallbacks], "layers": descs,
+                "permutes": self.permutes, "cpu_reasons": {str(k): v for k, v in self.cpu_reasons.items()}}
         return save_artifact(path, config=self.config, meta=meta, programs=programs, constants=constants,
                              report=self.report(), executable=self.executable)
 
 
+def stream_summary(stream: Program, cfg: NPUConfig) -> dict[str, Any]:
+    """What a region's stream holds and costs: instructions, gathered LOADs and their extra cycles
+    (against plain LOADs of the same bytes), the DRAM memory plan."""
+    gathers = [i for i in stream.instrs if isinstance(i, Load) and i.gather]
+    extra = sum(instr_cost(i, stream, cfg)[1] - instr_cost(dataclasses.replace(i, gather=""), stream, cfg)[1]
+                for i in gathers)
+    return {"symbol": stream.meta["symbol"], "layers": len(stream.meta["layers"]),
+            "instructions": len(stream.instrs), "gathered_loads": len(gathers), "gather_cycles": int(extra),
+            "memory": dict(stream.meta.get("memory", {}))}
+
+
 def load(path: str | Path) -> CompiledModel:
-    """Read a model written by :meth:`CompiledModel.export` and register its runtime functions."""
-    from target_npu.artifact import load_artifact
+    """Read a model written by :meth:`CompiledModel.export`: the streams are run as stored (validated
+    against the artifact's ``NPUConfig`` and their memory map), never rebuilt."""
+    from hw_model.layer_specs import Tiling
+    from target_npu.artifact import ArtifactError, load_artifact
 
     art = load_artifact(path)
-    from hw_model.layer_specs import Tiling
-
     layers, tilings = [], []
-    for i in range(int(art.meta["num_layers"])):
-        p = art.programs[str(i)]
-        consts = dict(p["consts"])
-        consts.update({k.split(".", 1)[1]: v for k, v in art.constants.items() if k.split(".", 1)[0] == str(i)})
-        layers.append(Layer(p["kind"], p["name"], [], tuple(p["out_shape"]), p["out_dtype"], consts))
-        tilings.append(None if p.get("tiling") is None else Tiling(**p["tiling"]))
+    try:
+        for i, p in enumerate(art.meta["layers"]):
+            consts = dict(p["consts"])
+            consts.update({k.split(".", 1)[1]: v for k, v in art.constants.items() if k.split(".", 1)[0] == str(i)})
+            layers.append(Layer(p["kind"], p["name"], [], tuple(p["out_shape"]), p["out_dtype"], consts))
+            tilings.append(None if p.get("tiling") is None else Tiling(**p["tiling"]))
+        regions, streams = [], []
+        for k, rec in enumerate(art.programs["regions"]):
+            region = Region.from_dict(rec["region"])
+            stream = Program.from_json(json.dumps(rec["stream"]))
+            stream.validate(art.config)
+            if stream.meta.get("symbol") != region.symbol or \
+                    [s["index"] for s in stream.meta["layers"]] != region.layers:
+                raise ValueError(f"stream {k} does not match region {region.symbol}")
+            regions.append(region)
+            streams.append(stream)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(f"{path}: the stored NPU streams are invalid: {e}") from None
     cm = CompiledModel(art.load_host_module(), layers, art.meta["prefix"], art.config, art.meta["inputs"],
-                       art.meta["target"], [tuple(f) for f in art.meta["fallbacks"]], art.meta.get("permutes"), tilings,
-                       art.meta.get("npu"), {int(k): v for k, v in art.meta.get("cpu_reasons", {}).items()},
-                       regions=[Region.from_dict(r) for r in art.meta.get("regions", [])])
+                       art.meta["target"], [tuple(f) for f in art.meta["fallbacks"]], art.meta.get("permutes"),
+                       tilings, {int(k): v for k, v in art.meta.get("cpu_reasons", {}).items()},
+                       regions=regions, streams=streams)
     cm._artifact = art  # keeps the extracted host library alive
     return cm
 
 
 def compile(model: Any, target: str = "ioso_npu", input_shapes: dict[str, list[int]] | None = None,
             config: NPUConfig | None = None, tuning_records: str | Path | None = None,
-            offload: bool = True) -> CompiledModel:
+            offload: bool = True, permute_groups: bool = True, memory_reuse: bool = True) -> CompiledModel:
     """Compile an ONNX path / ModelProto / calibrated torch model for ``target`` (ioso_npu or llvm).
 
     ``offload=False`` (ioso_npu only) skips the partition: every folded layer runs on the CPU with
-    ``hw_model.reference`` (the contract itself, for three-way comparisons).
+    ``hw_model.reference`` (the contract itself, for three-way comparisons). ``permute_groups=False``
+    turns the group-permutation planner off (no producer is permuted; consumers gather their groups,
+    slower) and ``memory_reuse=False`` gives every tensor its own DRAM bytes: both for measurements.
     """
     config = NPUConfig() if config is None else config
     if not isinstance(config, NPUConfig):
@@ -210,34 +259,29 @@ def compile(model: Any, target: str = "ioso_npu", input_shapes: dict[str, list[i
     layers, fallbacks = [], []
     if target == "ioso_npu":
         wbits = {"*": max([v.get("wbits", 8) for v in meta.get("layers", {}).values()], default=8)}
-        layers, fallbacks = find_layers(mod, config, wbits)
-        for name, why in fallbacks:
-            log.info("CPU fallback for %s: %s", name, why)
         h = hashlib.sha256(proto.SerializeToString() + repr(config.to_dict()).encode()).hexdigest()[:16]
         prefix = f"ioso_npu.m{h}"
-        mod = fold_qdq(mod, layers, prefix)
-        plan = plan_permutations(layers, external_tensors(mod), {s["name"] for s in inputs}, config)
-        if plan.granularity_violations:
-            raise ValueError(f"layers {plan.granularity_violations}: more than one ISG group is not a multiple "
-                             f"of the granularity {config.granularity}")
-        layers, permutes = apply_plan(layers, plan), plan.counts()
+        state = NPUCompileState(config, prefix, {s["name"] for s in inputs}, wbits, offload=offload,
+                                permute=permute_groups, tilings_of=lambda ls: _tilings(ls, tuning_records, config),
+                                ctx_options={"memory_reuse": memory_reuse})
+        mod = npu_pipeline(state)(mod)
+        layers, fallbacks, permutes, ctx = state.layers, state.fallbacks, state.permutes, state.ctx
+        for name, why in fallbacks:
+            log.info("CPU fallback for %s: %s", name, why)
         log.info("group permutation: %s", permutes)
-        tilings = _tilings(layers, tuning_records, config)
-        ctx = PartitionContext(layers, config, tilings, profile=runtime.Profile())
-        mod = partition(mod, ctx, prefix) if offload else mod
-        if not offload:
-            ctx.rejected.update({i: "offload=False" for i, ly in enumerate(layers) if ly.kind != "input"})
         for i, why in sorted(ctx.rejected.items()):
             log.info("CPU fallback for layer %s: %s", layers[i].name, why)
-        # a layer absent from the partitioned graph (dead, removed by DCE) keeps its NPU program
-        npu = [i in ctx.symbols or (i not in ctx.rejected and ly.kind != "input") for i, ly in enumerate(layers)]
-        reasons, programs, regions = ctx.rejected, ctx.programs, ctx.regions
+        tilings = ctx.tilings
+        reasons, regions, streams = ctx.rejected, ctx.regions, ctx.streams
     else:
-        prefix, permutes, tilings, npu, reasons, programs, regions = "ioso_npu.cpu", None, [], [], {}, {}, []
+        prefix, permutes, tilings, reasons, regions, streams = "ioso_npu.cpu", None, [], {}, [], []
     ex = tvm.compile(mod, target="llvm")
-    log.info("compiled %d NPU layer(s), %d CPU fallback(s)", sum(npu), len(fallbacks) + len(reasons))
-    return CompiledModel(ex, layers, prefix, config, inputs, target, fallbacks, permutes, tilings, npu, reasons,
-                         programs, regions)
+    log.info("compiled %d NPU region(s) of %d layer(s), %d CPU fallback(s)", len(regions),
+             sum(len(r.steps) for r in regions), len(fallbacks) + len(reasons))
+    cm = CompiledModel(ex, layers, prefix, config, inputs, target, fallbacks, permutes, tilings, reasons,
+                       regions, streams)
+    cm.ir_module = mod  # the partitioned Relax module that was compiled (for inspection; not in the artifact)
+    return cm
 
 
 def _tilings(layers: list[Layer], records: str | Path | None, config: NPUConfig) -> list[Any]:
@@ -253,17 +297,3 @@ def _tilings(layers: list[Layer], records: str | Path | None, config: NPUConfig)
         out.append(None if spec is None else best_tiling(recs, spec, config))
     log.info("tuning records: %d of %d layer(s) tuned", sum(t is not None for t in out), len(layers))
     return out
-
-
-def external_tensors(mod: tvm.IRModule) -> set[str]:
-    """Names of the vars of ``main`` read by anything but a packed NPU call (CPU ops, outputs)."""
-    func = mod["main"]
-    used: set[str] = set()
-    for blk in func.body.blocks:
-        for b in blk.bindings:
-            v = b.value
-            if isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op) and v.op.name == "relax.call_dps_packed":
-                continue
-            used |= {x.name for x in relax.analysis.free_vars(v)}
-    used |= {x.name for x in relax.analysis.free_vars(func.body.body)}
-    return used

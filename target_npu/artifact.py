@@ -8,12 +8,16 @@ Members (flat names, regular files only; no pickle anywhere):
 ``config.json``
     ``NPUConfig.to_dict()`` of the configuration the model was compiled for.
 ``meta.json``
-    Interface of the model: ``{"target": str, "inputs": [{"name", "shape", "dtype"}],
-    "outputs": [...], ...}`` (free-form JSON object beyond these keys).
+    Interface of the model: ``{"target": str, "inputs": [{"name", "shape", "dtype"}], "layers":
+    [layer descriptions], ...}`` (free-form JSON object beyond these keys). The layer descriptions
+    (with ``constants.npz``) serve the layers left on the CPU and the report.
 ``programs.json``
-    NPU programs by name (each a JSON object, e.g. ``hw_model`` program ``to_dict()``).
+    The NPU programs: ``{"regions": [{"region": <dataflow of the region's layers>, "stream": <the
+    region's ONE instruction stream: hw_model Program JSON, ISA version, instructions, DRAM memory
+    map with byte addresses, constants in NPU layout (base64)>}]}``. Loading validates each stream
+    against ``config.json`` and its memory map and runs it as stored; nothing is rebuilt.
 ``constants.npz``
-    Packed constants (weights, NORM constants, ...) by name; numeric dtypes only,
+    Layer constants (weights, NORM constants, ...) by name, for the CPU layers; numeric dtypes only,
     read with ``allow_pickle=False``.
 ``report.json``
     The compile report (per-layer table, pass statistics), a JSON object.
@@ -43,8 +47,9 @@ import numpy as np
 from hw_model.config import NPUConfig
 
 ARTIFACT_FORMAT = "ioso_npu-artifact"
-FORMAT_VERSION = 1
-"""Version of the member layout above; bump on any incompatible change (chosen: starts at 1)."""
+FORMAT_VERSION = 2
+"""Version of the member layout above; bump on any incompatible change (chosen: starts at 1; 2: programs.json
+holds the linked region streams)."""
 
 MANIFEST, CONFIG, META, PROGRAMS, CONSTANTS, REPORT, HOST_LIB = (
     "manifest.json", "config.json", "meta.json", "programs.json", "constants.npz", "report.json", "host.so")

@@ -27,6 +27,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import tvm
 import tvm_ffi
 from tvm import s_tir, tirx
@@ -210,8 +211,10 @@ def _check_program(prog: Program, low: LoweredLayer) -> None:
                          f"{signs[:len(per_tile) or 3]} for {per_tile}")
 
 
-def lower_conv(spec: ConvSpec | LinearSpec, tiling: Tiling | None, cfg: NPUConfig) -> Program:
-    """The NPU program of a conv (dense, grouped, depthwise) / linear layer, generated from its scheduled TIR.
+def lower_conv(spec: ConvSpec | LinearSpec, tiling: Tiling | None, cfg: NPUConfig,
+               in_slots: list[np.ndarray] | None = None) -> Program:
+    """The NPU program of a conv (dense, grouped, depthwise) / linear layer, generated from its scheduled TIR;
+    ``in_slots``: the stored channel layout of the input in DRAM (None: channel order).
 
     Raises :class:`target_npu.schedule.NotLowerable` for a depthwise conv with scaled ISG groups."""
     conv = spec.as_conv() if isinstance(spec, LinearSpec) else spec
@@ -220,7 +223,7 @@ def lower_conv(spec: ConvSpec | LinearSpec, tiling: Tiling | None, cfg: NPUConfi
     conv.check(cfg)
     tiling = default_tiling(conv, cfg) if tiling is None else tiling
     low = lower_layer(conv, tiling, cfg)
-    prog = build_conv(conv, low.tiling, cfg)
+    prog = build_conv(conv, low.tiling, cfg, in_slots)
     _check_program(prog, low)
     prog.meta["tir"] = low.to_meta()
     if isinstance(spec, LinearSpec):
@@ -228,11 +231,12 @@ def lower_conv(spec: ConvSpec | LinearSpec, tiling: Tiling | None, cfg: NPUConfi
     return prog
 
 
-def conv_program(spec: ConvSpec | LinearSpec, tiling: Tiling | None, cfg: NPUConfig) -> Program:
+def conv_program(spec: ConvSpec | LinearSpec, tiling: Tiling | None, cfg: NPUConfig,
+                 in_slots: list[np.ndarray] | None = None) -> Program:
     """The program the compiler runs for a conv / linear layer: :func:`lower_conv`, or the builder alone
     (``hw_model.layers.build_conv``) for a layer the TIR path raises ``NotLowerable`` on."""
     try:
-        return lower_conv(spec, tiling, cfg)
+        return lower_conv(spec, tiling, cfg, in_slots)
     except NotLowerable:
         conv = spec.as_conv() if isinstance(spec, LinearSpec) else spec
-        return build_conv(conv, tiling, cfg)
+        return build_conv(conv, tiling, cfg, in_slots)

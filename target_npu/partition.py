@@ -12,24 +12,29 @@ Flow (TVM 0.27):
    NPU region; each is renamed ``<prefix>.npu.r<k>`` (``global_symbol``) so that two compiled models
    never share a runtime function name.
 4. ``RunCodegen`` calls the Python codegen registered as ``relax.ext.ioso_npu``: it reads each region
-   (:func:`target_npu.regions.read_region`), registers its runtime function
-   (:func:`target_npu.runtime.register_region`) and records it in ``ctx.regions``; the call in ``main``
-   becomes ``call_dps_packed("<prefix>.npu.r<k>", ...)``.
+   (:func:`target_npu.regions.read_region`), links its layers into one instruction stream over one
+   DRAM image (:func:`target_npu.link.link_region`), registers its runtime function
+   (:func:`target_npu.runtime.register_region`) and records both in ``ctx.regions`` / ``ctx.streams``;
+   the call in ``main`` becomes ``call_dps_packed("<prefix>.npu.r<k>", ...)``.
 5. :func:`stubs_to_markers`: the layers left outside every region (checks failed, input quantizer)
    become ``call_dps_packed("<prefix>.<i>", ...)`` again: the CPU function (``hw_model.reference``), and
    the stub PrimFunc is dropped.
+6. :func:`region_boundaries`: around each region call, the layout changes between the host's NCHW
+   tensors and the NPU's padded NHWC (permute_dims, pad, slice or take) become host graph ops.
 """
 from __future__ import annotations
 
 import logging
 from typing import Any
 
+import numpy as np
 import tvm
 import tvm_ffi
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvm.script import tirx as T
 
+from target_npu.link import link_region
 from target_npu.patterns import STUB, PartitionContext, pattern_table
 from target_npu.regions import read_region
 
@@ -94,20 +99,86 @@ def stubs_to_markers(mod: tvm.IRModule, prefix: str, ctx: PartitionContext) -> t
 
 @tvm_ffi.register_global_func("relax.ext.ioso_npu", override=True)
 def _codegen(functions: Any, options: Any, constant_names: Any) -> list[Any]:
-    """Codegen of the NPU regions: read each one and register its runtime function under its symbol."""
+    """Codegen of the NPU regions: read each one, link its layers into one stream (``target_npu.link``)
+    and register its runtime function under its symbol."""
     from target_npu import runtime
 
     if not _ACTIVE:
         raise RuntimeError("relax.ext.ioso_npu called outside target_npu.partition.partition")
     ctx = _ACTIVE[-1]
-    programs = [ctx.programs.get(i) for i in range(len(ctx.layers))]
+
+    def build(i: int, in_slots: list[Any]) -> Any:
+        tiling = ctx.tilings[i] if i < len(ctx.tilings) else None
+        prog, why = runtime.make_program(ctx.layers[i], ctx.config, tiling, in_slots)
+        if prog is None:
+            raise ValueError(f"layer {ctx.layers[i].name} passed the NPU check but its program cannot be built: {why}")
+        return prog
+
     for f in functions:
         region = read_region(f, str(f.attrs["global_symbol"]), lambda c: ctx.layer_of(c)[0])
         for i in region.layers:
             ctx.symbols[i] = region.symbol
+        stream = link_region(region, ctx.layers, build, reuse=ctx.memory_reuse)
         ctx.regions.append(region)
-        runtime.register_region(region, ctx.layers, programs, ctx.config, ctx.profile)
+        ctx.streams.append(stream)
+        runtime.register_region(stream, ctx.config, ctx.profile)
     return []
+
+
+def _to_stored(bb: Any, x: relax.Expr, info: dict[str, Any]) -> relax.Expr:
+    """Host graph op: logical (N, C, H, W) / (N, C) -> the NPU layout (N, H, W, Cpad) / (N, Cpad)."""
+    shape, cp = list(info["shape"]), len(info["slots"])
+    if len(shape) == 4:
+        x = bb.emit(relax.op.permute_dims(x, [0, 2, 3, 1]))
+    if cp != shape[1]:
+        x = bb.emit(relax.op.nn.pad(x, [0, 0] * (len(shape) - 1) + [0, cp - shape[1]]))
+    return x
+
+
+def _from_stored(bb: Any, y: relax.Expr, info: dict[str, Any]) -> relax.Expr:
+    """Host graph op: the NPU layout -> logical shape (a gather when the stored channel order is not
+    the channel order, else a slice of the padding)."""
+    shape, slots = list(info["shape"]), np.asarray(info["slots"], np.int64)
+    axis = len(shape) - 1
+    if not np.array_equal(slots[:shape[1]], np.arange(shape[1])):
+        pos = np.empty(shape[1], np.int64)
+        pos[slots[slots >= 0]] = np.flatnonzero(slots >= 0)
+        y = bb.emit(relax.op.take(y, relax.const(pos.astype("int64")), axis=axis))
+    elif len(slots) != shape[1]:
+        y = bb.emit(relax.op.strided_slice(y, axes=[axis], begin=[0], end=[shape[1]]))
+    if len(shape) == 4:
+        y = bb.emit(relax.op.permute_dims(y, [0, 3, 1, 2]))
+    return y
+
+
+def region_boundaries(mod: tvm.IRModule, streams: dict[str, Any]) -> tvm.IRModule:
+    """Every call of an NPU region in ``main`` takes and returns tensors in the NPU layout; the layout
+    changes around it are host graph ops (permute_dims, pad, slice / take), compiled for the CPU."""
+    from target_npu.runtime import stored_shape
+
+    @mutator
+    class Boundary(PyExprMutator):
+        def visit_call_(self, call: relax.Call) -> relax.Expr:
+            call = super().visit_call_(call)
+            sym = str(call.args[0].global_symbol) if _is_call(call, "relax.call_dps_packed") and \
+                isinstance(call.args[0], relax.ExternFunc) else None
+            if sym not in streams:
+                return call
+            meta = streams[sym].meta
+            args = call.args[1].fields if isinstance(call.args[1], relax.Tuple) else [call.args[1]]
+            new_args = [_to_stored(self.builder_, a, info) for a, info in zip(args, meta["inputs"].values())]
+            sinfo = [relax.TensorType(stored_shape(o), o["dtype"]) for o in meta["outputs"]]
+            res = self.builder_.emit(relax.call_dps_packed(call.args[0], relax.Tuple(new_args),
+                                                           sinfo[0] if len(sinfo) == 1 else sinfo))
+            if len(sinfo) == 1:
+                return _from_stored(self.builder_, res, meta["outputs"][0])
+            return relax.Tuple([_from_stored(self.builder_, self.builder_.emit(relax.TupleGetItem(res, k)), o)
+                                for k, o in enumerate(meta["outputs"])])
+
+    main = Boundary(mod).visit_expr(mod["main"])
+    mod = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)
+    mod["main"] = main
+    return mod
 
 
 def partition(mod: tvm.IRModule, ctx: PartitionContext, prefix: str) -> tvm.IRModule:
@@ -128,6 +199,7 @@ def partition(mod: tvm.IRModule, ctx: PartitionContext, prefix: str) -> tvm.IRMo
     finally:
         _ACTIVE.pop()
     mod = stubs_to_markers(mod, prefix, ctx)
+    mod = region_boundaries(mod, {p.meta["symbol"]: p for p in ctx.streams})
     for idx, why in sorted(ctx.rejected.items()):
         log.info("layer %s stays on the CPU: %s", ctx.layers[idx].name, why)
     log.info("NPU regions: %s", [len(r.steps) for r in ctx.regions])

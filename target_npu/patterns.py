@@ -10,8 +10,8 @@ layer into its composite and keeps composites apart). Each
 - activation dtypes int8/uint8 in and out (``hw_model.layer_specs``), weights int8 within
   ``WEIGHT_BITS_MAX`` bits, kernel <= ``MAX_KERNEL``, stride <= ``MAX_STRIDE``, dilation 1,
   groups 1 or depthwise (others expanded by the builder), clip bounds inside the out dtype;
-- the layer's ``hw_model`` spec accepts it and its program can be built with the default
-  tiling (buffers fit the ``NPUConfig`` scratchpads), which is the program later run.
+- the layer's ``hw_model`` spec accepts it and a tiling (the tuned one, else the default) fits the
+  ``NPUConfig`` buffers. Checks are pure: no program is built here; the codegen builds and links.
 
 A call that fails a check is not offloaded: it becomes a packed call of the CPU function
 (``hw_model.reference``, exact) and :class:`PartitionContext` records the op and the reason.
@@ -42,16 +42,17 @@ MAX_STRIDE = 4
 
 @dataclass
 class PartitionContext:
-    """The layers being partitioned, their built programs and the reasons of rejected ones."""
+    """The layers being partitioned, the reasons of rejected ones, the regions and their linked streams."""
 
     layers: list[Any]
     config: NPUConfig
     tilings: list[Any] = field(default_factory=list)
-    programs: dict[int, Any] = field(default_factory=dict)
     rejected: dict[int, str] = field(default_factory=dict)
     symbols: dict[int, str] = field(default_factory=dict)
     regions: list[Any] = field(default_factory=list)
+    streams: list[Any] = field(default_factory=list)  # one linked hw_model Program per region
     profile: Any = None
+    memory_reuse: bool = True
 
     def layer_of(self, call: relax.Call) -> tuple[int, Any]:
         """(index, layer) of a marker call (its last argument is the index constant)."""
@@ -103,10 +104,7 @@ def _make_check(ctx: PartitionContext, composite: str) -> Any:
             return False
         why = _limits(layer, composite)
         if why is None:
-            tiling = ctx.tilings[idx] if idx < len(ctx.tilings) else None
-            prog, why = runtime.make_program(layer, ctx.config, tiling)
-            if prog is not None:
-                ctx.programs[idx] = prog
+            why = runtime.check_layer(layer, ctx.config, ctx.tilings[idx] if idx < len(ctx.tilings) else None)
         if why is not None:
             ctx.rejected[idx] = why
             return False

@@ -1,22 +1,20 @@
-"""Runtime of offloaded layers: global functions that the Relax VM calls (``call_dps_packed``).
+"""Runtime of the compiled model: the global functions the Relax VM calls (``call_dps_packed``).
 
-Each folded layer (``ioso_tvm.passes.fold_qdq.Layer``) becomes one global function
-``<prefix>.<index>`` registered with ``tvm_ffi.register_global_func``. At registration
-(compile or load time) the layer's spec is made (``hw_model.layer_specs``) and its NPU
-program is built once: conv (dense, grouped, depthwise) / linear layers through TIR
-(``target_npu.codegen.lower_conv``: schedule with the layer's ``Tiling`` knobs, tensorize, walk,
-emit), depthwise convs with scaled ISG groups, adds and pools with ``hw_model.layers_alu.build_layer`` (default knobs
-``hw_model.layers.default_tiling``); constants are packed into the program. A call
-packs the inputs into the program's DRAM layout, runs it on the functional simulator
-(``hw_model.cycles.simulate``) and unpacks the output.
+- One function per NPU region, ``<prefix>.npu.r<k>`` (:func:`register_region`): it writes the region's
+  inputs (already in the NPU layout: the host graph converts at the boundary) into the DRAM image,
+  runs the region's ONE linked instruction stream (``target_npu.link``) on the functional simulator
+  (``hw_model.cycles.simulate``) and reads the region's outputs back. Nothing between the layers of a
+  region reaches the host.
+- One function per layer left on the CPU, ``<prefix>.<index>`` (:func:`register_layer`): the
+  contract itself (``hw_model.reference``), exact.
 
-Modes: ``func`` runs the functional simulator only; ``perf`` and ``both`` run it with the
-cycle model (mode ``both``: outputs are always needed by later layers) and record the cycles
-per layer in the :class:`Profile`.
+Layer programs are made by :func:`make_program` for the stored layout of their inputs: conv (dense,
+grouped, depthwise) / linear layers through TIR (``target_npu.codegen``), depthwise convs with scaled
+ISG groups, adds and pools with ``hw_model.layers_alu.build_layer``. :func:`check_layer` is the pure
+check the partition uses (spec and tiling, no program).
 
-A layer whose spec or program ``hw_model`` rejects (for example a conv whose smallest tile
-does not fit the accumulator) is computed with ``hw_model.reference`` on the CPU; :func:`make_program` returns the
-reason, which the compile report lists.
+Modes: ``func`` runs the functional simulator only; ``perf`` and ``both`` run it with the cycle model
+and record the cycles per layer (the sections of the stream) in the :class:`Profile`.
 """
 from __future__ import annotations
 
@@ -27,11 +25,13 @@ import numpy as np
 import tvm_ffi
 
 from hw_model import reference as ref
+from hw_model.builder import identity_slots
 from hw_model.config import NPUConfig
 from hw_model.cycles import simulate
+from hw_model.isa import Program
 from hw_model.layer_specs import AddSpec, ConvSpec, LinearSpec, PoolSpec, Tiling
-from hw_model.layers import default_tiling
-from hw_model.layers_alu import build_layer, pack_inputs, unpack_output
+from hw_model.layers import check_tiling, default_tiling
+from hw_model.layers_alu import build_layer
 from target_npu.codegen import conv_program
 
 MODES = ("func", "perf", "both")
@@ -44,6 +44,7 @@ class Profile:
     mode: str = "func"
     cycles: dict[str, int] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)
+    host_transfers: int = 0  # region boundary tensors the host wrote or read
 
     def reset(self, mode: str) -> None:
         if mode not in MODES:
@@ -51,15 +52,24 @@ class Profile:
         self.mode = mode
         self.cycles.clear()
         self.calls.clear()
+        self.host_transfers = 0
 
 
-def to_spec(layer: Any) -> Any:
-    """The ``hw_model.layer_specs`` spec of a folded layer (None for the CPU input quantizer)."""
+def to_spec(layer: Any, in_slots: list[np.ndarray] | None = None) -> Any:
+    """The ``hw_model.layer_specs`` spec of a folded layer (None for the CPU input quantizer).
+
+    ``in_slots``: the stored channel layout of each input in DRAM (None: channel order). It matters
+    only for a linear layer reading a (N, C, H, W) tensor with H*W > 1: the NPU stores that tensor
+    NHWC with padded channels, so the weight columns are reordered to that layout at compile time
+    (zero columns for the padding), and the layer reads N rows of H*W*Cpad values."""
     c, dt, ins = layer.consts, layer.out_dtype, c_shape(layer)
     if layer.kind == "conv" and len(layer.out_shape) == 2:
         n, k = layer.out_shape
-        return LinearSpec(n, int(np.prod(ins[1:])), k, c["w"][:, :, 0, 0], c["m"], c["b"], c["lo"], c["hi"],
-                          x_zp=c["x_zp"], in_dtype=c["in_dtypes"][0], out_dtype=dt, isg_groups=c["isg_groups"])
+        w, gvec = c["w"][:, :, 0, 0], c["isg_groups"]
+        if len(ins) == 4 and ins[2] * ins[3] > 1:
+            w, gvec = _flatten_columns(w, gvec, ins, None if in_slots is None else in_slots[0])
+        return LinearSpec(n, w.shape[1], k, w, c["m"], c["b"], c["lo"], c["hi"],
+                          x_zp=c["x_zp"], in_dtype=c["in_dtypes"][0], out_dtype=dt, isg_groups=gvec)
     if layer.kind == "conv":
         n, cin, h, w = ins
         return ConvSpec(n, cin, h, w, layer.out_shape[1], c["w"], c["m"], c["b"], c["lo"], c["hi"],
@@ -77,32 +87,65 @@ def to_spec(layer: Any) -> Any:
     return None
 
 
+def _flatten_columns(w: np.ndarray, gvec: np.ndarray | None, ins: tuple[int, ...],
+                     slots: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(K, C*H*W) weights in NCHW-flatten order -> (K, H*W*Cpad) in the stored NHWC order (``slots``:
+    the stored channel of each padded position); padding columns are zero and join the most common
+    ISG group, so they cost no extra group block."""
+    _, ch, h, wd = ins
+    slots = identity_slots(ch) if slots is None else np.asarray(slots, np.int64)
+    pix = np.arange(h * wd)
+    src = slots[None, :] * (h * wd) + pix[:, None]  # (H*W, Cpad): flatten index of each stored column
+    used = np.broadcast_to(slots[None, :] >= 0, src.shape).reshape(-1)
+    src = src.reshape(-1)
+    w2 = np.zeros((w.shape[0], src.size), w.dtype)
+    w2[:, used] = w[:, src[used]]
+    g2 = None
+    if gvec is not None:
+        gvec = np.asarray(gvec, np.int64)
+        g2 = np.full(src.size, int(np.bincount(gvec).argmax()), np.int64)
+        g2[used] = gvec[src[used]]
+    return w2, g2
+
+
 def c_shape(layer: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in layer.consts.get("in_shape", ()))
 
 
-def make_program(layer: Any, cfg: NPUConfig, tiling: Tiling | None = None) -> tuple[Any, str | None]:
-    """(NPU program or None, reason it runs on the CPU or None)."""
+def check_layer(layer: Any, cfg: NPUConfig, tiling: Tiling | None = None) -> str | None:
+    """Why ``layer`` cannot run on the NPU (None: it can). Pure: checks the spec and that a tiling fits
+    the on-chip memories, builds no program."""
+    if layer.kind == "input":
+        return "input quantizer (CPU side of the contract)"
+    try:
+        spec = to_spec(layer)
+        conv = spec.as_conv() if isinstance(spec, LinearSpec) else spec
+        conv.check(cfg) if isinstance(conv, ConvSpec) else conv.check()
+        check_tiling(spec, tiling or default_tiling(spec, cfg), cfg)
+    except (ValueError, TypeError) as e:
+        return f"hw_model rejects the layer: {e}"
+    return None
+
+
+def make_program(layer: Any, cfg: NPUConfig, tiling: Tiling | None = None,
+                 in_slots: list[np.ndarray] | None = None) -> tuple[Any, str | None]:
+    """(NPU program or None, reason it runs on the CPU or None); ``in_slots``: stored input layouts."""
     if layer.kind == "input":
         return None, "input quantizer (CPU side of the contract)"
     try:
-        spec = to_spec(layer)
+        spec = to_spec(layer, in_slots)
+        if isinstance(spec, LinearSpec) and in_slots is not None and len(c_shape(layer)) == 4 \
+                and c_shape(layer)[2] * c_shape(layer)[3] > 1:
+            in_slots = None  # the flatten remap already put the columns in the stored order
         if isinstance(spec, (LinearSpec, ConvSpec)):
-            return conv_program(spec, tiling, cfg), None  # through TIR (target_npu.codegen)
-        return build_layer(spec, tiling or default_tiling(spec, cfg), cfg), None
+            return conv_program(spec, tiling, cfg, in_slots), None  # through TIR (target_npu.codegen)
+        return build_layer(spec, tiling or default_tiling(spec, cfg), cfg, in_slots), None
     except (ValueError, TypeError) as e:
         return None, f"hw_model rejects the layer: {e}"
 
 
-def layer_cycles(layer: Any, cfg: NPUConfig, prog: Any = None) -> int:
-    """Cycles of one layer from the cycle model (``hw_model.cycles``, perf mode); 0 on the CPU."""
-    if prog is None:
-        prog, _ = make_program(layer, cfg)
-    return 0 if prog is None else int(simulate(prog, None, cfg, mode="perf").report["cycles"])
-
-
 def execute(layer: Any, xs: list[np.ndarray], cfg: NPUConfig) -> np.ndarray:
-    """Outputs of ``layer`` for integer inputs ``xs`` (numpy), bit exact with the contract."""
+    """Outputs of ``layer`` for integer inputs ``xs`` (numpy), bit exact with the contract (CPU path)."""
     c, dt = layer.consts, np.dtype(layer.out_dtype)
     if layer.kind == "input":
         return ref.quantize(xs[0], c["scale"], c["zp"], c["lo"], c["hi"], dt)
@@ -121,70 +164,66 @@ def execute(layer: Any, xs: list[np.ndarray], cfg: NPUConfig) -> np.ndarray:
     raise ValueError(f"layer {layer.name}: unknown kind {layer.kind!r}")
 
 
-def run_layer(layer: Any, prog: Any, xs: list[np.ndarray], cfg: NPUConfig, profile: Profile) -> np.ndarray:
-    """Output of ``layer`` for integer inputs ``xs``: its NPU program on the simulator (``prog``) or
-    ``hw_model.reference`` (``prog`` None); records calls and, in perf/both mode, cycles in ``profile``."""
-    cycles = 0
-    if prog is None:
-        y = execute(layer, xs, cfg)
-    else:
-        if len(layer.out_shape) == 2:
-            xs = [xs[0].reshape(xs[0].shape[0], -1)]
-        res = simulate(prog, pack_inputs(prog, *xs), cfg, mode="func" if profile.mode == "func" else "both")
-        y = unpack_output(prog, res.outputs["out"]).astype(layer.out_dtype)
-        cycles = 0 if res.report is None else int(res.report["cycles"])
-    profile.calls[layer.name] = profile.calls.get(layer.name, 0) + 1
-    if profile.mode in ("perf", "both"):
-        profile.cycles[layer.name] = profile.cycles.get(layer.name, 0) + cycles
-    return y
-
-
 def _tensors(args: tuple[Any, ...]) -> list[Any]:
     return [a for a in args if hasattr(a, "numpy") and hasattr(a, "copyfrom")]
 
 
-def _write(out: Any, y: np.ndarray, what: str) -> None:
-    if tuple(y.shape) != tuple(out.shape):
-        raise ValueError(f"{what}: output shape {y.shape}, VM buffer {tuple(out.shape)}")
-    out.copyfrom(np.ascontiguousarray(y))
-
-
-def register_layer(fname: str, layer: Any, cfg: NPUConfig, profile: Profile | None,
-                   tiling: Tiling | None = None, on_npu: bool = True, program: Any = None) -> Any:
-    """Register ``fname`` as the DPS function of ``layer``. Returns the program (None: CPU).
-
-    Arguments of a call: the layer's input tensors then the output tensor; anything else (the
-    layer-index constant of a CPU call) is ignored. ``on_npu=False`` computes the layer with
-    ``hw_model.reference``; ``program`` skips the build.
-    """
-    prog = None if not on_npu else program if program is not None else make_program(layer, cfg, tiling)[0]
+def register_layer(fname: str, layer: Any, cfg: NPUConfig, profile: Profile | None) -> None:
+    """Register ``fname`` as the DPS function of ``layer`` on the CPU (``hw_model.reference``): a layer
+    outside every NPU region. Arguments: the layer's input tensors then the output tensor; anything
+    else (the layer-index constant) is ignored."""
     n_in = len(layer.consts.get("in_dtypes", [])) or 1
     profile = Profile() if profile is None else profile
 
     def run(*args: Any) -> None:
         tensors = _tensors(args)
-        y = run_layer(layer, prog, [a.numpy() for a in tensors[:n_in]], cfg, profile)
-        _write(tensors[-1], y, f"layer {layer.name}")
+        y = execute(layer, [a.numpy() for a in tensors[:n_in]], cfg)
+        profile.calls[layer.name] = profile.calls.get(layer.name, 0) + 1
+        if tuple(y.shape) != tuple(tensors[-1].shape):
+            raise ValueError(f"layer {layer.name}: output shape {y.shape}, VM buffer {tuple(tensors[-1].shape)}")
+        tensors[-1].copyfrom(np.ascontiguousarray(y))
 
     tvm_ffi.register_global_func(fname, run, override=True)
-    return prog
 
 
-def register_region(region: Any, layers: list[Any], programs: list[Any], cfg: NPUConfig,
-                    profile: Profile) -> None:
-    """Register the DPS function of an NPU region (:class:`target_npu.regions.Region`): its inputs,
-    then its outputs; the layer programs run in order, intermediate tensors never reach the host."""
+def stored_shape(info: dict[str, Any]) -> tuple[int, ...]:
+    """Shape of a region boundary tensor as the NPU stores it: (N, H, W, Cpad) or (N, Cpad)."""
+    shape, cp = list(info["shape"]), len(info["slots"])
+    return (shape[0], *shape[2:], cp)
+
+
+def run_region(prog: Program, feeds: dict[str, np.ndarray], cfg: NPUConfig, profile: Profile) -> list[np.ndarray]:
+    """Run a linked region stream (``target_npu.link``) on the simulator: ``feeds`` are the input regions
+    in stored layout; returns the output regions (flat, stored layout) in ``meta["outputs"]`` order and
+    records per-layer calls and, in perf/both mode, cycles (the stream's sections) in ``profile``."""
+    res = simulate(prog, feeds, cfg, mode="func" if profile.mode == "func" else "both")
+    profile.host_transfers += len(feeds) + len(prog.meta["outputs"])
+    for k, sec in enumerate(prog.meta["layers"]):
+        profile.calls[sec["name"]] = profile.calls.get(sec["name"], 0) + 1
+        if res.report is not None:
+            profile.cycles[sec["name"]] = profile.cycles.get(sec["name"], 0) + int(res.report["sections"][k]["cycles"])
+    return [res.outputs[o["region"]] for o in prog.meta["outputs"]]
+
+
+def register_region(prog: Program, cfg: NPUConfig, profile: Profile) -> None:
+    """Register the DPS function ``prog.meta["symbol"]`` of a linked NPU region: its arguments are the
+    region inputs then outputs, each already in the stored layout (the host graph converts at the
+    boundary); the stream runs as stored, nothing inside it reaches the host."""
+    symbol, inputs, outputs = prog.meta["symbol"], prog.meta["inputs"], prog.meta["outputs"]
 
     def run(*args: Any) -> None:
         tensors = _tensors(args)
-        if len(tensors) != region.num_inputs + len(region.outputs):
-            raise ValueError(f"region {region.symbol}: called with {len(tensors)} tensors, expected "
-                             f"{region.num_inputs} inputs + {len(region.outputs)} outputs")
-        env = {f"in:{k}": t.numpy() for k, t in enumerate(tensors[:region.num_inputs])}
-        for j, step in enumerate(region.steps):
-            ly = layers[step.layer]
-            env[f"step:{j}"] = run_layer(ly, programs[step.layer], [env[r] for r in step.inputs], cfg, profile)
-        for out, r in zip(tensors[region.num_inputs:], region.outputs, strict=True):
-            _write(out, env[r], f"region {region.symbol}")
+        if len(tensors) != len(inputs) + len(outputs):
+            raise ValueError(f"region {symbol}: called with {len(tensors)} tensors, expected "
+                             f"{len(inputs)} inputs + {len(outputs)} outputs")
+        feeds = {}
+        for (name, info), t in zip(inputs.items(), tensors):
+            a = t.numpy()
+            if a.shape != stored_shape(info) or str(a.dtype) != info["dtype"]:
+                raise ValueError(f"region {symbol}: input {name} is {a.dtype}{list(a.shape)}, expected "
+                                 f"{info['dtype']}{list(stored_shape(info))}")
+            feeds[name] = a.reshape(-1)
+        for t, info, y in zip(tensors[len(inputs):], outputs, run_region(prog, feeds, cfg, profile)):
+            t.copyfrom(np.ascontiguousarray(y.reshape(stored_shape(info))))
 
-    tvm_ffi.register_global_func(region.symbol, run, override=True)
+    tvm_ffi.register_global_func(symbol, run, override=True)

@@ -26,7 +26,8 @@ def test_json_round_trip_is_exact():
     assert back.meta == json.loads(json.dumps(prog.meta))
     for name, r in prog.regions.items():
         b = back.regions[name]
-        assert (b.dtype, b.size, b.kind) == (r.dtype, r.size, r.kind)
+        assert (b.dtype, b.size, b.kind, b.addr) == (r.dtype, r.size, r.kind, r.addr)
+        assert r.addr is not None and r.addr % 64 == 0
         assert (r.data is None and b.data is None) or np.array_equal(b.data, r.data)
     assert back.to_json() == text
     inp = pack_inputs(prog, x)
@@ -38,8 +39,10 @@ def test_json_round_trip_is_exact():
     ("{not json", "not JSON"),
     ('{"isa_version": 99, "instrs": [], "regions": []}', "isa_version"),
     ('[1, 2]', "isa_version"),
-    ('{"isa_version": 1, "instrs": [{"op": "JUMP"}], "regions": []}', "unknown opcode 'JUMP'"),
-    ('{"isa_version": 1, "instrs": [{"op": "GEMM", "acc_addr": 0}], "regions": []}', "#0 \\(GEMM\\)"),
+    ('{"isa_version": 1, "instrs": [], "regions": []}', "got isa_version 1, expected 2"),
+    ('{"instrs": [], "regions": []}', "got isa_version none, expected 2"),
+    ('{"isa_version": 2, "instrs": [{"op": "JUMP"}], "regions": []}', "unknown opcode 'JUMP'"),
+    ('{"isa_version": 2, "instrs": [{"op": "GEMM", "acc_addr": 0}], "regions": []}', "#0 \\(GEMM\\)"),
 ])
 def test_from_json_errors(text, match):
     with pytest.raises(ValueError, match=match):

@@ -36,9 +36,7 @@ def test_knobs_change_program_not_results(seed, c, k, hw, knobs):
     p_knob, why2 = runtime.make_program(conv, cm.config, t)
     assert why is None and why2 is None
     want = runtime.execute(conv, [x], cm.config)
-    prof = runtime.Profile()
-    for name, tiling, prog in (("a", None, p_default), ("b", t, p_knob)):
-        runtime.register_layer(f"ioso_npu.test_knobs.{name}", conv, cm.config, prof, tiling)
+    for prog in (p_default, p_knob):
         from hw_model.cycles import simulate
         from hw_model.layers_alu import pack_inputs, unpack_output
         got = unpack_output(prog, simulate(prog, pack_inputs(prog, x), cm.config, mode="func").outputs["out"])

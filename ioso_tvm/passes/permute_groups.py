@@ -23,6 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+import tvm
+from tvm import relax
 
 from hw_model.config import NPUConfig
 
@@ -41,6 +43,20 @@ class Plan:
     def counts(self) -> dict[str, int]:
         return {"permutes_needed": self.permutes_needed, "gathered_loads": len(self.gathered),
                 "permuted_tensors": sum(not np.array_equal(p, np.arange(p.size)) for p in self.perms.values())}
+
+
+def external_tensors(mod: tvm.IRModule) -> set[str]:
+    """Names of the vars of ``main`` read by anything but a packed NPU call (CPU ops, outputs)."""
+    func = mod["main"]
+    used: set[str] = set()
+    for blk in func.body.blocks:
+        for b in blk.bindings:
+            v = b.value
+            if isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op) and v.op.name == "relax.call_dps_packed":
+                continue
+            used |= {x.name for x in relax.analysis.free_vars(v)}
+    used |= {x.name for x in relax.analysis.free_vars(func.body.body)}
+    return used
 
 
 def group_rank(cfg: NPUConfig) -> np.ndarray:
