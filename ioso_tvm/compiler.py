@@ -113,6 +113,14 @@ class CompiledModel:
             return out.numpy()
         return [o.numpy() for o in out]
 
+    def layer_instructions(self, i: int) -> list[Any] | None:
+        """The instructions of layer ``i`` in its region's stream (None: the layer is not on the NPU)."""
+        for stream in self.streams:
+            for sec in stream.meta["layers"]:
+                if sec["index"] == i:
+                    return stream.instrs[sec["start"]:sec["end"]]
+        return None
+
     def _stream_sections(self) -> dict[int, dict[str, Any]]:
         """Per NPU layer index: its section of the stream with the cycle model's static report."""
         if self._static is None:

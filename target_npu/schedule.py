@@ -96,39 +96,68 @@ def _shift_add_stage(j: int, part: te.Tensor, prev: te.Tensor | None, sign: int,
 
 
 def primfunc_shapes(spec: ConvSpec, t: Tiling, cfg: NPUConfig = DEFAULT_CONFIG) -> dict[str, tuple[int, ...]]:
-    """Buffer shapes of :func:`conv_primfunc`: data, ker, m (= b), out."""
+    """Buffer shapes of :func:`conv_primfunc`'s arguments: x (DRAM input, group order), w (DRAM weights,
+    the builder's layout), m (= b), out (DRAM output, real size)."""
     d = tile_domain(spec, t, cfg)
-    (sh, sw), (dh, dw) = spec.stride, spec.dilation
-    hp = (d["oh"] - 1) * sh + dh * (spec.kh - 1) + 1
-    wp = (d["ow"] - 1) * sw + dw * (spec.kw - 1) + 1
-    ker = (d["kb"], spec.kh, spec.kw, B) if d["depthwise"] else (d["kb"], d["cb"], spec.kh, spec.kw, B, B)
-    return {"data": (d["n"], hp, wp, d["cb"], B), "ker": ker,
-            "m": (d["kb"], B), "out": (d["n"], d["oh"], d["ow"], d["kb"], B)}
+    oh, ow, kb, _ = conv_geometry(spec)
+    cbn = channel_slots(spec.c, spec.isg_groups, cfg)[0].size // B
+    kp = d["kb"] * B
+    w = (spec.kh, spec.kw, kp) if d["depthwise"] else (cbn, spec.kh, spec.kw, B, kp)
+    return {"x": (spec.n, spec.h, spec.w, cbn, B), "w": w, "m": (d["kb"], B), "out": (spec.n, oh, ow, kb, B)}
+
+
+def _guard(conds: list[Any], then: Any) -> Any:
+    """``then`` where every condition holds, 0 elsewhere (the zero point / zero weight of a padded tile)."""
+    conds = [c for c in conds if c is not None]
+    if not conds:
+        return then
+    return tirx.if_then_else(tirx.all(*conds), then, tirx.const(0, then.dtype))
 
 
 def conv_primfunc(spec: ConvSpec, t: Tiling, cfg: NPUConfig = DEFAULT_CONFIG) -> tirx.PrimFunc:
     """The layer as a PrimFunc (see the module docstring for stages and layouts)."""
     d = tile_domain(spec, t, cfg)
     (sh, sw), (dh, dw) = spec.stride, spec.dilation
+    pt, pl = spec.pads[0], spec.pads[1]
     shapes = primfunc_shapes(spec, t, cfg)
-    shape = shapes["out"]
-    data = te.placeholder(shapes["data"], "int8", name="data")
-    ker = te.placeholder(shapes["ker"], "int8", name="ker")
+    shape = (d["n"], d["oh"], d["ow"], d["kb"], B)
+    hp = (d["oh"] - 1) * sh + dh * (spec.kh - 1) + 1
+    wp = (d["ow"] - 1) * sw + dw * (spec.kw - 1) + 1
+    x = te.placeholder(shapes["x"], "int8", name="x")
+    w = te.placeholder(shapes["w"], "int8", name="w")
+    real = [(a, e) for _, a, e in group_segments(spec, cfg)] if not d["depthwise"] else [(0, shapes["x"][3])]
 
-    def mac(j: int, off: int, blocks: int) -> te.Tensor:
+    def load_x(j: int, blocks: int) -> te.Tensor:
+        a, e = real[j]
+
+        def body(n, y, xx, cb, c):  # noqa: ANN001, ANN202
+            conds = [y >= pt if pt else None, y < pt + spec.h, xx >= pl if pl else None, xx < pl + spec.w,
+                     cb < e - a]
+            return _guard(conds, x[n, y - pt, xx - pl, a + cb, c])
+        return te.compute((d["n"], hp, wp, blocks, B), body, name=f"load_x_{j}")
+
+    def load_w(j: int, blocks: int) -> te.Tensor:
+        a, e = real[j]
+        return te.compute((d["kb"], blocks, spec.kh, spec.kw, B, B), lambda kb, cb, r, s, ci, k: _guard(
+            [cb < e - a], w[a + cb, r, s, ci, kb * B + k]), name=f"load_w_{j}")
+
+    def mac(j: int, blocks: int) -> te.Tensor:
+        xs, ws = load_x(j, blocks), load_w(j, blocks)
         cb = te.reduce_axis((0, blocks), "cb")
         r, s, ci = te.reduce_axis((0, spec.kh), "r"), te.reduce_axis((0, spec.kw), "s"), te.reduce_axis((0, B), "ci")
-        return te.compute(shape, lambda n, y, x, kb, k: te.sum(
-            data[n, y * sh + r * dh, x * sw + s * dw, off + cb, ci].astype("int32")
-            * ker[kb, off + cb, r, s, ci, k].astype("int32"), axis=[cb, r, s, ci]), name=f"mac_{j}")
+        return te.compute(shape, lambda n, y, xx, kb, k: te.sum(
+            xs[n, y * sh + r * dh, xx * sw + s * dw, cb, ci].astype("int32")
+            * ws[kb, cb, r, s, ci, k].astype("int32"), axis=[cb, r, s, ci]), name=f"mac_{j}")
 
     def dw_mac() -> te.Tensor:
+        xs = load_x(0, d["kb"])
+        ws = te.compute((d["kb"], spec.kh, spec.kw, B), lambda kb, r, s, k: w[r, s, kb * B + k], name="load_w_0")
         r, s = te.reduce_axis((0, spec.kh), "r"), te.reduce_axis((0, spec.kw), "s")
-        return te.compute(shape, lambda n, y, x, kb, k: te.sum(
-            data[n, y * sh + r * dh, x * sw + s * dw, kb, k].astype("int32") * ker[kb, r, s, k].astype("int32"),
+        return te.compute(shape, lambda n, y, xx, kb, k: te.sum(
+            xs[n, y * sh + r * dh, xx * sw + s * dw, kb, k].astype("int32") * ws[kb, r, s, k].astype("int32"),
             axis=[r, s]), name="mac_0")
 
-    d1 = [dw_mac()] if d["depthwise"] else [mac(j, off, blocks) for j, (_, off, blocks, _) in enumerate(d["segs"])]
+    d1 = [dw_mac()] if d["depthwise"] else [mac(j, blocks) for j, (_, _, blocks, _) in enumerate(d["segs"])]
     acc = d1[0]
     if not single_unity(d, cfg):
         acc = None
@@ -136,11 +165,14 @@ def conv_primfunc(spec: ConvSpec, t: Tiling, cfg: NPUConfig = DEFAULT_CONFIG) ->
             acc = _shift_add_stage(j, d1[j], acc, cfg.isg_group_signs[g], cfg.isg_shift)
     m = te.placeholder(shapes["m"], "float32", name="m")
     bias = te.placeholder(shapes["m"], "float32", name="b")
+    ms = te.compute(shapes["m"], lambda kb, k: m[kb, k], name="load_m")
+    bs = te.compute(shapes["m"], lambda kb, k: bias[kb, k], name="load_b")
     clip = te.placeholder((2,), "int32", name="clip")
-    out = te.compute(shape, lambda n, y, x, kb, k: te.max(te.min(tirx.nearbyint(
-        acc[n, y, x, kb, k].astype("float32") * m[kb, k] + bias[kb, k]).astype("int32"), clip[1]),
+    norm = te.compute(shape, lambda n, y, xx, kb, k: te.max(te.min(tirx.nearbyint(
+        acc[n, y, xx, kb, k].astype("float32") * ms[kb, k] + bs[kb, k]).astype("int32"), clip[1]),
         clip[0]).astype(spec.out_dtype), name="norm_act_quant")
-    return te.create_prim_func([data, ker, m, bias, clip, out])
+    out = te.compute(shapes["out"], lambda *i: norm(*i), name="store_out")
+    return te.create_prim_func([x, w, m, bias, clip, out])
 
 
 def var_names(expr: Any) -> list[str]:
@@ -180,11 +212,12 @@ def schedule_conv(spec: ConvSpec, t: Tiling, cfg: NPUConfig = DEFAULT_CONFIG) ->
     outer = [n, kb_o, y_o] if t.loop_order == "ob_outer" else [n, y_o, kb_o]
     sch.reorder(*outer, y_i, x, kb_i, k)
     anchor = outer[-1]
+    sch.reverse_compute_at(sch.get_sblock("store_out"), anchor)
     unity = single_unity(d, cfg)
-    for j in reversed(range(len(d["segs"]))):
+    for j in reversed(range(len(d["segs"]))):  # first possible place: mac_0, shift_add_0, mac_1, ...
         if not unity:
-            sch.compute_at(sch.get_sblock(f"shift_add_{j}"), anchor)
-        sch.compute_at(sch.get_sblock(f"mac_{j}"), anchor)
+            sch.compute_at(sch.get_sblock(f"shift_add_{j}"), anchor, index=-2)
+        sch.compute_at(sch.get_sblock(f"mac_{j}"), anchor, index=-2)
     for j, (g, _, _, cbt) in enumerate(d["segs"]):
         blk = sch.get_sblock(f"mac_{j}")
         lp = _loops_by_var(sch, blk, len(outer))
@@ -195,6 +228,9 @@ def schedule_conv(spec: ConvSpec, t: Tiling, cfg: NPUConfig = DEFAULT_CONFIG) ->
                 lp["v_k"], lp.get("v_ci")]
         nest = [lv for lv in nest if lv is not None]
         sch.reorder(*nest)
+        at = anchor if cb_o is None else cb_o
+        sch.compute_at(sch.get_sblock(f"load_x_{j}"), at)
+        sch.compute_at(sch.get_sblock(f"load_w_{j}"), at)
         sch.decompose_reduction(blk, nest[0])
         sch.tensorize(lp["v_k"], intrinsics.DW_MAC if d["depthwise"] else intrinsics.MAC)
         upd = sch.get_sblock(f"mac_{j}_update_o")
@@ -204,6 +240,8 @@ def schedule_conv(spec: ConvSpec, t: Tiling, cfg: NPUConfig = DEFAULT_CONFIG) ->
             blk = sch.get_sblock(f"shift_add_{j}")
             sch.tensorize(sch.get_loops(blk)[-1], intrinsics.shift_add_intrin(cfg.isg_group_signs[g], j == 0,
                                                                              cfg.isg_shift))
+    sch.compute_at(sch.get_sblock("load_m"), anchor)
+    sch.compute_at(sch.get_sblock("load_b"), anchor)
     sch.tensorize(k, intrinsics.norm_name(spec.out_dtype))
     return sch
 
