@@ -4,8 +4,10 @@ Input: a Relax module after ``ioso_tvm.passes.fold_qdq`` and
 :func:`target_npu.partition.markers_to_stubs`, where every recognised integer layer is one call
 ``R.call_tir(ioso_npu_layer, (*int_inputs, R.const(i, "int64")))`` (the index constant binds the
 layer into its composite and keeps composites apart). Each
-:class:`~tvm.relax.transform.FusionPattern` matches that call; its ``check`` reads the
-:class:`ioso_tvm.passes.fold_qdq.Layer` behind the index and enforces the NPU's limits:
+:class:`~tvm.relax.transform.FusionPattern` matches that call; its ``check`` turns the
+:class:`ioso_tvm.passes.fold_qdq.Layer` behind the index into its typed ``hw_model`` spec
+(``ConvSpec`` / ``LinearSpec`` / ``AddSpec`` / ``PoolSpec``, :func:`target_npu.runtime.to_spec`) and
+enforces the NPU's limits on it (:func:`npu_limits`):
 
 - activation dtypes int8/uint8 in and out (``hw_model.layer_specs``), weights int8 within
   ``WEIGHT_BITS_MAX`` bits, kernel <= ``MAX_KERNEL``, stride <= ``MAX_STRIDE``, dilation 1,
@@ -27,6 +29,7 @@ from tvm.relax.dpl import is_gv, is_op, wildcard
 from tvm.relax.transform import FusionPattern
 
 from hw_model.config import NPUConfig
+from hw_model.layer_specs import AddSpec, ConvSpec, LinearSpec, PoolSpec
 
 STUB = "ioso_npu_layer"
 """The stub PrimFunc a layer call targets during the partition (``target_npu.partition.markers_to_stubs``)."""
@@ -63,38 +66,39 @@ class PartitionContext:
         return idx, self.layers[idx]
 
 
-def _limits(layer: Any, composite: str) -> str | None:
-    """Reason ``layer`` breaks a static NPU limit, or None."""
-    c = layer.consts
-    for i, dt in enumerate(c.get("in_dtypes", [])):
+def npu_limits(spec: Any) -> str | None:
+    """Reason a layer (its typed ``hw_model.layer_specs`` spec) breaks a static NPU limit, or None."""
+    if isinstance(spec, LinearSpec):
+        weight = np.asarray(spec.weight)[:, :, None, None]
+        spec = spec.as_conv()
+    else:
+        weight = np.asarray(getattr(spec, "weight", np.zeros((1, 1, 1, 1), np.int8)))
+    ins = (spec.a_dtype, spec.b_dtype) if isinstance(spec, AddSpec) else (spec.in_dtype,)
+    for i, dt in enumerate(ins):
         if dt not in ("int8", "uint8"):
             return f"input {i} dtype {dt} (the NPU reads int8/uint8)"
-    if layer.out_dtype not in ("int8", "uint8"):
-        return f"output dtype {layer.out_dtype} (the NPU writes int8/uint8)"
-    info = np.iinfo(layer.out_dtype)
-    if not info.min <= int(c["lo"]) <= int(c["hi"]) <= info.max:
-        return f"clip [{c['lo']}, {c['hi']}] outside {layer.out_dtype}"
-    if layer.kind == "conv":
-        w = np.asarray(c["w"])
+    if spec.out_dtype not in ("int8", "uint8"):
+        return f"output dtype {spec.out_dtype} (the NPU writes int8/uint8)"
+    info = np.iinfo(spec.out_dtype)
+    if not info.min <= int(spec.lo) <= int(spec.hi) <= info.max:
+        return f"clip [{spec.lo}, {spec.hi}] outside {spec.out_dtype}"
+    if isinstance(spec, ConvSpec):
         lim = 2 ** (WEIGHT_BITS_MAX - 1)
-        if w.dtype != np.int8 or w.min() < -lim or w.max() > lim - 1:
-            return f"weights {w.dtype} beyond {WEIGHT_BITS_MAX} bits"
-        k, cg, kh, kw = w.shape
-        if max(kh, kw) > MAX_KERNEL:
-            return f"kernel {kh}x{kw} > {MAX_KERNEL}"
-        cin = int(np.prod(c["in_shape"][1:])) if composite == "linear" else int(c["in_shape"][1])
-        g = int(c["groups"])
-        if g not in (1, cin) and cin // g != cg:
-            return f"groups {g} do not divide {cin} input channels"
-    if layer.kind in ("conv", "maxpool") and max(int(s) for s in c["stride"]) > MAX_STRIDE:
-        return f"stride {list(c['stride'])} > {MAX_STRIDE}"
-    if layer.kind == "maxpool" and max(int(s) for s in c["kernel"]) > MAX_KERNEL:
-        return f"pool kernel {list(c['kernel'])} > {MAX_KERNEL}"
+        if weight.dtype != np.int8 or weight.min() < -lim or weight.max() > lim - 1:
+            return f"weights {weight.dtype} beyond {WEIGHT_BITS_MAX} bits"
+        if max(spec.kh, spec.kw) > MAX_KERNEL:
+            return f"kernel {spec.kh}x{spec.kw} > {MAX_KERNEL}"
+        if spec.groups not in (1, spec.c) and (spec.c % spec.groups or spec.c // spec.groups != weight.shape[1]):
+            return f"groups {spec.groups} do not divide {spec.c} input channels"
+    if isinstance(spec, (ConvSpec, PoolSpec)) and max(spec.stride) > MAX_STRIDE:
+        return f"stride {list(spec.stride)} > {MAX_STRIDE}"
+    if isinstance(spec, PoolSpec) and max(spec.kernel) > MAX_KERNEL:
+        return f"pool kernel {list(spec.kernel)} > {MAX_KERNEL}"
     return None
 
 
 def _make_check(ctx: PartitionContext, composite: str) -> Any:
-    from target_npu import runtime  # the program builder bridge to hw_model
+    from target_npu import runtime  # the bridge from a folded layer to its hw_model spec
 
     def check(pctx: Any) -> bool:
         idx, layer = ctx.layer_of(pctx.annotated_expr["root"])
@@ -102,7 +106,10 @@ def _make_check(ctx: PartitionContext, composite: str) -> Any:
         is_linear = layer.kind == "conv" and len(layer.out_shape) == 2
         if layer.kind != want or (want == "conv" and is_linear != (composite == "linear")):
             return False
-        why = _limits(layer, composite)
+        try:
+            why = npu_limits(runtime.to_spec(layer))
+        except (KeyError, TypeError, ValueError) as e:
+            why = f"not an NPU layer: {e}"
         if why is None:
             why = runtime.check_layer(layer, ctx.config, ctx.tilings[idx] if idx < len(ctx.tilings) else None)
         if why is not None:

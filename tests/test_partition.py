@@ -12,7 +12,8 @@ from tvm import relax
 import ioso_tvm
 from hw_model.config import NPUConfig
 from ioso_tvm.passes.fold_qdq import Layer
-from target_npu.patterns import KINDS, _limits
+from target_npu.patterns import KINDS, npu_limits
+from target_npu.runtime import to_spec
 
 TINY = NPUConfig(scratchpad_kib=1, weight_buf_kib=1, acc_buf_kib=1)
 
@@ -93,7 +94,9 @@ def test_partitioned_module_calls_npu_and_cpu_functions():
 
 def _layer(**over) -> Layer:
     consts = {"in_dtypes": ["int8"], "lo": -128, "hi": 127, "w": np.ones((16, 16, 3, 3), np.int8),
-              "in_shape": [1, 16, 8, 8], "groups": 1, "stride": [1, 1]}
+              "in_shape": [1, 16, 8, 8], "groups": 1, "stride": [1, 1], "pads": [1, 1, 1, 1],
+              "m": np.ones(16, np.float32), "b": np.zeros(16, np.float32), "x_zp": 0,
+              "isg_groups": np.zeros(16, np.int64)}
     consts.update(over.pop("consts", {}))
     return Layer(over.pop("kind", "conv"), "convX", [], over.pop("out_shape", (1, 16, 8, 8)),
                  over.pop("out_dtype", "int8"), consts)
@@ -108,12 +111,12 @@ def _layer(**over) -> Layer:
     (_layer(consts={"groups": 3}), "groups"),
 ])
 def test_limits_name_the_violation(layer, words):
-    why = _limits(layer, "conv2d")
+    why = npu_limits(to_spec(layer))
     assert why is not None and words in why
 
 
 def test_limits_accept_a_plain_conv():
-    assert _limits(_layer(), "conv2d") is None
+    assert npu_limits(to_spec(_layer())) is None
     assert set(KINDS.values()) == {"conv", "add", "maxpool", "gap"}
 
 
