@@ -257,15 +257,369 @@ def clip_exts(b: Blk, env: dict[str, int], bounds: list[tuple[Aff, int]]) -> dic
     return exts
 
 
-def np_int(x: Any) -> int:
-    return int(np.asarray(x).item())
+# ------------------------------------------------------------------------------------------ emission
+PAD_DIMS = (1, 2)
+"""Guard bounds on these dims of a MAC's activation stage (n, row, column, block, lane) are the LOAD's
+padding (rows, columns); guard bounds elsewhere clip the consumers' loops (a group's real blocks)."""
+OPERAND_MEM = {"ioso_npu_mac16x16": {"A": "spad", "B": "wbuf"}, "ioso_npu_dwmac16": {"A": "spad", "B": "wbuf"},
+               "ioso_npu_norm_act_quant": {"M": "cbuf", "Bias": "cbuf", "C": "spad"}}
+"""Memory of each staged operand of an intrinsic (everything else of a call is in acc)."""
 
 
-def mem_check(mem: str, need: int, cfg: Any) -> None:
-    if need > mem_size(mem, cfg):
-        raise EmitError(f"staged buffers need {need} elements of {mem}, it holds {mem_size(mem, cfg)}")
+@dataclass
+class Binding:
+    """A PrimFunc argument in DRAM: region, element offset, strides per dim; ``gather`` = table region
+    (the innermost ``gdims`` dims are gathered through it)."""
+
+    region: str
+    offset: int
+    strides: list[int]
+    gather: str = ""
+    gdims: int = 0
 
 
-__all__ = ["Blk", "Nest", "EmitError", "walk_nest", "tiles", "box", "src_box", "src_point", "clip_exts",
-           "linear", "compose", "at", "dense_strides", "ProgramBuilder", "StepTokens", "BLOCK", "mem_check",
-           "np_int"]
+@dataclass
+class Staged:
+    """A copy's tile on chip at one step: the copy, its source box (padded), local strides, base address."""
+
+    blk: Blk
+    sbox: list[tuple[int, int]]
+    pads: list[tuple[int, int]]
+    lstr: list[int]
+    base: int
+
+    def addr(self, point: list[int]) -> int:
+        src = src_point(self.blk, point)
+        return self.base + sum((p - (lo - pb)) * s for p, (lo, _), (pb, _), s
+                               in zip(src, self.sbox, self.pads, self.lstr, strict=True))
+
+
+def _mem_of(nest: Nest) -> dict[str, str]:
+    """On-chip memory of every staged buffer, from the operands that read it."""
+    out: dict[str, str] = {}
+    for b in _blocks(nest.body):
+        if b.extern:
+            key = next((k for k in OPERAND_MEM if b.extern.startswith(k)), "")
+            for p, (buf, _, _) in b.ops.items():
+                out.setdefault(buf, OPERAND_MEM.get(key, {}).get(p, "acc"))
+    return out
+
+
+def _op_point(op: tuple[str, list[Aff], list[int]], env: dict[str, int]) -> list[int]:
+    return [at(a, env) for a in op[1]]
+
+
+def _dram_box(bind: Binding, shape: tuple[int, ...], sbox: list[tuple[int, int]], pad_dims: set[int]):
+    """3-D DMA fields of a source box: (offset, gather_offset, n0, n1, n2, stride0, stride1, pad dims)."""
+    nd = len(sbox)
+    i = nd - 1
+    run = sbox[i][1]
+    stop = nd - bind.gdims if bind.gdims else 0
+    while i > 0 and sbox[i][1] == shape[i] and i - 1 not in pad_dims and (not bind.gdims or i - 1 >= stop):
+        i -= 1
+        run *= sbox[i][1]
+    if bind.gdims and i != nd - bind.gdims:
+        raise EmitError("a gathered run must cover exactly the channel dims")
+    outer = [[d] for d in range(i) if sbox[d][1] > 1 or d in pad_dims]
+    while len(outer) > 2:  # merge contiguous non-padded neighbours, innermost first
+        for k in range(len(outer) - 1, 0, -1):
+            a, b = outer[k - 1][-1], outer[k][0]
+            if not {a, b} & pad_dims and bind.strides[a] == sbox[b][1] * bind.strides[b] and len(outer[k]) == 1:
+                outer[k - 1:k + 1] = [outer[k - 1] + outer[k]]
+                break
+        else:
+            raise EmitError(f"box {sbox} is not a 3-D DMA")
+    ns = [int(np.prod([sbox[d][1] for d in g])) for g in outer] + [1] * (2 - len(outer))
+    st = [bind.strides[g[-1]] for g in outer] + [0] * (2 - len(outer))
+    goff = sum(sbox[d][0] * bind.strides[d] for d in range(i, nd)) if bind.gdims else 0
+    off = bind.offset + sum(sbox[d][0] * bind.strides[d] for d in range(nd)) - goff
+    return off, goff, ns[0], ns[1], run, st[0], st[1], [g[0] if len(g) == 1 else -1 for g in outer]
+
+
+@dataclass
+class AccTile:
+    """The output tile's accumulator (D2 slot, D1 region) and spad output slot: dense over the real tile."""
+
+    obox: list[tuple[int, int]]
+    d2: int
+    d1: int
+    d1_bufs: set[str]
+    out: int
+    out_buf: str
+
+    def addr(self, buf: str, point: list[int]) -> int:
+        base = self.out if buf == self.out_buf else self.d1 if buf in self.d1_bufs else self.d2
+        st = dense_strides([e for _, e in self.obox])
+        return base + sum((p - lo) * s for p, (lo, _), s in zip(point, self.obox, st, strict=False))
+
+
+class ConvEmitter:
+    """Emit one conv layer's program from its walked nest (see the module docstring)."""
+
+    def __init__(self, nest: Nest, b: ProgramBuilder, binds: dict[str, Binding], nbuf: int,
+                 consts: dict[str, Any]) -> None:
+        self.nest, self.b, self.binds, self.nb, self.k = nest, b, binds, nbuf, consts
+        self.mem = _mem_of(nest)
+        blocks = _blocks(nest.body)
+        self.store = next(x for x in blocks if x.dst in binds)
+        self.size: dict[str, int] = {}
+        for x in blocks:  # slot size of a staged buffer: its largest (unclipped) box
+            if x.dst and x.dst not in binds:
+                self.size[x.dst] = max(self.size.get(x.dst, 0), int(np.prod([e for _, e in box(x, {})])))
+            for buf, _, ext in x.ops.values():
+                if self.mem.get(buf) == "acc" or buf == self.store.src:
+                    self.size[buf] = max(self.size.get(buf, 0), int(np.prod(ext)) *
+                                         int(np.prod([e for _, e in x.loops])))
+        self.out_size = self.size[self.store.src]
+        self._layout()
+
+    def _layout(self) -> None:
+        """Simple allocation: ``nbuf`` slots per group of staged buffers (activation tiles, weight tiles,
+        NORM constants, output tiles, D2), one D1 region (the buffer of a MAC read by a shift-add)."""
+        group: dict[str, list[str]] = {}
+        for buf, mem in self.mem.items():
+            if buf in self.size and mem != "acc" and buf != self.store.src:
+                group.setdefault(mem, []).append(buf)
+        self.slot_base: dict[str, tuple[int, int, int]] = {}  # buf -> (base, slot size, offset in slot)
+        end = {"spad": 0, "wbuf": 0, "cbuf": 0}
+        for mem, bufs in group.items():
+            sizes = {bf: self.size[bf] for bf in bufs}
+            shared = mem != "cbuf"  # tiles of the same kind share slots; NORM m and b sit side by side
+            slot = max(sizes.values()) if shared else sum(sizes.values())
+            off = 0
+            for bf in bufs:
+                self.slot_base[bf] = (end[mem], slot, 0 if shared else off)
+                off += sizes[bf]
+            end[mem] += self.nb * slot
+        self.out_base = end["spad"]
+        end["spad"] += self.nb * self.out_size
+        readers = {buf for x in _blocks(self.nest.body) if x.extern.startswith("ioso_npu_shift_add")
+                   for p, (buf, _, _) in x.ops.items() if p == "A"}
+        self.d1 = readers
+        for mem, n in end.items():
+            mem_check(mem, n, self.b.cfg)
+        mem_check("acc", (self.nb + (1 if readers else 0)) * self.out_size, self.b.cfg)
+
+    # ------------------------------------------------------------------ planning: tiles -> steps
+    def plan(self) -> list[dict[str, Any]]:
+        """Steps of the whole layer: per step its copies and calls (with loop values), in program order."""
+        steps: list[dict[str, Any]] = []
+        for u, env in enumerate(tiles(self.nest)):
+            cur: dict[str, Any] | None = None
+            inits: set[str] = set()
+            shape = self.nest.shapes[self.store.dst]
+            obox = [(lo, max(0, min(e, hi - lo))) for (lo, e), hi in zip(box(self.store, env), shape, strict=True)]
+
+            def run(items: list[Any], env: dict[str, int]) -> None:
+                nonlocal cur
+                for it in items:
+                    if isinstance(it, tuple):
+                        for i in range(it[2]):
+                            run(it[3], {**env, it[1]: i})
+                    elif it.writes:
+                        inits.add(it.writes)
+                    elif it.dst in self.binds:
+                        cur["store"] = (it, env)
+                    elif it.dst:
+                        grp = (self.mem[it.dst], self.slot_base[it.dst][0])
+                        if cur is None or grp in cur["groups"]:
+                            cur = {"copies": [], "calls": [], "groups": set(), "store": None, "tile": u,
+                                   "obox": obox}
+                            steps.append(cur)
+                        cur["groups"].add(grp)
+                        cur["copies"].append((it, env))
+                    elif it.extern:
+                        if cur is None:
+                            raise EmitError(f"call {it.name} runs before any copy of its tile")
+                        acc0 = any(buf in inits for buf, _, _ in it.ops.values())
+                        inits.difference_update(buf for buf, _, _ in it.ops.values())
+                        cur["calls"].append((it, env, not acc0))
+            run(self.nest.body, env)
+        return steps
+
+    # ------------------------------------------------------------------ clipping
+    def _bounds(self, c: Blk, obox: list[tuple[int, int]], staged: dict[str, Blk]) -> list[tuple[Aff, int]]:
+        """Upper bounds on a call's operand indices: the real output tile (acc / output operands) and the
+        non-padding guard bounds of the copies that staged its inputs."""
+        out = []
+        for buf, mins, _ in c.ops.values():
+            if self.mem.get(buf) == "acc" or buf == self.store.src:
+                out += [(a, lo + e) for a, (lo, e) in zip(mins, obox, strict=False)]
+            elif buf in staged:
+                cp = staged[buf]
+                pads = PAD_DIMS if self.mem.get(buf) == "spad" else ()
+                out += [(mins[d], hi) for d, (_, hi) in cp.guard.items() if hi is not None and d not in pads]
+        return out
+
+    @staticmethod
+    def _reads(c: Blk, env: dict[str, int], exts: dict[str, int], buf: str) -> list[tuple[int, int]] | None:
+        """Per dim [lo, hi) of what a (clipped) call reads of ``buf``."""
+        for b2, mins, ext in c.ops.values():
+            if b2 == buf:
+                rng = []
+                for a, e in zip(mins, ext, strict=True):
+                    lo = at(a, env)
+                    hi = lo + e - 1 + sum(co * (exts[v] - 1) for v, co in a[1].items() if v in exts and v not in env)
+                    rng.append((lo, hi + 1))
+                return rng
+        return None
+
+    # ------------------------------------------------------------------ one step
+    def _stage(self, cp: Blk, env: dict[str, int], reads: list[list[tuple[int, int]]], slot: int):
+        """LOAD fields and the on-chip tile of one copy at one step (box clipped to what is read)."""
+        dbox = box(cp, env)
+        if reads:
+            dbox = [(max(lo, min(r[d][0] for r in reads)), 0) for d, (lo, _) in enumerate(dbox)]
+            dbox = [(lo, max(0, min(b0 + e, max(r[d][1] for r in reads)) - lo))
+                    for d, ((lo, _), (b0, e)) in enumerate(zip(dbox, box(cp, env), strict=True))]
+        dpads = [(0, 0)] * len(dbox)
+        if self.mem[cp.dst] == "spad":
+            for d in PAD_DIMS:
+                glo, ghi = cp.guard.get(d, (None, None))
+                lo, e = dbox[d]
+                rlo = max(lo, glo) if glo is not None else lo
+                rhi = min(lo + e, ghi) if ghi is not None else lo + e
+                rhi = max(rhi, rlo)
+                dpads[d] = (rlo - lo, lo + e - rhi)
+                dbox[d] = (rlo, rhi - rlo)
+        sbox = src_box(cp, dbox)
+        spads, pad_src = [], set()
+        for i, (_, co) in enumerate(cp.src_idx):
+            ds = [int(v[1:]) for v in co]
+            pd = dpads[ds[0]] if len(ds) == 1 else (0, 0)
+            spads.append(pd)
+            if len(ds) == 1 and ds[0] in PAD_DIMS and self.mem[cp.dst] == "spad":
+                pad_src.add(i)
+        lstr = dense_strides([pb + e + pa for (_, e), (pb, pa) in zip(sbox, spads, strict=True)])
+        base0, size, off = self.slot_base[cp.dst]
+        st = Staged(cp, sbox, spads, lstr, base0 + slot * size + off)
+        bind = self.binds[cp.src]
+        o, go, n0, n1, n2, s0, s1, dims = _dram_box(bind, self.nest.shapes[cp.src], sbox, pad_src)
+        pad = [0, 0, 0, 0]  # top, left, bottom, right
+        for k, d in enumerate(dims):
+            if d in pad_src:
+                pad[k], pad[k + 2] = spads[d]
+        if pad_src - set(dims):
+            raise EmitError(f"padded dims of {cp.name} are not LOAD rows / columns")
+        fields = dict(region=bind.region, dram_offset=o, mem=self.mem[cp.dst], sram_addr=st.base, n0=n0, n1=n1,
+                      n2=n2, dram_stride0=s0, dram_stride1=s1, pad=tuple(pad),
+                      pad_value=self.k["zp"] if self.mem[cp.dst] == "spad" else 0)
+        if bind.gather:
+            fields.update(gather=bind.gather, gather_offset=go)
+        key = (cp.dst, slot)
+        return st, fields, key, (cp.src, tuple(sbox), tuple(spads))
+
+    def emit(self) -> None:
+        steps = self.plan()
+        nb = self.nb
+        held: dict[Any, Any] = {}
+        work = []
+        for s, st in enumerate(steps):
+            slot = s % nb
+            by_buf = {cp.dst: cp for cp, _ in st["copies"]}
+            calls = []
+            for c, env, acc in st["calls"]:
+                exts = clip_exts(c, env, self._bounds(c, st["obox"], by_buf))
+                calls.append((c, env, acc, exts))
+            staged, loads = {}, []
+            for cp, env in st["copies"]:
+                reads = [r for c, e, _, x in calls if (r := self._reads(c, e, x, cp.dst)) is not None]
+                t, fields, key, val = self._stage(cp, env, reads, slot)
+                staged[cp.dst] = t
+                hk = (self.mem[cp.dst], self.slot_base[cp.dst][0], self.slot_base[cp.dst][2], slot)
+                if held.get(hk) != val:
+                    held[hk] = val
+                    loads.append(fields)
+            work.append((st, calls, staged, loads))
+        out_steps = [s if w[0]["store"] is not None else None for s, w in enumerate(work)]
+        tok = StepTokens([bool(w[3]) for w in work], out_steps, nb, nb)
+        for s, (st, calls, staged, loads) in enumerate(work):
+            for j, f in enumerate(loads):
+                self.b.load(**f, pop_next=j == 0 and tok.load_pop(s), push_next=j == len(loads) - 1)
+            u = st["tile"]
+            acc = AccTile(st["obox"], (u % nb) * self.out_size, nb * self.out_size, self.d1,
+                          self.out_base + (u % nb) * self.out_size, self.store.src)
+            comp = [self._call(c, env, a, exts, staged, acc) for c, env, a, exts in calls]
+            for j, (kind, f) in enumerate(comp):
+                deps = dict(pop_prev=j == 0 and bool(loads), push_prev=j == len(comp) - 1 and tok.compute_push_prev(s),
+                            pop_next=kind == "naq" and tok.out_pop(u), push_next=kind == "naq")
+                {"gemm": self.b.gemm, "gsa": self.b.group_shift_add, "naq": self.b.norm_act_quant}[kind](**f, **deps)
+            if st["store"] is not None:
+                self._store(st, acc, tok)
+
+    n_out = 0
+
+    def _store(self, st: dict[str, Any], acc: AccTile, tok: StepTokens) -> None:
+        cp, env = st["store"]
+        shape = self.nest.shapes[cp.dst]
+        dbox = [(lo, max(0, min(e, hi - lo))) for (lo, e), hi in zip(box(cp, env), shape, strict=True)]
+        bind = self.binds[cp.dst]
+        o, _, n0, n1, n2, s0, s1, _ = _dram_box(bind, shape, dbox, {1, 2})
+        self.b.store(acc.addr(cp.src, src_point(cp, [lo for lo, _ in dbox])), bind.region, o, n0, n1, n2, s0, s1,
+                     pop_prev=True, push_prev=tok.store_push(self.n_out))
+        self.n_out += 1
+
+    # ------------------------------------------------------------------ one call -> one instruction
+    def _call(self, c: Blk, env: dict[str, int], accumulate: bool, exts: dict[str, int],
+              staged: dict[str, Staged], acc: AccTile) -> tuple[str, dict[str, Any]]:
+        inner = [v for v, _ in c.loops if v not in env]
+
+        def addr(p: str, e: dict[str, int] | None = None, dim: int = -1) -> int:
+            buf = c.ops[p][0]
+            pt = _op_point(c.ops[p], env if e is None else e)
+            if dim >= 0:
+                pt[dim] += 1
+            return staged[buf].addr(pt) if buf in staged else acc.addr(buf, pt)
+
+        def step(p: str, loop: str | None) -> int:
+            return 0 if loop is None else addr(p, {**env, loop: 1}) - addr(p)
+
+        def loop_in(p: str, d: int, skip: tuple[str | None, ...] = ()) -> str | None:
+            vs = [v for v in c.ops[p][1][d][1] if v in inner and v not in skip]
+            if len(vs) > 1:
+                raise EmitError(f"{c.name}: dim {d} of {p} moves with loops {vs}")
+            return vs[0] if vs else None
+
+        def ext(v: str | None) -> int:
+            return 1 if v is None else exts[v]
+
+        def coef(p: str, d: int, v: str | None) -> int:
+            return 1 if v is None else c.ops[p][1][d][1][v]
+
+        ly, lx, lob = loop_in("C", 1), loop_in("C", 2), loop_in("C", 3)
+        if c.extern.startswith(("ioso_npu_mac16x16", "ioso_npu_dwmac16")):
+            dw = c.extern.startswith("ioso_npu_dwmac16")
+            lkh, lkw = loop_in("A", 1, (ly,)), loop_in("A", 2, (lx,))
+            lcb = lob if dw else loop_in("A", 3)
+            f = dict(acc_addr=addr("C"), acc_stride=addr("C", dim=2) - addr("C"), in_addr=addr("A"),
+                     in_row_stride=addr("A", dim=1) - addr("A"), in_pix_stride=addr("A", dim=2) - addr("A"),
+                     w_addr=addr("B"), w_row_stride=addr("B", dim=2 if dw else 4) - addr("B"), n_ob=ext(lob),
+                     n_cb=ext(lcb), kh=ext(lkh), kw=ext(lkw), oh=ext(ly), ow=ext(lx), stride_h=coef("A", 1, ly),
+                     stride_w=coef("A", 2, lx), dil_h=coef("A", 1, lkh), dil_w=coef("A", 2, lkw),
+                     zp=self.k["zp"], accumulate=accumulate, depthwise=dw)
+            irs, ips, wrs, acs = f["in_row_stride"], f["in_pix_stride"], f["w_row_stride"], f["acc_stride"]
+            kh, kw = f["kh"], f["kw"]
+            want = {"A": {ly: f["stride_h"] * irs, lx: f["stride_w"] * ips, lkh: f["dil_h"] * irs,
+                          lkw: f["dil_w"] * ips, lcb: BLOCK},
+                    "B": ({lkh: kw * wrs, lkw: wrs, lob: BLOCK} if dw else
+                          {lcb: kh * kw * BLOCK * wrs, lkh: kw * BLOCK * wrs, lkw: BLOCK * wrs, lob: BLOCK}),
+                    "C": {ly: f["ow"] * acs, lx: acs, lob: BLOCK}}
+            for p, w in want.items():
+                for v in inner:
+                    if ext(v) > 1 and step(p, v) != w.get(v, 0):
+                        raise EmitError(f"{c.name}: operand {p} moves {step(p, v)} per {v}, the GEMM moves {w.get(v, 0)}")
+            return "gemm", f
+        rows, cols = ext(ly) * ext(lx), ext(lob) * BLOCK
+        for p in ("A", "C"):
+            if ext(ly) > 1 and step(p, ly) != ext(lx) * step(p, lx) or ext(lob) > 1 and step(p, lob) != BLOCK:
+                raise EmitError(f"{c.name}: operand {p} is not a dense (pixels, channels) tile")
+        if c.extern.startswith("ioso_npu_shift_add"):
+            if "P" in c.ops and addr("P") != addr("C"):
+                raise EmitError(f"{c.name}: the accumulator step must update D2 in place")
+            *_, sign, init, _ = c.extern.split("_")
+            return "gsa", dict(d1_addr=addr("A"), d1_stride=addr("A", dim=2) - addr("A"), d2_addr=addr("C"),
+                               d2_stride=addr("C", dim=2) - addr("C"), rows=rows, cols=cols,
+                               sign={"neg": -1, "unit": 0, "pos": 1}[sign], init=init == "init")
+        return "naq", dict(acc_addr=addr("A"), acc_stride=addr("A", dim=2) - addr("A"), out_addr=addr("C"),
+                           out_stride=addr("C", dim=2) - addr("C"), rows=rows, cols=cols, m_addr=addr("M"),
+                           b_addr=addr("Bias"), lo=self.k["lo"], hi=self.k["hi"], out_dtype=c.extern.rsplit("_", 1)[1])

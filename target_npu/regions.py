@@ -63,12 +63,12 @@ class Region:
                     raise ValueError(f"region {self.symbol}: step {j} reads {r!r}, which is not defined before it")
 
 
-def _layer_calls(func: relax.Function, layer_of: Callable[[relax.Call], int]) -> list[int]:
-    out: list[int] = []
+def _layer_calls(func: relax.Function, layer_of: Callable[[relax.Call], int]) -> list[tuple[int, relax.Call]]:
+    out: list[tuple[int, relax.Call]] = []
 
     def visit(e: Any) -> None:
         if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == "relax.call_tir":
-            out.append(layer_of(e))
+            out.append((layer_of(e), e))
 
     relax.analysis.post_order_visit(func.body, visit)
     return out
@@ -96,8 +96,13 @@ def read_region(func: relax.Function, symbol: str, layer_of: Callable[[relax.Cal
                 calls = _layer_calls(inner, layer_of)
                 if len(calls) != 1:
                     raise ValueError(f"NPU region {symbol}: a composite holds {len(calls)} layers, expected 1")
+                idx, call = calls[0]
+                # the layer's operands, through the composite's parameters: a tensor read twice (x + x)
+                # is one parameter of the composite but two operands of the layer
+                params = {p: a for p, a in zip(inner.params, v.args)}
+                operands = call.args[1].fields if isinstance(call.args[1], relax.Tuple) else [call.args[1]]
                 refs[b.var] = f"step:{len(steps)}"
-                steps.append(Step(calls[0], tuple(ref(a) for a in v.args)))
+                steps.append(Step(idx, tuple(ref(params[o]) for o in operands if o in params)))
             elif isinstance(v, relax.Var):
                 refs[b.var] = ref(v)
             elif not isinstance(v, relax.Tuple):  # a tuple binding is only read through the return value
