@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from target_npu.cli_common import CLIError, Parser, one_line, read_npz, run_main
+from target_npu.cli_common import CLIError, Parser, check_output, one_line, read_npz, run_main, write_atomic
 
 METHODS = ("ioso", "brecq", "qdrop", "adaround", "rtn", "qft", "qft+isg")
 DEFAULT_SAMPLES = 1024
@@ -84,9 +84,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     for flag in ("iters", "act_iters"):
         if getattr(args, flag) is not None and getattr(args, flag) < 0:
             raise CLIError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
-    out = Path(args.output)
-    if out.suffix != ".onnx":
-        raise CLIError(f"-o/--output must name an .onnx file, got {args.output!r}")
+    data = None if args.data == "shipped" else args.data
+    out = check_output(args.output, "-o/--output", {"--data file": data}, (".onnx",))
+    if args.resume is not None and Path(args.resume).exists() and not Path(args.resume).is_dir():
+        raise CLIError(f"--resume {args.resume!r} is not a folder")
     from ioso_tvm import models
 
     if args.model not in models.MODELS:
@@ -111,8 +112,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     model = models.load_pretrained(args.model) if args.pretrained else models.build_model(args.model).eval()
     qmodel = ioso_tvm.calibrate(model, torch.from_numpy(x), method=args.method, wbits=args.wbits, abits=args.abits,
                                 config=calib_config)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    ioso_tvm.export_onnx(qmodel, str(out), input_shape=(1, *models.INPUT_SHAPES[args.model]))
+    proto = ioso_tvm.export_onnx(qmodel, None, input_shape=(1, *models.INPUT_SHAPES[args.model]))
+    write_atomic(out, proto.SerializeToString())
     print(f"calibrated {args.model} ({args.method}, W{args.wbits}A{args.abits}, {len(x)} samples) -> {out}")
     return 0
 

@@ -187,8 +187,9 @@ class CompiledModel:
         meta = {"inputs": self.inputs, "prefix": self.prefix, "target": self.target,
                 "fallbacks": [list(f) for f in self.fallbacks], "layers": descs,
                 "permutes": self.permutes, "cpu_reasons": {str(k): v for k, v in self.cpu_reasons.items()}}
+        host_ir = None if self.ir_module is None else tvm.ir.save_json(self.ir_module)
         return save_artifact(path, config=self.config, meta=meta, programs=programs, constants=constants,
-                             report=self.report(), executable=self.executable)
+                             report=self.report(), executable=self.executable, host_ir=host_ir)
 
 
 def stream_summary(stream: Program, cfg: NPUConfig) -> dict[str, Any]:
@@ -202,13 +203,15 @@ def stream_summary(stream: Program, cfg: NPUConfig) -> dict[str, Any]:
             "memory": dict(stream.meta.get("memory", {}))}
 
 
-def load(path: str | Path) -> CompiledModel:
+def load(path: str | Path, trust: bool = False) -> CompiledModel:
     """Read a model written by :meth:`CompiledModel.export`: the streams are run as stored (validated
-    against the artifact's ``NPUConfig`` and their memory map), never rebuilt."""
+    against the artifact's ``NPUConfig`` and their memory map), never rebuilt. The host graph is
+    rebuilt from the stored Relax IR after checking it calls only this model's functions (no code from
+    the file runs); ``trust=True`` loads the stored native ``host.so`` instead (faster, runs its code)."""
     from hw_model.layer_specs import Tiling
     from target_npu.artifact import ArtifactError, load_artifact
 
-    art = load_artifact(path)
+    art = load_artifact(path, trust=trust)
     layers, tilings = [], []
     try:
         for i, p in enumerate(art.meta["layers"]):
@@ -228,11 +231,16 @@ def load(path: str | Path) -> CompiledModel:
             streams.append(stream)
     except (KeyError, TypeError, ValueError) as e:
         raise ArtifactError(f"{path}: the stored NPU streams are invalid: {e}") from None
-    cm = CompiledModel(art.load_host_module(), layers, art.meta["prefix"], art.config, art.meta["inputs"],
+    if trust:
+        host, ir_module = art.load_host_module(), None
+    else:
+        host, ir_module = art.build_host_module()
+    cm = CompiledModel(host, layers, art.meta["prefix"], art.config, art.meta["inputs"],
                        art.meta["target"], [tuple(f) for f in art.meta["fallbacks"]], art.meta.get("permutes"),
                        tilings, {int(k): v for k, v in art.meta.get("cpu_reasons", {}).items()},
                        regions=regions, streams=streams)
-    cm._artifact = art  # keeps the extracted host library alive
+    cm._artifact = art  # keeps a trusted, extracted host library alive
+    cm.ir_module = ir_module
     return cm
 
 

@@ -21,18 +21,29 @@ Members (flat names, regular files only; no pickle anywhere):
     read with ``allow_pickle=False``.
 ``report.json``
     The compile report (per-layer table, pass statistics), a JSON object.
+``host_ir.json`` (optional for :func:`save_artifact`, always written by ``CompiledModel.export``)
+    The host part as data: the partitioned Relax module (TVM JSON). ``ioso_tvm.load`` rebuilds the
+    VM executable from it after checking it calls only this model's runtime functions
+    (``target_npu.host_ir``); nothing from the file is executed.
 ``host.so`` (optional)
-    The host part: the Relax VM executable written by ``export_library``.
+    The host part as a native library (``export_library``). Loading it runs code from the file, so
+    it is read only with ``trust=True`` (``tvmc run --trust-artifact``); when the environment holds
+    ``IOSO_NPU_ARTIFACT_KEY`` the manifest must then carry a valid HMAC-SHA256 ``signature`` made with
+    that key at export.
 
-Extraction refuses absolute paths, ``..``, links, directories and any member name not listed
-above, and then extracts with ``tarfile``'s ``filter="data"``; every member's sha256 must
-match the manifest.
+Reading refuses absolute paths, ``..``, links, directories and any member name not listed above;
+every member's size is checked against the manifest's ``sizes`` and the caps in
+:data:`MAX_MEMBER_BYTES` before it is read, and its sha256 against the manifest's ``members``.
+Members are read into memory; only a trusted ``host.so`` is written to disk (and removed again if
+anything fails).
 """
 from __future__ import annotations
 
 import hashlib
+import hmac
 import io
 import json
+import os
 import re
 import tarfile
 import tempfile
@@ -51,10 +62,17 @@ FORMAT_VERSION = 2
 """Version of the member layout above; bump on any incompatible change (chosen: starts at 1; 2: programs.json
 holds the linked region streams)."""
 
-MANIFEST, CONFIG, META, PROGRAMS, CONSTANTS, REPORT, HOST_LIB = (
-    "manifest.json", "config.json", "meta.json", "programs.json", "constants.npz", "report.json", "host.so")
+MANIFEST, CONFIG, META, PROGRAMS, CONSTANTS, REPORT, HOST_IR, HOST_LIB = (
+    "manifest.json", "config.json", "meta.json", "programs.json", "constants.npz", "report.json", "host_ir.json",
+    "host.so")
 REQUIRED_MEMBERS = (MANIFEST, CONFIG, META, PROGRAMS, CONSTANTS, REPORT)
-KNOWN_MEMBERS = (*REQUIRED_MEMBERS, HOST_LIB)
+KNOWN_MEMBERS = (*REQUIRED_MEMBERS, HOST_IR, HOST_LIB)
+MAX_MEMBER_BYTES = {MANIFEST: 1 << 20, CONSTANTS: 4 << 30, HOST_LIB: 512 << 20}
+"""Largest member read (bytes); JSON members not listed: ``MAX_JSON_BYTES``. Chosen: 4 GiB of constants holds
+a ResNet-152 at 8 bits many times over; a manifest is a few hundred bytes."""
+MAX_JSON_BYTES = 1 << 30
+SIGNING_KEY_ENV = "IOSO_NPU_ARTIFACT_KEY"
+"""Environment variable holding the HMAC key that signs artifacts at export and is checked for trusted loads."""
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.]+$")
 
 
@@ -78,15 +96,35 @@ class Artifact:
     host_lib: Path | None = None
     workdir: Path | None = None
     manifest: dict[str, Any] = field(default_factory=dict)
+    host_ir: bytes | None = None
+    has_host_lib: bool = False
     _tmp: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
 
     def load_host_module(self) -> Any:
-        """The host part as a ``tvm.runtime.Module`` (for ``relax.VirtualMachine``)."""
+        """The native host part (``host.so``) as a ``tvm.runtime.Module``: runs code from the file, so only
+        for an artifact read with ``trust=True``."""
         if self.host_lib is None:
+            if self.has_host_lib:
+                raise ArtifactError("the native host library (host.so) runs code from the file: read the artifact "
+                                    "with trust=True (tvmc run --trust-artifact) to load it, or rebuild the host "
+                                    "part from host_ir.json (the default of ioso_tvm.load)")
             raise ArtifactError("artifact has no host part (host.so); it was saved without a Relax VM executable")
         import tvm  # lazy: reading programs/constants/report needs no TVM
 
         return tvm.runtime.load_module(str(self.host_lib))
+
+    def build_host_module(self) -> tuple[Any, Any]:
+        """(VM executable, IRModule) rebuilt from ``host_ir.json`` (``target_npu.host_ir``); runs no code from
+        the file."""
+        from target_npu.host_ir import HostIRError, build_host
+
+        if self.host_ir is None:
+            raise ArtifactError("artifact has no host_ir.json; re-export it with this ioso_npu, or load it with "
+                                "trust=True to use its native host.so")
+        try:
+            return build_host(self.host_ir, str(self.meta.get("prefix", "")))
+        except HostIRError as e:
+            raise ArtifactError(str(e)) from None
 
 
 # ------------------------------------------------------------------------------------ write
@@ -134,7 +172,8 @@ def _producer() -> str:
 
 def save_artifact(path: str | Path, *, config: NPUConfig, meta: Mapping[str, Any] | None = None,
                   programs: Mapping[str, Any] | None = None, constants: Mapping[str, Any] | None = None,
-                  report: Mapping[str, Any] | None = None, executable: Any = None) -> Path:
+                  report: Mapping[str, Any] | None = None, executable: Any = None,
+                  host_ir: str | None = None) -> Path:
     """Write a compiled model to ``path`` (a ``.tar``) and return the path.
 
     ``programs`` values are JSON objects or objects with ``to_dict()``; ``constants`` are
@@ -153,6 +192,8 @@ def save_artifact(path: str | Path, *, config: NPUConfig, meta: Mapping[str, Any
         CONSTANTS: _npz_bytes(constants or {}),
         REPORT: _json_bytes(dict(report or {}), "report"),
     }
+    if host_ir is not None:
+        members[HOST_IR] = host_ir.encode()
     if executable is not None:
         if not hasattr(executable, "export_library"):
             raise TypeError(f"save_artifact: executable must have export_library(), got {type(executable).__name__}")
@@ -161,7 +202,11 @@ def save_artifact(path: str | Path, *, config: NPUConfig, meta: Mapping[str, Any
             executable.export_library(str(lib))
             members[HOST_LIB] = lib.read_bytes()
     manifest = {"format": ARTIFACT_FORMAT, "format_version": FORMAT_VERSION, "producer": _producer(),
-                "members": {n: hashlib.sha256(b).hexdigest() for n, b in sorted(members.items())}}
+                "members": {n: hashlib.sha256(b).hexdigest() for n, b in sorted(members.items())},
+                "sizes": {n: len(b) for n, b in sorted(members.items())}}
+    key = os.environ.get(SIGNING_KEY_ENV)
+    if key:
+        manifest["signature"] = _signature(manifest, key)
     members = {MANIFEST: _json_bytes(manifest, "manifest"), **members}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = path.with_name(path.name + ".partial")
@@ -253,6 +298,7 @@ def read_member_json(path: str | Path, name: str) -> dict[str, Any]:
         manifest = _check_manifest(tar.extractfile(MANIFEST).read(), path)
         if name not in names:
             raise ArtifactError(f"{path}: missing member(s) {[name]}")
+        _check_sizes([tar.getmember(name)], manifest, path)
         raw = tar.extractfile(name).read()
     if hashlib.sha256(raw).hexdigest() != manifest["members"].get(name):
         raise ArtifactError(f"{path}: member {name!r} is corrupt (sha256 does not match the manifest)")
@@ -269,13 +315,35 @@ def _load_json(data: bytes, name: str, source: Path) -> Any:
         raise ArtifactError(f"{source}: {name} is not valid JSON ({e})") from e
 
 
-def load_artifact(path: str | Path, extract_dir: str | Path | None = None) -> Artifact:
+def _signature(manifest: Mapping[str, Any], key: str) -> str:
+    """HMAC-SHA256 (hex) of the manifest's member hashes and sizes under ``key``."""
+    body = json.dumps({"members": manifest.get("members"), "sizes": manifest.get("sizes")}, sort_keys=True)
+    return hmac.new(key.encode(), body.encode(), hashlib.sha256).hexdigest()
+
+
+def _check_sizes(members: list[tarfile.TarInfo], manifest: dict[str, Any], source: Path) -> None:
+    """Every member's size equals the manifest's and is under its cap, before anything is read."""
+    sizes = manifest.get("sizes")
+    if not isinstance(sizes, dict):
+        raise ArtifactError(f"{source}: manifest.json has no 'sizes' table")
+    for m in members:
+        cap = MAX_MEMBER_BYTES.get(m.name, MAX_JSON_BYTES)
+        if m.size > cap:
+            raise ArtifactError(f"{source}: member {m.name!r} is {m.size} bytes, more than the {cap} allowed")
+        if m.name != MANIFEST and sizes.get(m.name) != m.size:
+            raise ArtifactError(f"{source}: member {m.name!r} is {m.size} bytes, the manifest says "
+                                f"{sizes.get(m.name)!r}")
+
+
+def load_artifact(path: str | Path, extract_dir: str | Path | None = None, trust: bool = False) -> Artifact:
     """Read a compiled-model ``.tar`` written by :func:`save_artifact`.
 
-    The members are extracted (safely, see the module docstring) into ``extract_dir`` or a
-    temporary directory owned by the returned :class:`Artifact`. Raises FileNotFoundError
-    for a missing file and ArtifactError (a ValueError) for anything unsafe, corrupt or
-    of another format version, naming the file and the member.
+    Members are read into memory after the checks of the module docstring. ``trust=True`` also
+    writes ``host.so`` into ``extract_dir`` (or a temporary directory owned by the returned
+    :class:`Artifact`) so that :meth:`Artifact.load_host_module` can load it; without it nothing is
+    written to disk. Raises FileNotFoundError for a missing file and ArtifactError (a ValueError)
+    for anything unsafe, corrupt, unsigned-but-required or of another format version, naming the
+    file and the member.
     """
     path = Path(path)
     with _open_tar(path) as tar:
@@ -283,25 +351,21 @@ def load_artifact(path: str | Path, extract_dir: str | Path | None = None) -> Ar
         names = {m.name for m in members}
         if MANIFEST not in names:
             raise ArtifactError(f"{path}: manifest.json missing; not an ioso_npu artifact")
+        man_info = next(m for m in members if m.name == MANIFEST)
+        if man_info.size > MAX_MEMBER_BYTES[MANIFEST]:
+            raise ArtifactError(f"{path}: manifest.json is {man_info.size} bytes, more than the "
+                                f"{MAX_MEMBER_BYTES[MANIFEST]} allowed")
         manifest = _check_manifest(tar.extractfile(MANIFEST).read(), path)
         missing = [n for n in REQUIRED_MEMBERS if n not in names]
         if missing:
             raise ArtifactError(f"{path}: missing member(s) {missing}")
-        tmp = None
-        if extract_dir is None:
-            tmp = tempfile.TemporaryDirectory(prefix="ioso_art_")
-            workdir = Path(tmp.name)
-        else:
-            workdir = Path(extract_dir)
-            workdir.mkdir(parents=True, exist_ok=True)
-        tar.extractall(workdir, members=members, filter="data")
-    data = {n: (workdir / n).read_bytes() for n in names if n != HOST_LIB}
+        _check_sizes(members, manifest, path)
+        data = {n: tar.extractfile(n).read() for n in sorted(names - {MANIFEST}) if n != HOST_LIB or trust}
     for name in sorted(names - {MANIFEST}):
-        raw = data[name] if name in data else (workdir / name).read_bytes()
         expected = manifest["members"].get(name)
         if expected is None:
             raise ArtifactError(f"{path}: member {name!r} is not listed in the manifest")
-        if hashlib.sha256(raw).hexdigest() != expected:
+        if name in data and hashlib.sha256(data[name]).hexdigest() != expected:
             raise ArtifactError(f"{path}: member {name!r} is corrupt (sha256 does not match the manifest)")
     for name in manifest["members"]:
         if name not in names:
@@ -319,6 +383,24 @@ def load_artifact(path: str | Path, extract_dir: str | Path | None = None) -> Ar
             constants = {k: z[k] for k in z.files}
     except (ValueError, OSError) as e:
         raise ArtifactError(f"{path}: constants.npz cannot be read without pickle ({e})") from e
-    host = workdir / HOST_LIB if HOST_LIB in names else None
+    tmp, workdir, host = None, None, None
+    if trust and HOST_LIB in data:
+        key = os.environ.get(SIGNING_KEY_ENV)
+        if key and not hmac.compare_digest(str(manifest.get("signature", "")), _signature(manifest, key)):
+            raise ArtifactError(f"{path}: the manifest is not signed with the key in {SIGNING_KEY_ENV}; refusing to "
+                                f"load its native host library")
+        if extract_dir is None:
+            tmp = tempfile.TemporaryDirectory(prefix="ioso_art_")
+            workdir = Path(tmp.name)
+        else:
+            workdir = Path(extract_dir)
+            workdir.mkdir(parents=True, exist_ok=True)
+        host = workdir / HOST_LIB
+        try:
+            host.write_bytes(data[HOST_LIB])
+        except OSError as e:
+            host.unlink(missing_ok=True)
+            raise ArtifactError(f"{path}: cannot write host.so into {workdir} ({e})") from e
     return Artifact(config=config, meta=objs[META], programs=objs[PROGRAMS], constants=constants,
-                    report=objs[REPORT], host_lib=host, workdir=workdir, manifest=manifest, _tmp=tmp)
+                    report=objs[REPORT], host_lib=host, workdir=workdir, manifest=manifest,
+                    host_ir=data.get(HOST_IR), has_host_lib=HOST_LIB in names, _tmp=tmp)

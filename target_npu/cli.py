@@ -29,7 +29,15 @@ from pathlib import Path
 from typing import Any
 
 from hw_model.config import NPUConfig
-from target_npu.cli_common import CLIError, Parser, compile_api, existing_file, one_line, run_main
+from target_npu.cli_common import (
+    CLIError,
+    Parser,
+    check_output,
+    compile_api,
+    existing_file,
+    one_line,
+    run_main,
+)
 from target_npu.cli_run import cmd_run
 
 NPU_KIND, CPU_KIND = "ioso_npu", "llvm"
@@ -190,13 +198,12 @@ def cmd_compile(args: argparse.Namespace) -> int:
     shapes = parse_input_shapes(args.input_shapes)
     model = existing_file(args.model, "model file", (".onnx",))
     records = existing_file(args.tuning_records, "tuning records file") if args.tuning_records else None
-    output = Path(args.output)
-    if output.suffix != ".tar":
-        raise CLIError(f"-o/--output must name a .tar file, got {args.output!r}")
+    output = check_output(args.output, "-o/--output", {"model file": model, "tuning records file": records},
+                          (".tar",))
     check_model_inputs(model, shapes)
     compiled = compile_api().compile(str(model), target=target, input_shapes=shapes, config=config,
                                       tuning_records=None if records is None else str(records))
-    compiled.export(output)
+    compiled.export(output)  # save_artifact writes <output>.partial and renames it: atomic
     print(f"compiled {model} for {args.target!r} -> {output}")
     return 0
 
@@ -209,14 +216,18 @@ def cmd_tune(args: argparse.Namespace) -> int:
         raise CLIError(f"tvmc tune needs the {NPU_KIND} target (there is nothing to tune for {CPU_KIND})")
     if args.trials <= 0:
         raise CLIError(f"--trials must be positive, got {args.trials}")
+    shapes = parse_input_shapes(args.input_shapes)
+    output = check_output(args.output, "-o/--output", {"model file": model})
+    check_model_inputs(model, shapes)
     try:
         tuner = importlib.import_module("target_npu.tuner")
     except ImportError as e:
         raise CLIError(f"tvmc tune is not available: the tuner cannot be imported ({one_line(e)})") from None
     if not hasattr(tuner, "tune_model"):
         raise CLIError("tvmc tune is not available: the tuner has no tune_model()")
-    tuner.tune_model(str(model), trials=args.trials, output=args.output, cfg=config, tuner=args.tuner)
-    print(f"tuning records for {model} -> {args.output}")
+    tuner.tune_model(str(model), trials=args.trials, output=output, cfg=config, tuner=args.tuner,
+                     input_shapes=shapes)
+    print(f"tuning records for {model} -> {output}")
     return 0
 
 

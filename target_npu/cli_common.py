@@ -3,12 +3,15 @@ the lazily loaded compile API and the ``main`` wrapper that turns every error in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import os
 import re
 import sys
+import tempfile
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,82 @@ def existing_file(path: str, what: str, suffixes: Sequence[str] = ()) -> Path:
         raise CLIError(f"{what} {path!r} must be a {' or '.join(suffixes)} file")
     return p
 
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """True if ``a`` and ``b`` name one file (through symlinks, hard links and relative paths)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet): compare the resolved paths
+        return Path(a).resolve() == Path(b).resolve()
+
+
+def check_output(path: str | Path, flag: str, inputs: Mapping[str, str | Path | None] | None = None,
+                 suffixes: Sequence[str] = ()) -> Path:
+    """``path`` as a Path if it can be written without destroying anything; else CLIError.
+
+    Checked before any work starts: not one of ``inputs`` (what -> path; None entries are skipped),
+    not a directory, its folder exists and is writable, an existing file is writable, the suffix is
+    one of ``suffixes`` (when given).
+    """
+    p = Path(path)
+    for what, other in (inputs or {}).items():
+        if other is not None and same_file(p, other):
+            raise CLIError(f"{flag} {str(path)!r} is the same file as the {what} {str(other)!r}; "
+                           f"write the output to another file")
+    if suffixes and p.suffix.lower() not in suffixes:
+        article = "an" if suffixes[0].lstrip(".")[:1] in "aeio" else "a"
+        raise CLIError(f"{flag} must name {article} {' or '.join(suffixes)} file, got {str(path)!r}")
+    if p.is_dir():
+        raise CLIError(f"{flag} {str(path)!r} is a directory; name a file")
+    parent = p.parent
+    if not parent.is_dir():
+        raise CLIError(f"{flag} {str(path)!r}: the folder {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CLIError(f"{flag} {str(path)!r}: the folder {str(parent)!r} is not writable")
+    if p.exists() and not os.access(p, os.W_OK):
+        raise CLIError(f"{flag} {str(path)!r} exists and is read-only")
+    return p
+
+
+def check_outputs(outputs: Mapping[str, str | Path | None], inputs: Mapping[str, str | Path | None],
+                  suffixes: Mapping[str, Sequence[str]] | None = None) -> dict[str, Path]:
+    """:func:`check_output` for each given output (flag -> path), and no two outputs the same file."""
+    done: dict[str, Path] = {}
+    for flag, path in outputs.items():
+        if path is None:
+            continue
+        done[flag] = check_output(path, flag, {**inputs, **{f"{f} output": q for f, q in done.items()}},
+                                  (suffixes or {}).get(flag, ()))
+    return done
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path in the folder of ``path`` (same suffix); renamed onto ``path`` when the block
+    succeeds, removed when it fails, so ``path`` is either the old file or the complete new one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    os.chmod(tmp, path.stat().st_mode & 0o7777 if path.is_file() else 0o666 & ~_umask())
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_atomic(path: str | Path, data: bytes | str) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    return Path(path)
 
 
 def compile_api() -> Any:

@@ -3,6 +3,7 @@ per-layer profile (table, JSON, plot)."""
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import time
 from collections.abc import Sequence
@@ -12,7 +13,18 @@ from typing import Any
 import numpy as np
 
 from hw_model.config import NPUConfig
-from target_npu.cli_common import CLIError, compile_api, existing_file, read_npz
+from target_npu.cli_common import (
+    CLIError,
+    atomic_path,
+    check_outputs,
+    compile_api,
+    existing_file,
+    read_npz,
+    write_atomic,
+)
+
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")
+"""Formats of ``--profile-plot`` (by the file's suffix)."""
 
 
 def _input_specs(compiled: Any, path: Path) -> list[tuple[str, tuple[int, ...], str]]:
@@ -89,6 +101,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CLIError(f"--print-top must be positive, got {args.print_top}")
     if args.repeat <= 0:
         raise CLIError(f"--repeat must be positive, got {args.repeat}")
+    check_outputs({"--outputs": args.outputs, "--profile-json": args.profile_json,
+                   "--profile-plot": args.profile_plot},
+                  {"compiled model": path, "--inputs file": args.inputs}, {"--profile-plot": PLOT_SUFFIXES})
     compiled = compile_api().load(path)
     inputs = make_inputs(_input_specs(compiled, path), args.inputs, args.fill_mode, args.seed)
     times = []
@@ -98,7 +113,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         times.append(1e3 * (time.perf_counter() - t0))
     outs = [np.asarray(o) for o in (outs if isinstance(outs, (list, tuple)) else [outs])]
     if args.outputs:
-        np.savez(args.outputs, **{f"output_{i}": o for i, o in enumerate(outs)})
+        buf = io.BytesIO()  # to the exact path (np.savez would add .npz to a name without it)
+        np.savez(buf, **{f"output_{i}": o for i, o in enumerate(outs)})
+        write_atomic(args.outputs, buf.getvalue())
         print(f"outputs -> {args.outputs}")
     if args.print_top:
         flat = outs[0].reshape(outs[0].shape[0], -1) if outs[0].ndim > 1 else outs[0][None]
@@ -122,7 +139,7 @@ def _profile(compiled: Any, path: Path, args: argparse.Namespace) -> None:
     report = compiled.report()
     print(format_profile(report, NPUConfig.from_dict(read_member_json(path, CONFIG)).clock_mhz))
     if args.profile_json:
-        Path(args.profile_json).write_text(json.dumps(report, indent=1, default=str))
+        write_atomic(args.profile_json, json.dumps(report, indent=1, default=str))
         print(f"profile -> {args.profile_json}")
     if args.profile_plot:
         plot_profile(report, args.profile_plot)
@@ -130,7 +147,8 @@ def _profile(compiled: Any, path: Path, args: argparse.Namespace) -> None:
 
 
 def plot_profile(report: dict[str, Any], png: str | Path) -> Path:
-    """Bar chart of cycles per layer (NPU and CPU in two colours), saved as PNG."""
+    """Bar chart of cycles per layer (NPU and CPU in two colours), saved (atomically) in the format of
+    the suffix of ``png`` (PNG when it has none)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -144,6 +162,9 @@ def plot_profile(report: dict[str, Any], png: str | Path) -> Path:
     ax.set_ylabel("cycles")
     ax.set_title("cycles per layer (blue: NPU, grey: CPU)")
     fig.tight_layout()
-    fig.savefig(png)
-    plt.close(fig)
+    try:
+        with atomic_path(png) as tmp:
+            fig.savefig(tmp, format=Path(png).suffix.lstrip(".").lower() or "png")
+    finally:
+        plt.close(fig)
     return Path(png)

@@ -23,6 +23,7 @@ weights do not enter the key.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -33,14 +34,16 @@ import tvm_ffi
 from tvm import s_tir, tirx
 
 from hw_model.config import NPUConfig
-from hw_model.isa import GroupShiftAdd, NormActQuant, Program
+from hw_model.isa import Program
 from hw_model.layer_specs import ConvSpec, LinearSpec, Tiling
-from hw_model.layers import build_conv, default_tiling
+from hw_model.layers import build_conv, check_tiling, default_tiling
 from target_npu import intrinsics
+from target_npu.emit import Nest, emit_conv, walk_nest
 from target_npu.schedule import (
     CB_TILE_ATTR,
     NBUF_ATTR,
     NotLowerable,
+    group_segments,
     schedule_conv,
     single_unity,
     tile_domain,
@@ -121,6 +124,7 @@ class LoweredLayer:
     tiling: Tiling
     shift_adds: tuple[tuple[int, bool], ...]  # (sign, init) per group in accumulation order; () = none
     out_dtype: str
+    nest: Nest | None = None  # the walk the instructions are emitted from
 
     def to_meta(self) -> dict[str, Any]:
         return {"stages": [{"block": s.block, "extern": s.extern, "loops": [list(x) for x in s.loops]}
@@ -172,7 +176,8 @@ def lower_layer(spec: ConvSpec, tiling: Tiling, cfg: NPUConfig) -> LoweredLayer:
     low = _CACHE.get(key)
     if low is not None:
         return low
-    low = read_layer(walk(schedule_conv(spec, tiling, cfg).mod["main"]))
+    func = schedule_conv(spec, tiling, cfg).mod["main"]
+    low = dataclasses.replace(read_layer(walk(func)), nest=walk_nest(func))
     d = tile_domain(spec, tiling, cfg)
     dw = d["depthwise"]
     macs = stages_of(low.stages, intrinsics.DW_EXTERN if dw else intrinsics.EXTERN)
@@ -196,35 +201,23 @@ def lower_layer(spec: ConvSpec, tiling: Tiling, cfg: NPUConfig) -> LoweredLayer:
     return low
 
 
-def _check_program(prog: Program, low: LoweredLayer) -> None:
-    """The emitted program runs what the TIR says: one NORM per output tile, the TIR's shift-add signs."""
-    naq = sum(isinstance(i, NormActQuant) for i in prog.instrs)
-    norm = stages_of(low.stages, "ioso_npu_norm_act_quant_")[0]
-    outer = norm.bound("v_y_o")[:-1] + norm.bound("v_kb_o")[:-1] + norm.bound("v_n_o")
-    tiles = 1
-    for name in set(outer):
-        tiles *= norm.extent(name)
-    signs = [i.sign for i in prog.instrs if isinstance(i, GroupShiftAdd)]
-    per_tile = [s for s, _ in low.shift_adds]
-    if naq != tiles or (per_tile and signs[:len(per_tile)] != per_tile) or (not per_tile and signs):
-        raise ValueError(f"program does not follow its TIR: {naq} NORM for {tiles} tiles, shift-add signs "
-                         f"{signs[:len(per_tile) or 3]} for {per_tile}")
-
-
 def lower_conv(spec: ConvSpec | LinearSpec, tiling: Tiling | None, cfg: NPUConfig,
                in_slots: list[np.ndarray] | None = None) -> Program:
-    """The NPU program of a conv (dense, grouped, depthwise) / linear layer, generated from its scheduled TIR;
-    ``in_slots``: the stored channel layout of the input in DRAM (None: channel order).
+    """The NPU program of a conv (dense, grouped, depthwise) / linear layer, emitted by walking its scheduled,
+    tensorized TIR (:func:`target_npu.emit.emit_conv`); ``in_slots``: the stored channel layout of the input
+    in DRAM (None: channel order).
 
-    Raises :class:`target_npu.schedule.NotLowerable` for a depthwise conv with scaled ISG groups."""
+    Raises :class:`target_npu.schedule.NotLowerable` for a depthwise conv with scaled ISG groups, and
+    ``ValueError`` for a tiling that does not fit the on-chip memories."""
     conv = spec.as_conv() if isinstance(spec, LinearSpec) else spec
     if not isinstance(conv, ConvSpec):
         raise TypeError(f"lower_conv: spec must be a ConvSpec or LinearSpec, got {type(spec).__name__}")
     conv.check(cfg)
     tiling = default_tiling(conv, cfg) if tiling is None else tiling
+    check_tiling(conv, tiling, cfg)
     low = lower_layer(conv, tiling, cfg)
-    prog = build_conv(conv, low.tiling, cfg, in_slots)
-    _check_program(prog, low)
+    meta = {"macs": conv.macs(), "groups": len(group_segments(conv, cfg)), "tiling": tiling.to_dict()}
+    prog = emit_conv(conv, low.nest, low.tiling.nbuf, cfg, in_slots, meta)
     prog.meta["tir"] = low.to_meta()
     if isinstance(spec, LinearSpec):
         prog.meta["layer"] = "linear"

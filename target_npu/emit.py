@@ -36,18 +36,22 @@ from tvm.sym import detect_linear_equation
 
 from hw_model.builder import BLOCK, ProgramBuilder, StepTokens
 from hw_model.isa import mem_size
+from target_npu.schedule import NotLowerable
 
 Aff = tuple[int, dict[str, int]]
 """Affine form: (constant, {loop or iter var name: coefficient})."""
 
 
-class EmitError(ValueError):
+class EmitError(NotLowerable):
     """The TIR does not have the shape the emitter maps onto instructions."""
 
 
 def _vars(expr: Any) -> list[Any]:
     out: dict[str, Any] = {}
-    tvm_ffi.structural_walk(expr, callbacks=[(tirx.Var, lambda v: out.setdefault(v.name, v))], order="pre")
+
+    def on_var(v: Any) -> None:
+        out.setdefault(v.name, v)
+    tvm_ffi.structural_walk(expr, callbacks=[(tirx.Var, on_var)], order="pre")
     return list(out.values())
 
 
@@ -100,6 +104,7 @@ class Nest:
     tile_loops: list[tuple[str, int]]
     body: list[Any]
     shapes: dict[str, tuple[int, ...]]
+    params: set[str] = field(default_factory=set)
 
 
 def _guard(cond: Any, dims: dict[str, int]) -> dict[int, tuple[int | None, int | None]]:
@@ -132,8 +137,11 @@ def _block(real: Any, loops: list[tuple[str, int]]) -> Blk | None:
     sub = {iv.var.name: linear(v) for iv, v in zip(blk.iter_vars, real.iter_values, strict=True)}
     out = Blk(blk.name_hint, list(loops))
     calls: list[Any] = []
-    tvm_ffi.structural_walk(blk.body, callbacks=[(tvm.ir.Call, lambda c: calls.append(c)
-                                                  if c.op.name == "tirx.call_extern" else None)], order="pre")
+
+    def on_call(c: Any) -> None:
+        if c.op.name == "tirx.call_extern":
+            calls.append(c)
+    tvm_ffi.structural_walk(blk.body, callbacks=[(tvm.ir.Call, on_call)], order="pre")
     if calls and calls[0].args[0].value.startswith("ioso_npu_"):
         out.extern = calls[0].args[0].value
         for mb in blk.match_buffers:
@@ -153,12 +161,12 @@ def _block(real: Any, loops: list[tuple[str, int]]) -> Blk | None:
         out.dst = st.buffer.name
         out.dst_idx = [sub[iv.var.name] for iv in blk.iter_vars]
         val = st.value
-        if isinstance(val, tvm.ir.Call) and val.op.name == "tirx.if_then_else":
+        if isinstance(val, tvm.ir.Call) and val.op.name.endswith("if_then_else"):
             out.guard = _guard(val.args[0], dims)
             val = val.args[1]
-        if not isinstance(val, tirx.BufferLoad):
+        if not hasattr(val, "indices") or not hasattr(val, "source"):
             raise EmitError(f"copy {blk.name_hint} does not copy one buffer element")
-        out.src = val.buffer.name
+        out.src = val.source.name
         ren = {v: (0, {f"d{j}": 1}) for v, j in dims.items()}
         out.src_idx = [compose(linear(i), ren) for i in val.indices]
         return out
@@ -167,7 +175,15 @@ def _block(real: Any, loops: list[tuple[str, int]]) -> Blk | None:
 
 def walk_nest(func: tirx.PrimFunc) -> Nest:
     """The walk described in the module docstring."""
-    shapes = {b.name: tuple(int(x) for x in b.shape) for b in func.buffer_map.values()}
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def on_buf(b: Any) -> None:
+        try:
+            shapes.setdefault(b.name, tuple(int(x) for x in b.shape))
+        except (AttributeError, TypeError):  # a plain Var, or a buffer with symbolic shape
+            pass
+    tvm_ffi.structural_walk(func.body, callbacks=[(tirx.Buffer, on_buf)], order="pre")
+    allocs: set[str] = set()
 
     def visit(stmt: Any, loops: list[tuple[str, int]]) -> list[Any]:
         if isinstance(stmt, tirx.For):
@@ -180,8 +196,7 @@ def walk_nest(func: tirx.PrimFunc) -> Nest:
             return [x for s in stmt.seq for x in visit(s, loops)]
         if isinstance(stmt, s_tir.SBlockRealize):
             if stmt.block.name_hint == "root":
-                for ab in stmt.block.alloc_buffers:
-                    shapes[ab.name] = tuple(int(x) for x in ab.shape)
+                allocs.update(ab.name for ab in stmt.block.alloc_buffers)
                 return visit(stmt.block.body, loops)
             b = _block(stmt, loops)
             return [b] if b is not None else []
@@ -197,7 +212,7 @@ def walk_nest(func: tirx.PrimFunc) -> Nest:
     strip = len(tile)
     for b in _blocks(body):
         b.loops = b.loops[strip:]
-    return Nest(tile, body, shapes)
+    return Nest(tile, body, shapes, set(shapes) - allocs - {"A", "B", "C", "P", "M", "Bias", "L"})
 
 
 def _blocks(body: list[Any]) -> list[Blk]:
@@ -257,6 +272,11 @@ def clip_exts(b: Blk, env: dict[str, int], bounds: list[tuple[Aff, int]]) -> dic
     return exts
 
 
+def mem_check(mem: str, need: int, cfg: Any) -> None:
+    if need > mem_size(mem, cfg):
+        raise EmitError(f"staged buffers need {need} elements of {mem}, it holds {mem_size(mem, cfg)}")
+
+
 # ------------------------------------------------------------------------------------------ emission
 PAD_DIMS = (1, 2)
 """Guard bounds on these dims of a MAC's activation stage (n, row, column, block, lane) are the LOAD's
@@ -301,6 +321,8 @@ def _mem_of(nest: Nest) -> dict[str, str]:
         if b.extern:
             key = next((k for k in OPERAND_MEM if b.extern.startswith(k)), "")
             for p, (buf, _, _) in b.ops.items():
+                if buf in nest.params:
+                    continue
                 out.setdefault(buf, OPERAND_MEM.get(key, {}).get(p, "acc"))
     return out
 
@@ -421,7 +443,7 @@ class ConvEmitter:
                     elif it.dst in self.binds:
                         cur["store"] = (it, env)
                     elif it.dst:
-                        grp = (self.mem[it.dst], self.slot_base[it.dst][0])
+                        grp = (self.mem[it.dst], *self.slot_base[it.dst])
                         if cur is None or grp in cur["groups"]:
                             cur = {"copies": [], "calls": [], "groups": set(), "store": None, "tile": u,
                                    "obox": obox}
@@ -623,3 +645,57 @@ class ConvEmitter:
         return "naq", dict(acc_addr=addr("A"), acc_stride=addr("A", dim=2) - addr("A"), out_addr=addr("C"),
                            out_stride=addr("C", dim=2) - addr("C"), rows=rows, cols=cols, m_addr=addr("M"),
                            b_addr=addr("Bias"), lo=self.k["lo"], hi=self.k["hi"], out_dtype=c.extern.rsplit("_", 1)[1])
+
+
+def emit_conv(spec: Any, nest: Nest, nbuf: int, cfg: Any, in_slots: list[np.ndarray] | None,
+              meta: dict[str, Any]) -> Any:
+    """The program of a conv layer from its walked nest: DRAM regions (x, out, w, norm, gather_x), the
+    constants packed in the PrimFunc's buffer layouts, then :class:`ConvEmitter`."""
+    from hw_model.builder import channel_slots, gather_table, identity_slots
+    from hw_model.layers import stored_layouts
+
+    dw = spec.is_depthwise
+    slots_in, _ = channel_slots(spec.c, spec.isg_groups, cfg)
+    stored = stored_layouts(in_slots, [spec.c])[0]
+    gathered = not np.array_equal(stored, slots_in)
+    slots_out = slots_in if dw else identity_slots(spec.k)
+    cp, kp = slots_in.size, slots_out.size
+    sh = nest.shapes
+    n, h, w_, cbn, _ = sh["x"]
+    _, oh, ow, kb, _ = sh["store_out"]
+    if kb * BLOCK != kp or cbn * BLOCK != cp:
+        raise EmitError("PrimFunc buffers do not match the layer's channel layouts")
+    b = ProgramBuilder(cfg)
+    b.alloc("x", spec.in_dtype, n * h * w_ * stored.size, "input")
+    b.alloc("out", spec.out_dtype, n * oh * ow * kp, "output")
+    if gathered:
+        b.const("gather_x", gather_table(slots_in, stored), "int32")
+    wq = spec.dense_weight()
+    used_in, used_out = slots_in >= 0, slots_out >= 0
+    wd = np.zeros(sh["w"], np.int8)
+    if dw:
+        wd[:, :, :cp][:, :, used_in] = wq[slots_in[used_in], 0].transpose(1, 2, 0)
+    else:
+        full = np.zeros((cp, spec.kh, spec.kw, kp), np.int8)
+        full[np.ix_(used_in, np.arange(spec.kh), np.arange(spec.kw), used_out)] = \
+            wq[slots_out[used_out]][:, slots_in[used_in]].transpose(1, 2, 3, 0)
+        wd[..., :kp] = full.reshape(cbn, BLOCK, spec.kh, spec.kw, kp).transpose(0, 2, 3, 1, 4)
+    b.const("w", wd, "int8")
+    mlen = int(np.prod(sh["m"]))
+    mb = np.zeros(2 * mlen, np.float32)
+    mb[:kp][used_out] = np.asarray(spec.m, np.float32)[slots_out[used_out]]
+    mb[mlen:mlen + kp][used_out] = np.asarray(spec.b, np.float32)[slots_out[used_out]]
+    b.const("norm", mb, "float32")
+    xs = dense_strides([n, h, w_, stored.size])[:3] + [BLOCK, 1] if gathered else dense_strides(list(sh["x"]))
+    binds = {"x": Binding("x", 0, xs, "gather_x" if gathered else "", 2 if gathered else 0),
+             "w": Binding("w", 0, dense_strides(list(sh["w"]))),
+             "m": Binding("norm", 0, dense_strides(list(sh["m"]))),
+             "b": Binding("norm", mlen, dense_strides(list(sh["b"]))),
+             "store_out": Binding("out", 0, dense_strides(list(sh["store_out"])))}
+    ConvEmitter(nest, b, binds, nbuf, {"zp": spec.x_zp, "lo": spec.lo, "hi": spec.hi}).emit()
+    meta = {"layer": "conv", "inputs": {"x": {"shape": [spec.n, spec.c, spec.h, spec.w], "slots": stored.tolist(),
+                                              "dtype": spec.in_dtype}},
+            "output": {"region": "out", "shape": [spec.n, spec.k, oh, ow], "slots": slots_out.tolist(),
+                       "dtype": spec.out_dtype},
+            **meta, "gathered_loads": sum(bool(getattr(i, "gather", "")) for i in b.instrs)}
+    return b.finish(meta)

@@ -105,6 +105,7 @@ def _rewrite(path: Path, dest: Path, change: dict[str, bytes], fix_hashes: bool 
     manifest = json.loads(members[art.MANIFEST])
     if fix_hashes:
         manifest["members"] = {n: hashlib.sha256(b).hexdigest() for n, b in members.items() if n != art.MANIFEST}
+        manifest["sizes"] = {n: len(b) for n, b in members.items() if n != art.MANIFEST}
     if art.MANIFEST not in change:
         members[art.MANIFEST] = json.dumps(manifest).encode()
     return _write_tar(dest, members)
@@ -130,10 +131,21 @@ def test_other_format_version_refused(tmp_path, version):
 
 def test_corrupt_member_detected(tmp_path):
     path = _save(tmp_path)
-    report = json.dumps({"layers": [], "total_cycles": 1}).encode()
-    bad = _rewrite(path, tmp_path / "c.tar", {art.REPORT: report}, fix_hashes=False)
+    same_size = _members(path)[art.REPORT].replace(b"123", b"124")  # one byte flipped: the hash catches it
+    bad = _rewrite(path, tmp_path / "c.tar", {art.REPORT: same_size}, fix_hashes=False)
     with pytest.raises(art.ArtifactError, match="'report.json' is corrupt"):
         art.load_artifact(bad)
+    longer = json.dumps({"layers": [], "total_cycles": 1, "pad": "x" * 200}).encode()
+    bad = _rewrite(path, tmp_path / "s.tar", {art.REPORT: longer}, fix_hashes=False)
+    with pytest.raises(art.ArtifactError, match="'report.json' is .* bytes, the manifest says"):
+        art.load_artifact(bad)
+
+
+def test_member_size_cap_checked_before_reading(tmp_path, monkeypatch):
+    path = _save(tmp_path)
+    monkeypatch.setitem(art.MAX_MEMBER_BYTES, art.CONSTANTS, 16)
+    with pytest.raises(art.ArtifactError, match="'constants.npz' is .* bytes, more than the 16 allowed"):
+        art.load_artifact(path)
 
 
 @pytest.mark.parametrize("name, match", [
@@ -212,10 +224,14 @@ def test_host_library_round_trip(tmp_path):
         bb.emit_func_output(out)
     ex = tvm.compile(bb.get(), target="llvm")
     path = _save(tmp_path, executable=ex)
-    a = art.load_artifact(path)
+    untrusted = art.load_artifact(path)
+    assert untrusted.host_lib is None and untrusted.has_host_lib
+    with pytest.raises(art.ArtifactError, match="runs code from the file.*trust=True"):
+        untrusted.load_host_module()
+    a = art.load_artifact(path, trust=True)
     assert a.host_lib is not None and a.host_lib.name == art.HOST_LIB
     vm = relax.VirtualMachine(a.load_host_module(), tvm.cpu())
     xin = np.random.default_rng(0).integers(-50, 50, (2, 3)).astype(np.int32)
     assert np.array_equal(vm["main"](tvm.runtime.tensor(xin)).numpy(), xin * k)
     with pytest.raises(art.ArtifactError, match="no host part"):
-        art.load_artifact(_save(tmp_path / "b")).load_host_module()
+        art.load_artifact(_save(tmp_path / "b"), trust=True).load_host_module()

@@ -5,13 +5,17 @@ IOSO runs on top of BRECQ (default) or QDrop: ``calibrate(..., method="ioso", co
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
+import warnings
+from collections.abc import Iterable
 
 import numpy as np
 import torch
 from torch import nn
 
+from .data import gather_calib_data
 from .methods import (
     METHODS,
     CalibConfig,
@@ -27,12 +31,19 @@ from .quantizers import check_bits
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Block", "CalibConfig", "MethodSpec", "QuantModel", "Step", "build_qmodel", "calibrate"]
+__all__ = ["Block", "CalibConfig", "CalibrationWarning", "MethodSpec", "QuantModel", "Step", "build_qmodel",
+           "calibrate"]
 
 
-def calibrate(model: nn.Module, calib_data: torch.Tensor | np.ndarray, method: str = "ioso", wbits: int = 4,
+class CalibrationWarning(UserWarning):
+    """calibrate() changed something the caller handed over (a model in train mode is calibrated in eval mode)."""
+
+
+def calibrate(model: nn.Module, calib_data: torch.Tensor | np.ndarray | Iterable, method: str = "ioso", wbits: int = 4,
               abits: int = 4, config: CalibConfig | None = None) -> QuantModel:
-    """Calibrate float ``model`` on ``calib_data`` (float32 (N, C, H, W), N >= batch size).
+    """Calibrate float ``model`` on ``calib_data`` (float32 (N, C, H, W), N >= batch size; also a list of
+    tensors or a ``DataLoader`` yielding tensors or ``(x, y)`` tuples, concatenated: ``data.gather_calib_data``).
+    A model in train mode is calibrated in eval mode (a copy; CalibrationWarning); integer images are refused.
 
     ``method``: "ioso" | "brecq" | "qdrop" | "adaround" | "rtn" | "qft" | "qft+isg" (dispatched to
     ``ioso_tvm.calib.qft.calibrate_qft(model, data, wbits, abits, config, method)``; a CalibConfig
@@ -49,6 +60,13 @@ def calibrate(model: nn.Module, calib_data: torch.Tensor | np.ndarray, method: s
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ValueError(f"model {name!r} holds NaN or Inf values: calibrate a finite float model")
+    if model.training:
+        warnings.warn(f"calibrate: the model ({type(model).__name__}) is in train mode; calibrating it in eval mode "
+                      "(BatchNorm running statistics, no dropout). Call model.eval() first to silence this.",
+                      CalibrationWarning, stacklevel=2)
+        model = copy.deepcopy(model).eval()
+    limit = CalibConfig.num_samples if config is None else getattr(config, "num_samples", None)
+    calib_data = gather_calib_data(calib_data, limit, int(getattr(config, "seed", 0) or 0))
     if method in ("qft", "qft+isg"):  # config may be a QFTConfig or a CalibConfig (qft.py decides)
         from . import qft
 

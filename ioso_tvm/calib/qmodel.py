@@ -197,6 +197,10 @@ def build_qmodel(model: nn.Module, input_shape: tuple[int, ...], wbits: int, abi
 
     def add_op(key: str, mod: nn.Module, inputs: list[str], node: fx.Node) -> None:
         key = key.replace(".", "/")  # ModuleDict keys cannot hold dots; op.name keeps the module path
+        if key in ops:
+            kind = type(mods.get(str(node.target), mod)).__name__
+            raise ValueError(f"module {node.target!r} ({kind}) is called more than once in forward; each call needs its own quantizer: give every call its own module "
+                             f"(e.g. self.{node.target}_2 = copy.deepcopy(self.{node.target}))")
         out = key
         ops[key] = mod
         program.append(Step(key, inputs, out))
@@ -311,6 +315,12 @@ def check_calib_data(data: torch.Tensor | np.ndarray, input_shape: tuple[int, ..
         data = torch.from_numpy(data)
     if not isinstance(data, torch.Tensor):
         raise TypeError(f"calib_data must be a torch.Tensor or numpy array, got {type(data).__name__}")
+    if not (data.is_floating_point() or data.is_complex()):
+        raise TypeError(f"calib_data has dtype {data.dtype}, not float model inputs: convert raw images the way the "
+                        "model was trained (e.g. ioso_tvm.datasets.to_model_input(images), or x.float() / 255 "
+                        "and the training normalisation)")
+    if data.is_complex():
+        raise TypeError(f"calib_data has dtype {data.dtype}; pass real float32 model inputs")
     if data.dim() != 4:
         raise ValueError(f"calib_data must have shape (N, C, H, W), got {tuple(data.shape)}")
     if input_shape is not None and tuple(data.shape[1:]) != tuple(input_shape):

@@ -4,12 +4,17 @@ A record is ``{"version": 2, "layer_key": str, "config": <hw_model Tiling.to_dic
 "npu_config_hash": str, "tuner": str}``. Reading never raises on a bad record: a corrupt, foreign,
 other-version (version 1 held the tuner's own channel-count knobs) or other-NPUConfig record, or one whose
 tiling ``hw_model.layers.check_tiling`` rejects for the layer, gives a ``warnings.warn`` naming it and is
-skipped, so the caller falls back to the default schedule.
+skipped, so the caller falls back to the default schedule. Output stays bounded under junk: up to
+``MAX_WARNINGS`` bad records of one file (or one ``best_tiling`` call) warn one by one, more give ONE
+summary warning (the count, the first bad line and why). JSON nested too deeply is a bad line.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import tempfile
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -23,6 +28,10 @@ RECORD_VERSION = 2
 """Format version of a record line; bump when the knobs or the key change (2: hw_model Tiling knobs)."""
 _KEYS = {"version", "layer_key", "config", "cycles", "npu_config_hash", "tuner"}
 _TILING_KEYS = {"ob_tile", "rows", "cb_tile", "loop_order", "nbuf"}
+MAX_WARNINGS = 10
+"""Bad records of one source that warn one by one; more give one summary warning."""
+MAX_LINE_CHARS = 1 << 20
+"""A record line longer than this (1 MiB; a real one is ~250 characters) is a bad line, not parsed."""
 
 
 class TuningRecordWarning(UserWarning):
@@ -69,40 +78,86 @@ def make_record(spec: ConvSpec, tiling: Tiling, cycles: int, cfg: NPUConfig, tun
     return {"version": RECORD_VERSION, "layer_key": layer_key(spec, cfg), "config": tiling.to_dict(),
             "cycles": int(cycles), "npu_config_hash": config_hash(cfg), "tuner": tuner}
 
+
 def save_records(path: str | Path, records: Iterable[dict[str, Any]], append: bool = True) -> Path:
-    """Write records as JSON lines (appending by default); returns the path."""
+    """Write records as JSON lines (appending by default); returns the path.
+
+    Atomic: the old content (when appending) and the new lines go to a temporary file in the same
+    folder, renamed onto ``path``; a failure leaves ``path`` as it was.
+    """
     path = Path(path)
-    with path.open("a" if append else "w") as f:
-        for r in records:
-            f.write(json.dumps(r, sort_keys=True) + "\n")
+    if path.is_dir():
+        raise IsADirectoryError(f"tuning records path {str(path)!r} is a directory")
+    old = path.read_bytes() if append and path.is_file() else b""
+    if old and not old.endswith(b"\n"):
+        old += b"\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(old)
+            for r in records:
+                f.write((json.dumps(r, sort_keys=True) + "\n").encode())
+        mask = os.umask(0o022)
+        os.umask(mask)
+        os.chmod(tmp, path.stat().st_mode & 0o7777 if path.is_file() else 0o666 & ~mask)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
     return path
 
 
+def _short(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
+class _Warnings:
+    """Collects the bad records of one source; :meth:`flush` warns each (few) or once in summary (many)."""
+
+    def __init__(self, source: str) -> None:
+        self.source, self.bad, self.count = source, [], 0
+
+    def __call__(self, where: str, why: str) -> None:
+        self.count += 1
+        if len(self.bad) <= MAX_WARNINGS:
+            self.bad.append((where, _short(why)))
+
+    def flush(self) -> None:
+        if self.count > MAX_WARNINGS:
+            where, why = self.bad[0]
+            warnings.warn(f"tuning records {self.source}: {self.count} bad records ignored; the first, {where}: "
+                          f"{why}", TuningRecordWarning, stacklevel=3)
+        else:
+            for where, why in self.bad:
+                warnings.warn(f"tuning record {where} ignored: {why}", TuningRecordWarning, stacklevel=3)
+        self.bad, self.count = [], 0
+
+
 def _warn(where: str, why: str) -> None:
-    warnings.warn(f"tuning record {where} ignored: {why}", TuningRecordWarning, stacklevel=3)
+    warnings.warn(f"tuning record {where} ignored: {_short(why)}", TuningRecordWarning, stacklevel=3)
 
 
-def _check(rec: Any, where: str) -> dict[str, Any] | None:
+def _check(rec: Any, where: str, warn: Any = _warn) -> dict[str, Any] | None:
     if not isinstance(rec, dict):
-        _warn(where, f"not a JSON object ({type(rec).__name__})")
+        warn(where, f"not a JSON object ({type(rec).__name__})")
         return None
     if "version" in rec and rec["version"] != RECORD_VERSION:
-        _warn(where, f"version {rec['version']!r}, this tuner reads version {RECORD_VERSION}")
+        warn(where, f"version {rec['version']!r}, this tuner reads version {RECORD_VERSION}")
         return None
     if set(rec) != _KEYS:
-        _warn(where, f"foreign record: keys {sorted(rec)}, expected {sorted(_KEYS)}")
+        warn(where, f"foreign record: keys {sorted(rec)}, expected {sorted(_KEYS)}")
         return None
     try:
         tiling = tiling_from_dict(rec["config"])
     except (TypeError, ValueError) as e:
-        _warn(where, f"bad config: {e}")
+        warn(where, f"bad config: {e}")
         return None
     c = rec["cycles"]
     if not isinstance(c, int) or isinstance(c, bool) or c <= 0:
-        _warn(where, f"cycles must be a positive int, got {c!r}")
+        warn(where, f"cycles must be a positive int, got {c!r}")
         return None
     if not isinstance(rec["layer_key"], str) or not isinstance(rec["npu_config_hash"], str):
-        _warn(where, "layer_key and npu_config_hash must be strings")
+        warn(where, "layer_key and npu_config_hash must be strings")
         return None
     return {**rec, "config": tiling, "where": where}
 
@@ -116,29 +171,51 @@ def load_records(source: str | Path | Iterable[dict[str, Any]]) -> list[dict[str
     out: list[dict[str, Any]] = []
     if isinstance(source, (str, Path)):
         path = Path(source)
+        warn = _Warnings(str(path))
         try:
-            lines = path.read_text().splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            _warn(str(path), f"cannot read the file ({e})")
-            return out
-        for i, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{i}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                _warn(where, f"corrupt JSON ({e.msg})")
-                continue
-            r = _check(rec, where)
-            if r is not None:
-                out.append(r)
+            with path.open("rb") as f:  # streamed: a huge file is not read into memory at once
+                for i, raw in enumerate(f, 1):
+                    r = _parse_line(raw, f"{path}:{i}", warn)
+                    if r is not None:
+                        out.append(r)
+        except OSError as e:
+            warn(str(path), f"cannot read the file ({e})")
+        warn.flush()
         return out
+    warn = _Warnings("given")
     for i, rec in enumerate(source):
-        r = _check(rec, f"record #{i}")
+        r = _check(rec, f"record #{i}", warn)
         if r is not None:
             out.append(r)
+    warn.flush()
     return out
+
+
+def _parse_line(raw: bytes, where: str, warn: _Warnings) -> dict[str, Any] | None:
+    """The checked record of one line, or None (blank or bad: reported to ``warn``)."""
+    if len(raw) > MAX_LINE_CHARS:
+        warn(where, f"line of {len(raw)} bytes, longer than {MAX_LINE_CHARS}")
+        return None
+    try:
+        line = raw.decode()
+    except UnicodeDecodeError as e:
+        warn(where, f"not UTF-8 text ({e.reason} at byte {e.start})")
+        return None
+    if not line.strip():
+        return None
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        warn(where, f"corrupt JSON ({e.msg})")
+        return None
+    except RecursionError:
+        warn(where, "JSON nested too deeply")
+        return None
+    try:
+        return _check(rec, where, warn)
+    except RecursionError:
+        warn(where, "JSON nested too deeply")
+        return None
 
 
 def best_tiling(records: str | Path | Iterable[dict[str, Any]], spec: ConvSpec, cfg: NPUConfig) -> Tiling | None:
@@ -154,16 +231,18 @@ def best_tiling(records: str | Path | Iterable[dict[str, Any]], spec: ConvSpec, 
         records = load_records(records)
     key, h = layer_key(spec, cfg), config_hash(cfg)
     best: tuple[int, Tiling] | None = None
+    warn = _Warnings(f"of layer {key}")
     for r in records:
         if r["layer_key"] != key:
             continue
         if r["npu_config_hash"] != h:
-            _warn(r["where"], f"made for another NPUConfig (hash {r['npu_config_hash']}, this one {h})")
+            warn(r["where"], f"made for another NPUConfig (hash {r['npu_config_hash']}, this one {h})")
             continue
         why = why_invalid(spec, r["config"], cfg)
         if why is not None:
-            _warn(r["where"], f"tiling invalid for {key}: {why}")
+            warn(r["where"], f"tiling invalid for {key}: {why}")
             continue
         if best is None or r["cycles"] < best[0]:
             best = (r["cycles"], canonical(spec, r["config"], cfg))
+    warn.flush()
     return None if best is None else best[1]

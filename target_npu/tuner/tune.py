@@ -1,6 +1,8 @@
 """``tune_model``: tune every 2-D conv layer of an ONNX model and write JSON-lines records."""
 from __future__ import annotations
 
+import copy
+import os
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -45,12 +47,36 @@ def _isg_groups(node: onnx.NodeProto, producers: dict, inits: dict, cfg: NPUConf
     return np.argmax(hit, axis=1).astype(np.int64)
 
 
-def conv_specs(model: str | Path | onnx.ModelProto, cfg: NPUConfig | None = None) -> list[ConvSpec]:
+def with_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph inputs have the static ``shapes`` (name -> dims); the inferred
+    shapes inside the graph are dropped so that shape inference recomputes them. ValueError for an
+    unknown input name or another rank."""
+    model = copy.deepcopy(model)
+    inputs = {i.name: i for i in model.graph.input}
+    for name, dims in shapes.items():
+        if name not in inputs:
+            raise ValueError(f"input_shapes names unknown input {name!r}; the model's inputs are {sorted(inputs)}")
+        tt = inputs[name].type.tensor_type
+        if len(tt.shape.dim) != len(dims) or any(not isinstance(d, int) or d <= 0 for d in dims):
+            raise ValueError(f"input_shapes[{name!r}] must be {len(tt.shape.dim)} positive ints, got {list(dims)}")
+        for d, v in zip(tt.shape.dim, dims):
+            d.Clear()
+            d.dim_value = int(v)
+    del model.graph.value_info[:]
+    for out in model.graph.output:
+        out.type.tensor_type.ClearField("shape")
+    return model
+
+
+def conv_specs(model: str | Path | onnx.ModelProto, cfg: NPUConfig | None = None,
+               input_shapes: dict[str, tuple[int, ...]] | None = None) -> list[ConvSpec]:
     """Distinct 2-D conv layers (dense, grouped, depthwise) of an ONNX model (plain or QDQ), in graph order, as
     shape-only ``hw_model`` ConvSpecs (zero weights) with the ISG group of each input channel read from
     the ``Mul(gamma)`` before the Conv (none: all in group 0). Distinct = another shape or group layout.
 
-    Convs of unknown or non-2-D shape are skipped with a warning (they keep the default schedule).
+    ``input_shapes`` (name -> dims) fixes the graph inputs first (a dynamic batch, as ``tvmc tune
+    --input-shapes``). Convs of unknown or non-2-D shape are skipped with a warning (they keep the
+    default schedule).
     """
     if isinstance(model, (str, Path)):
         if not Path(model).is_file():
@@ -58,6 +84,8 @@ def conv_specs(model: str | Path | onnx.ModelProto, cfg: NPUConfig | None = None
         model = onnx.load(str(model))
     if not isinstance(model, onnx.ModelProto):
         raise TypeError(f"model must be an ONNX path or ModelProto, got {type(model).__name__}")
+    if input_shapes:
+        model = with_input_shapes(model, input_shapes)
     model = shape_inference.infer_shapes(model)
     shapes = _shapes(model)
     producers = {o: n for n in model.graph.node for o in n.output}
@@ -98,11 +126,28 @@ def conv_specs(model: str | Path | onnx.ModelProto, cfg: NPUConfig | None = None
     return specs
 
 
+def _check_output(output: str | Path, model: Any) -> None:
+    """ValueError unless ``output`` can take the records without destroying the model."""
+    out = Path(output)
+    if isinstance(model, (str, Path)) and (out.resolve() == Path(model).resolve()
+                                          or (out.exists() and Path(model).exists()
+                                              and os.path.samefile(out, model))):
+        raise ValueError(f"output {str(output)!r} is the model file {str(model)!r}; write the records elsewhere")
+    if out.is_dir():
+        raise ValueError(f"output {str(output)!r} is a directory; name a file")
+    if not out.parent.is_dir():
+        raise ValueError(f"output {str(output)!r}: the folder {str(out.parent)!r} does not exist")
+
+
 def tune_model(onnx_path_or_model: str | Path | onnx.ModelProto, trials: int, output: str | Path,
                cfg: NPUConfig | None = None, tuner: str = "xgb", jobs: int = 1, seed: int = 0,
-               measure: str = "tir", progress: bool = True) -> list[dict[str, Any]]:
+               measure: str = "tir", progress: bool = True,
+               input_shapes: dict[str, tuple[int, ...]] | None = None) -> list[dict[str, Any]]:
     """Tune each distinct conv layer with ``trials`` measurements (per layer) and write all
-    measured records to ``output`` (JSON lines, overwritten). Returns the records written.
+    measured records to ``output`` (JSON lines, replaced atomically). Returns the records written.
+
+    ``output`` is checked before tuning starts: not the model file, not a directory, in an
+    existing folder. ``input_shapes``: static shapes of the graph inputs (see :func:`conv_specs`).
 
     ``measure``: "tir" (default: the compiler's program, TIR path, + cycle model) or "builder";
     ``jobs``: measurement processes per layer."""
@@ -113,8 +158,9 @@ def tune_model(onnx_path_or_model: str | Path | onnx.ModelProto, trials: int, ou
         raise ValueError(f"jobs must be a positive int, got {jobs!r}")
     if not isinstance(trials, int) or trials < 1:
         raise ValueError(f"trials must be a positive int, got {trials!r}")
+    _check_output(output, onnx_path_or_model)
     fn = get_measure(measure)
-    specs = conv_specs(onnx_path_or_model, cfg)
+    specs = conv_specs(onnx_path_or_model, cfg, input_shapes)
     records: list[dict[str, Any]] = []
     bar = tqdm(specs, desc="tune layers", disable=not progress)
     # one pool for all layers: each worker imports TVM once
