@@ -166,6 +166,10 @@ def build_conv(spec: ConvSpec, tiling: Tiling | None = None, cfg: NPUConfig = DE
     dw = spec.is_depthwise
     slots_in, bgroups = channel_slots(spec.c, spec.isg_groups, cfg)
     stored = stored_layouts(in_slots, [spec.c])[0]
+    runs: list[tuple[int, int, int]] = []
+    if dw:  # one group per channel: the shifter runs on column runs of the stored order, nothing is gathered
+        slots_in, runs = stored, channel_group_runs(stored, spec.isg_groups)
+        bgroups = sorted({g for g, _, _ in runs}, key=lambda g: cfg.isg_group_signs[g] == 0)
     gathered = not np.array_equal(stored, slots_in)
     slots_out = slots_in if dw else identity_slots(spec.k)
     cp, kp, cps = slots_in.size, slots_out.size, stored.size
@@ -257,8 +261,19 @@ def build_conv(spec: ConvSpec, tiling: Tiling | None = None, cfg: NPUConfig = DE
         comp = []
         segs = [(g, max(a, c0), min(e, c1)) for g, a, e in order if max(a, c0) < min(e, c1)]
         if dw:
-            segs = [(g, a, e) for g, a, e in order if max(a, ob0) < min(e, ob1)]
-            segs = [(g, max(a, ob0), min(e, ob1)) for g, a, e in segs]
+            segs = [(order[0][0], ob0, ob1)] if single else []
+        if dw and not single:  # D1 = the tile's MACs, then D2 = shift(D1) per run of channels of one group
+            comp.append(("gemm", dict(
+                acc_addr=d1, acc_stride=wrow, in_addr=spad_in[slot], in_row_stride=wp * pix, in_pix_stride=pix,
+                w_addr=slot * pl.w_tile, w_row_stride=wrow, n_ob=nob, n_cb=nob, kh=spec.kh, kw=spec.kw,
+                oh=y1 - y0, ow=ow, stride_h=sh, stride_w=sw, dil_h=dh, dil_w=dwl, zp=spec.x_zp, depthwise=True)))
+            for g, a, e in runs:
+                a, e = max(a, ob0 * BLOCK), min(e, ob1 * BLOCK)
+                if a < e:
+                    off = a - ob0 * BLOCK
+                    comp.append(("gsa", dict(d1_addr=d1 + off, d1_stride=wrow, d2_addr=d2 + off, d2_stride=wrow,
+                                             rows=(y1 - y0) * ow, cols=e - a, sign=cfg.isg_group_signs[g],
+                                             init=True)))
         for g, a, e in segs:
             first = dw or a == next(st for gg, st, _ in order if gg == g)
             last = dw or e == next(en for gg, _, en in order if gg == g)
@@ -295,6 +310,20 @@ def build_conv(spec: ConvSpec, tiling: Tiling | None = None, cfg: NPUConfig = DE
             "macs": spec.macs(), "groups": len(order), "tiling": tiling.to_dict(),
             "gathered_loads": sum(bool(getattr(i, "gather", "")) for i in b.instrs)}
     return b.finish(meta)
+
+
+def channel_group_runs(slots: np.ndarray, isg_groups: np.ndarray | None) -> list[tuple[int, int, int]]:
+    """(group, first, end) padded channel positions of each maximal run of one ISG group in the stored
+    order ``slots``; a padding position (-1, zero weights) joins the run before it."""
+    gvec = np.zeros(int(slots.max(initial=-1)) + 1, np.int64) if isg_groups is None else np.asarray(isg_groups)
+    runs: list[tuple[int, int, int]] = []
+    for p, ch in enumerate(slots):
+        g = int(gvec[ch]) if ch >= 0 else (runs[-1][0] if runs else None)
+        if runs and (g is None or runs[-1][0] == g):
+            runs[-1] = (runs[-1][0], runs[-1][1], p + 1)
+        else:
+            runs.append((0 if g is None else g, p, p + 1))
+    return runs
 
 
 def group_order_blocks(bgroups: list[int], cfg: NPUConfig) -> list[tuple[int, int, int]]:

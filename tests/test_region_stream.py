@@ -106,10 +106,11 @@ def test_fanout_conflict_gets_a_gathered_load_and_stays_exact():
     cm, got, want = _run_both(b, outs, 3)
     assert all(np.array_equal(g, w) for g, w in zip(got, want))
     rep = cm.report()
-    assert rep["permutes"]["gathered_loads"] == 1 == rep["explicit_permutes"]
+    assert rep["permutes"]["gathered_loads"] == 1 and rep["explicit_permutes"] >= 1  # 1 consumer, per tile
     assert rep["explicit_permute_cycles"] > 0
     gathered = [r for r in rep["layers"] if r["gathered_loads"]]
     assert len(gathered) == 1 and gathered[0]["kind"] == "conv"
+    assert gathered[0]["gathered_loads"] == rep["explicit_permutes"]
 
 
 def _edit_member(src, dst, name, edit):
