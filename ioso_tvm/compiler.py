@@ -116,19 +116,26 @@ class CompiledModel:
     def layer_instructions(self, i: int) -> list[Any] | None:
         """The instructions of layer ``i`` in its region's stream (None: the layer is not on the NPU)."""
         for stream in self.streams:
-            for sec in stream.meta["layers"]:
-                if sec["index"] == i:
-                    return stream.instrs[sec["start"]:sec["end"]]
+            secs = [s for s in stream.meta["layers"] if s["index"] == i]
+            if secs:
+                return [ins for s in secs for ins in stream.instrs[s["start"]:s["end"]]]
         return None
 
     def _stream_sections(self) -> dict[int, dict[str, Any]]:
         """Per NPU layer index: its section of the stream with the cycle model's static report."""
         if self._static is None:
             self._static = {}
-            for stream in self.streams:
+            for stream in self.streams:  # a layer's explicit PERMUTE section counts for the layer
                 rep = simulate(stream, None, self.config, mode="perf").report
                 for sec, r in zip(stream.meta["layers"], rep["sections"]):
-                    self._static[sec["index"]] = {**sec, **r}
+                    row = self._static.setdefault(sec["index"], {"cycles": 0, "instructions": 0, "gathered_loads": 0,
+                                                                 "permutes": 0})
+                    row["cycles"] += r["cycles"]
+                    row["instructions"] += sec["end"] - sec["start"]
+                    row["gathered_loads"] += sec["gathered_loads"]
+                    row["permutes"] += bool(sec.get("permute"))
+                    if not sec.get("permute"):
+                        row["lowering"] = sec["lowering"]
         return self._static
 
     def report(self) -> dict[str, Any]:
@@ -145,13 +152,14 @@ class CompiledModel:
             # a layer in no stream and not kept on the CPU was removed from the graph (dead code)
             device = "npu" if sec is not None else "cpu" if i in self.cpu_reasons or ly.kind == "input" else "removed"
             rows.append({"name": ly.name, "kind": ly.kind, "device": device,
-                         "instructions": 0 if sec is None else sec["end"] - sec["start"],
+                         "instructions": 0 if sec is None else sec["instructions"],
                          "out_shape": list(ly.out_shape), "macs": macs, "cycles": cyc,
                          "us": cyc / self.config.clock_mhz,
                          "mac_utilisation": macs / (cyc * self.config.macs_per_cycle) if macs and cyc else 0.0,
                          "cpu_reason": self.cpu_reasons.get(i) if device == "cpu" else None,
                          "isg_groups_used": 0 if gvec is None else int(len(np.unique(gvec))),
                          "gathered_loads": 0 if sec is None else sec["gathered_loads"],
+                         "permutes": 0 if sec is None else sec["permutes"],
                          "lowering": None if sec is None else sec["lowering"]})
         total = sum(r["cycles"] for r in rows)
         streams = [stream_summary(st, self.config) for st in self.streams]
@@ -162,8 +170,8 @@ class CompiledModel:
                    for i, r in sorted(self.cpu_reasons.items())],
                 "permutes": dict(self.permutes), "streams": streams,
                 "stream_instructions": sum(s["instructions"] for s in streams),
-                "explicit_permutes": sum(s["gathered_loads"] for s in streams),
-                "explicit_permute_cycles": sum(s["gather_cycles"] for s in streams),
+                "explicit_permutes": sum(s["permutes"] + s["gathering_layers"] for s in streams),
+                "explicit_permute_cycles": sum(s["reorder_cycles"] for s in streams),
                 "dram_peak_bytes": sum(s["memory"].get("dram_bytes", 0) for s in streams)}
 
     def export(self, path: str | Path) -> Path:
@@ -193,13 +201,20 @@ class CompiledModel:
 
 
 def stream_summary(stream: Program, cfg: NPUConfig) -> dict[str, Any]:
-    """What a region's stream holds and costs: instructions, gathered LOADs and their extra cycles
-    (against plain LOADs of the same bytes), the DRAM memory plan."""
-    gathers = [i for i in stream.instrs if isinstance(i, Load) and i.gather]
+    """What a region's stream holds and costs: instructions; the explicit channel reorders (PERMUTE
+    sections, and layers that gather an input) with their cycles (a PERMUTE's whole section, a gathered
+    LOAD's extra over a plain LOAD of the same bytes); the DRAM memory plan."""
+    secs = stream.meta["layers"]
+    rep = simulate(stream, None, cfg, mode="perf").report["sections"]
+    perm_cycles = sum(r["cycles"] for s, r in zip(secs, rep) if s.get("permute"))
+    gathers = [i for s in secs if not s.get("permute") for i in stream.instrs[s["start"]:s["end"]]
+               if isinstance(i, Load) and i.gather]
     extra = sum(instr_cost(i, stream, cfg)[1] - instr_cost(dataclasses.replace(i, gather=""), stream, cfg)[1]
                 for i in gathers)
-    return {"symbol": stream.meta["symbol"], "layers": len(stream.meta["layers"]),
-            "instructions": len(stream.instrs), "gathered_loads": len(gathers), "gather_cycles": int(extra),
+    return {"symbol": stream.meta["symbol"], "layers": sum(not s.get("permute") for s in secs),
+            "instructions": len(stream.instrs), "permutes": sum(bool(s.get("permute")) for s in secs),
+            "gathering_layers": sum(s["gathered_loads"] > 0 for s in secs if not s.get("permute")),
+            "gathered_loads": len(gathers), "reorder_cycles": int(perm_cycles + extra),
             "memory": dict(stream.meta.get("memory", {}))}
 
 
@@ -225,7 +240,7 @@ def load(path: str | Path, trust: bool = False) -> CompiledModel:
             stream = Program.from_json(json.dumps(rec["stream"]))
             stream.validate(art.config)
             if stream.meta.get("symbol") != region.symbol or \
-                    [s["index"] for s in stream.meta["layers"]] != region.layers:
+                    [s["index"] for s in stream.meta["layers"] if not s.get("permute")] != region.layers:
                 raise ValueError(f"stream {k} does not match region {region.symbol}")
             regions.append(region)
             streams.append(stream)

@@ -118,7 +118,7 @@ def _codegen(functions: Any, options: Any, constant_names: Any) -> list[Any]:
         region = read_region(f, str(f.attrs["global_symbol"]), lambda c: ctx.layer_of(c)[0])
         for i in region.layers:
             ctx.symbols[i] = region.symbol
-        stream = link_region(region, ctx.layers, build, reuse=ctx.memory_reuse)
+        stream = link_region(region, ctx.layers, build, ctx.config, reuse=ctx.memory_reuse)
         ctx.regions.append(region)
         ctx.streams.append(stream)
         runtime.register_region(stream, ctx.config, ctx.profile)
