@@ -2,7 +2,8 @@
 
 Costs (cycles; see docs/cycle_model.md), every instruction adds ``cfg.instr_overhead_cycles``:
   LOAD / STORE      ceil(bytes moved / dram_bytes_per_cycle)                      unit load / store
-  gathered LOAD     as LOAD + n0 * n1 * (runs - 1) * dma_burst_cycles + ceil(4 * n2 / dram_bytes_per_cycle)
+  gathered LOAD     as LOAD + whole bursts per row piece of each run - the plain bytes + runs * dma_burst_cycles
+                    + ceil(4 * n2 / dram_bytes_per_cycle) (one 2-D descriptor per run; see _gather_extra)
                     (runs: maximal runs of consecutive table entries; the last term reads the table)
   GEMM              ceil(pixels * n_ob * n_cb * kh * kw / (pe_arrays * pixels_per_cycle)) unit mac
                     (depthwise: n_cb = 1 per output block: one 16-lane block-tap per cycle)
@@ -56,13 +57,34 @@ def gather_runs(table: np.ndarray) -> int:
     return int(starts.sum())
 
 
+def gather_run_lengths(table: np.ndarray) -> list[int]:
+    """Lengths of the maximal runs of consecutive entries of a gather table slice (-1 entries break runs
+    and are not read)."""
+    t = np.asarray(table, np.int64).reshape(-1)
+    lengths: list[int] = []
+    for k, v in enumerate(t):
+        if v < 0:
+            continue
+        if k and t[k - 1] >= 0 and v == t[k - 1] + 1:
+            lengths[-1] += 1
+        else:
+            lengths.append(1)
+    return lengths
+
+
 def _gather_extra(ins: Load, prog: Program, cfg: NPUConfig) -> int:
-    """Cycles a gathered LOAD adds to the plain LOAD of the same bytes: one burst setup per extra run
-    per (i, j) row, and the read of its n2 int32 table entries."""
+    """Cycles a gathered LOAD adds to the plain LOAD of the same bytes. The DMA issues one 2-D descriptor
+    per contiguous run of the table (``dma_burst_cycles`` of setup each, once per instruction: the run
+    repeats over the n0 x n1 rows by stride); every row's piece of a run occupies whole DRAM bursts of
+    ``dram_bytes_per_cycle`` bytes (a 16-byte piece costs a full burst); plus the read of the n2 int32
+    table entries."""
     tab = prog.regions[ins.gather].data
-    runs = gather_runs(np.asarray(tab).reshape(-1)[ins.gather_offset:ins.gather_offset + ins.n2])
-    return ins.n0 * ins.n1 * max(runs - 1, 0) * cfg.dma_burst_cycles + \
-        math.ceil(4 * ins.n2 / cfg.dram_bytes_per_cycle)
+    lengths = gather_run_lengths(np.asarray(tab).reshape(-1)[ins.gather_offset:ins.gather_offset + ins.n2])
+    isz = np.dtype(prog.regions[ins.region].dtype).itemsize
+    bw = cfg.dram_bytes_per_cycle
+    pieces = ins.n0 * ins.n1 * sum(math.ceil(n * isz / bw) for n in lengths)
+    plain = math.ceil(ins.n0 * ins.n1 * ins.n2 * isz / bw)
+    return max(pieces - plain, 0) + len(lengths) * cfg.dma_burst_cycles + math.ceil(4 * ins.n2 / bw)
 
 
 def instr_cost(ins: Instr, prog: Program, cfg: NPUConfig = DEFAULT_CONFIG) -> tuple[str, int]:

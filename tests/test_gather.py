@@ -28,7 +28,7 @@ from hw_model.builder import (
     unpack_output,
 )
 from hw_model.config import DEFAULT_CONFIG, NPUConfig
-from hw_model.cycles import gather_runs, instr_cost, layer_report, simulate
+from hw_model.cycles import gather_run_lengths, gather_runs, instr_cost, layer_report, simulate
 from hw_model.functional import Machine, run_program
 from hw_model.isa import Load, Program
 
@@ -124,8 +124,10 @@ def test_gather_runs_and_cost_by_hand():
     plain = Load("src", 0, "spad", 0, 2, 3, 9, 30, 10)
     base = instr_cost(plain, prog, CFG)
     assert base == ("load", 4 + 8)                                      # 54 B / 16 B per cycle
-    # + n0 * n1 * (runs - 1) * burst setup + the table read (9 x 4 B / 16 B per cycle)
-    assert instr_cost(ld, prog, CFG) == ("load", 12 + 2 * 3 * 2 * CFG.dma_burst_cycles + 3)
+    # runs of 4, 2, 1 bytes: each row piece takes a whole 16 B burst (6 rows x 3 pieces = 18 bursts, 4 of
+    # them paid by the plain cost), one descriptor setup per run, and the table read (9 x 4 B / 16 B)
+    assert gather_run_lengths(table) == [4, 2, 1]
+    assert instr_cost(ld, prog, CFG) == ("load", 12 + (18 - 4) + 3 * CFG.dma_burst_cycles + 3)
     assert DEFAULT_CONFIG.dma_burst_cycles == 8
 
 
