@@ -7,8 +7,30 @@ gives the result and what it does not explain (MobileNetV2).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
+
+import numpy as np
+
+MAC_BLOCK = 16
+"""Channels per MAC block, fixed by the ISA (``hw_model.instructions.BLOCK``): ``mac_rows`` and
+``mac_cols`` must equal it until the instructions are parameterised."""
+
+
+def _number(name: str, v: Any, typ: Any) -> int | float:
+    """A count (int field: a real int, not bool / float) or a finite real (float field), > 0."""
+    if typ in (float, "float"):
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(v):
+            raise ValueError(f"NPUConfig.{name} must be a finite positive number, got {v!r}")
+        v = float(v)
+    else:
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+            raise ValueError(f"NPUConfig.{name} must be a positive int, got {v!r} ({type(v).__name__})")
+        v = int(v)
+    if v <= 0:
+        raise ValueError(f"NPUConfig.{name} must be positive, got {v!r}")
+    return v
 
 
 @dataclass(frozen=True)
@@ -74,11 +96,20 @@ class NPUConfig:
         for f in fields(self):
             v = getattr(self, f.name)
             if f.name == "isg_group_signs":
-                if not v or any(s not in (-1, 0, 1) for s in v):
-                    raise ValueError(f"NPUConfig.isg_group_signs must be a non-empty tuple of -1/0/+1, got {v!r}")
+                if isinstance(v, list):
+                    v = tuple(v)
+                    object.__setattr__(self, f.name, v)
+                if not isinstance(v, tuple) or not v or any(type(s) is not int or s not in (-1, 0, 1) for s in v):
+                    raise ValueError(f"NPUConfig.isg_group_signs must be a non-empty tuple of -1/0/+1 ints, got {v!r}")
                 continue
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and v <= 0:
-                raise ValueError(f"NPUConfig.{f.name} must be positive, got {v!r}")
+            object.__setattr__(self, f.name, _number(f.name, v, f.type))
+        for name in ("mac_rows", "mac_cols"):
+            if getattr(self, name) != MAC_BLOCK:
+                raise ValueError(f"NPUConfig.{name} must be {MAC_BLOCK}: the ISA's channel block "
+                                 f"(hw_model.instructions.BLOCK) is fixed at {MAC_BLOCK}, got {getattr(self, name)!r}")
+        if self.acc_bits != 32:
+            raise ValueError(f"NPUConfig.acc_bits must be 32: the numeric contract (hw_model.reference) accumulates "
+                             f"in int32, got {self.acc_bits!r}")
         if not 1 <= self.isg_shift < self.acc_bits:
             raise ValueError(f"NPUConfig.isg_shift must be in 1..{self.acc_bits - 1}, got {self.isg_shift}")
 
@@ -110,7 +141,10 @@ class NPUConfig:
             raise ValueError(f"unknown NPUConfig field(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
         d = dict(d)
         if "isg_group_signs" in d:
-            d["isg_group_signs"] = tuple(int(s) for s in d["isg_group_signs"])
+            signs = d["isg_group_signs"]
+            if not isinstance(signs, (list, tuple)):
+                raise ValueError(f"NPUConfig.isg_group_signs must be a list of -1/0/+1 ints, got {signs!r}")
+            d["isg_group_signs"] = tuple(signs)
         return cls(**d)
 
     def replace(self, **changes: Any) -> NPUConfig:

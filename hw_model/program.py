@@ -58,12 +58,31 @@ class Region:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Region:
+        """A region from its JSON form; every field is checked (ValueError naming the region and key)."""
+        if not isinstance(d, dict) or not isinstance(d.get("name"), str):
+            raise ValueError(f"DRAM region: expected an object with a string 'name', got {str(d)[:80]}")
+        where = f"DRAM region {d['name']!r}"
+        if d.get("dtype") not in DTYPES:
+            raise ValueError(f"{where}: dtype {d.get('dtype')!r} not in {DTYPES}")
+        if d.get("kind") not in ("input", "output", "const", "scratch"):
+            raise ValueError(f"{where}: kind {d.get('kind')!r} not in input/output/const/scratch")
+        size, addr = d.get("size"), d.get("addr")
+        for key, v in (("size", size), ("addr", addr)):
+            if not (v is None and key == "addr") and (type(v) is not int or v < 0):
+                raise ValueError(f"{where}: {key} must be a non-negative int, got {v!r}")
         data = None
         if "data_b64" in d:
-            data = np.frombuffer(base64.b64decode(d["data_b64"]), np.dtype(d["dtype"]).newbyteorder("<"))
-            data = data.astype(d["dtype"])
-        addr = d.get("addr")
-        return cls(d["name"], d["dtype"], int(d["size"]), d["kind"], data, None if addr is None else int(addr))
+            try:
+                raw = base64.b64decode(d["data_b64"], validate=True)
+            except (TypeError, ValueError):
+                raise ValueError(f"{where}: data_b64 is not base64") from None
+            if len(raw) != size * np.dtype(d["dtype"]).itemsize:
+                raise ValueError(f"{where}: data_b64 holds {len(raw)} bytes, {size} {d['dtype']} elements need "
+                                 f"{size * np.dtype(d['dtype']).itemsize}")
+            data = np.frombuffer(raw, np.dtype(d["dtype"]).newbyteorder("<")).astype(d["dtype"])
+            if data.dtype.kind == "f" and not np.isfinite(data).all():
+                raise ValueError(f"{where}: constant data holds NaN or Inf")
+        return cls(d["name"], d["dtype"], size, d["kind"], data, addr)
 
 
 @dataclass
@@ -98,8 +117,15 @@ class Program:
         if got != ISA_VERSION:
             raise ValueError(f"Program.from_json: got isa_version {got}, expected {ISA_VERSION} (version 2 added "
                              f"DRAM addresses, gathered LOADs and SYNC; rebuild the program with this hw_model)")
+        for key in ("instrs", "regions"):
+            if not isinstance(d.get(key), list):
+                raise ValueError(f"Program.from_json: {key!r} must be a JSON list, got {str(d.get(key))[:80]}")
+        if not isinstance(d.get("meta", {}), dict):
+            raise ValueError("Program.from_json: 'meta' must be a JSON object")
         instrs = []
         for k, item in enumerate(d["instrs"]):
+            if not isinstance(item, dict):
+                raise ValueError(f"Program.from_json: instruction #{k} is not a JSON object")
             item = dict(item)
             op = item.pop("op", None)
             if op not in OPCODES:
@@ -142,6 +168,7 @@ def _check_fields(k: int, ins: Instr, prog: Program, cfg: NPUConfig) -> None:
         if type(v) is not int and (not isinstance(v, (int, np.integer)) or isinstance(v, bool)) or \
                 (v <= 0 and not zero_ok):
             raise ValueError(f"{where}: field {name} must be a positive int, got {v!r}")
+    _check_types(where, ins)
     for flag in _QUEUE_FLAGS.get(ins.queue, ()):
         if getattr(ins, flag):
             raise ValueError(f"{where}: the {ins.queue} queue has no neighbour for {flag}")
@@ -175,11 +202,53 @@ def _check_fields(k: int, ins: Instr, prog: Program, cfg: NPUConfig) -> None:
             raise ValueError(f"{where}: STORE into constant region {ins.region!r}")
         if isinstance(ins, Load) and np.dtype(reg.dtype).itemsize != (4 if ins.mem in ("cbuf", "acc") else 1):
             raise ValueError(f"{where}: region {ins.region!r} ({reg.dtype}) does not fit memory {ins.mem}")
+        if isinstance(ins, Load):
+            _check_pad_value(where, ins, reg)
     for mem, _lo, hi, role in ins.accesses():
         size = mem_size(mem, cfg)
         if hi > size:
             raise ValueError(f"{where}: {role} overflows {mem} (needs addresses up to {hi - 1}, "
                              f"{mem} holds {size} elements)")
+
+
+_ZP_FIELDS = {"zp": "int8|uint8", "a_zp": "a_dtype", "b_zp": "b_dtype"}
+
+
+def _check_types(where: str, ins: Instr) -> None:
+    """bool / str / int fields hold exactly those types; zero points fit the byte they shift."""
+    for f in dataclasses.fields(ins):
+        v, typ = getattr(ins, f.name), str(f.type)
+        if typ == "bool" and not isinstance(v, (bool, np.bool_)):
+            raise ValueError(f"{where}: field {f.name} must be true or false, got {v!r}")
+        if typ == "str" and not isinstance(v, str):
+            raise ValueError(f"{where}: field {f.name} must be a string, got {v!r}")
+        if typ == "int" and (isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer))):
+            raise ValueError(f"{where}: field {f.name} must be an int, got {v!r}")
+    for name, dt in _ZP_FIELDS.items():
+        if hasattr(ins, name):
+            lo, hi = (-128, 255) if dt == "int8|uint8" else (
+                (-128, 127) if getattr(ins, dt) == "int8" else (0, 255))
+            if not lo <= getattr(ins, name) <= hi:
+                raise ValueError(f"{where}: field {name} = {getattr(ins, name)} must be in {lo}..{hi} "
+                                 f"(a zero point of a {dt if dt != 'int8|uint8' else 'int8 / uint8'} byte)")
+
+
+def _check_pad_value(where: str, ins: Load, reg: Region) -> None:
+    """A LOAD's pad value must be a finite number that the region's (= the memory's) dtype holds exactly."""
+    v = ins.pad_value
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(v):
+        raise ValueError(f"{where}: pad_value must be a finite number, got {v!r}")
+    if ins.mem == "cbuf":
+        with np.errstate(over="ignore"):
+            ok = np.isfinite(np.float32(v)) and float(np.float32(v)) == float(v)
+        rng, kind = "a float32 value", "float32"
+    else:  # spad / wbuf hold bytes (read as int8 or uint8), acc int32
+        lo, hi = (-128, 255) if ins.mem in ("spad", "wbuf") else (-(2**31), 2**31 - 1)
+        ok, rng = float(v).is_integer() and lo <= v <= hi, f"an integer in {lo}..{hi}"
+        kind = "bytes: int8 or uint8" if ins.mem != "acc" else "int32"
+    if not ok:
+        raise ValueError(f"{where}: pad_value {v!r} is not representable in {ins.mem} ({kind}): must be {rng}")
 
 
 def _check_gather(where: str, ins: Load, prog: Program) -> int:

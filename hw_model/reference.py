@@ -56,6 +56,19 @@ Linear
 
 Input quantization (CPU side, ONNX QuantizeLinear)
     ``q = clip(round_half_even(fl(float32(x) / float32(scale))) + zp, lo, hi)``.
+    Non-finite inputs: +Inf (and any ``x / scale`` that overflows float32) saturates to ``hi``,
+    -Inf to ``lo``, exactly as onnxruntime's QuantizeLinear (followed by the exported Clip)
+    gives. NaN is refused with a ValueError naming the tensor and the first position: ONNX
+    leaves it undefined and onnxruntime 1.32 is not consistent (a one-element tensor gives the
+    dtype maximum, longer ones the minimum), so no integer would be the right one.
+
+Accumulator bound (proved by the compiler)
+    ``ioso_tvm.passes.fold_qdq`` bounds every D1 partial sum, every shifted group sum and the
+    D2 sum of each conv / linear layer (and the window sum of a global average pool) at compile
+    time from its weights, its ISG groups and the full range of its input dtype minus the zero
+    point. A layer whose worst case leaves int32 is not folded: it stays a float QDQ chain on the
+    CPU, and the report gives the reason with the bound. The checks in this module
+    (``OverflowError``) never fire for a folded layer.
 """
 from __future__ import annotations
 
@@ -93,9 +106,17 @@ def clip_bounds(bits: int, signed: bool, act: str | None = None,
     return lo, hi
 
 
-def quantize(x: np.ndarray, scale: float, zp: int, lo: int, hi: int, dtype=np.int8) -> np.ndarray:
-    """Float -> integer, as ONNX QuantizeLinear with float32 division."""
-    t = np.asarray(x, np.float32) / np.float32(scale)
+def quantize(x: np.ndarray, scale: float, zp: int, lo: int, hi: int, dtype=np.int8,
+             what: str = "input") -> np.ndarray:
+    """Float -> integer, as ONNX QuantizeLinear with float32 division; +-Inf saturate, NaN is refused."""
+    x = np.asarray(x, np.float32)
+    nan = np.isnan(x)
+    if nan.any():
+        at = tuple(int(i) for i in np.argwhere(nan)[0])
+        raise ValueError(f"{what} holds {int(nan.sum())} NaN value(s) (first at index {at}); QuantizeLinear "
+                         f"of NaN is undefined: replace them before running (+-Inf saturate to {lo}/{hi})")
+    with np.errstate(over="ignore"):  # x / scale beyond float32 is +-Inf: saturates like onnxruntime
+        t = x / np.float32(scale)
     return np.clip(round_half_even(t) + zp, lo, hi).astype(dtype)
 
 

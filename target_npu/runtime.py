@@ -148,7 +148,8 @@ def execute(layer: Any, xs: list[np.ndarray], cfg: NPUConfig) -> np.ndarray:
     """Outputs of ``layer`` for integer inputs ``xs`` (numpy), bit exact with the contract (CPU path)."""
     c, dt = layer.consts, np.dtype(layer.out_dtype)
     if layer.kind == "input":
-        return ref.quantize(xs[0], c["scale"], c["zp"], c["lo"], c["hi"], dt)
+        return ref.quantize(xs[0], c["scale"], c["zp"], c["lo"], c["hi"], dt,
+                            what=f"model input {layer.name.removeprefix('quantize_')!r}")
     if layer.kind == "conv":
         x = xs[0] if xs[0].ndim == 4 else xs[0].reshape(xs[0].shape[0], -1, 1, 1)  # linear: 1x1 conv
         return ref.conv2d(x, c["x_zp"], c["w"], c["m"], c["b"], c["lo"], c["hi"], dt,

@@ -20,7 +20,9 @@ Representation: :class:`FoldQDQ` replaces the ``quantize`` of each layer by the 
 removed by ``DeadCodeElimination``. The constants live in the :class:`Layer` objects, which
 ``target_npu.runtime`` packs once at compile time into the registered global function.
 A chain that is not recognised, or that fails an NPU check, stays a float QDQ chain that
-the Relax VM runs on the CPU (llvm); :func:`find_layers` returns it with the reason.
+the Relax VM runs on the CPU (llvm); :func:`find_layers` returns it with the reason (naming the
+op that is there), as it does a conv / Gemm whose int32 accumulator :func:`acc_overflow` cannot
+prove in range. Derived constants that overflow float32 are a ValueError naming the layer.
 """
 from __future__ import annotations
 
@@ -97,6 +99,23 @@ class _Graph:
         except NotFoldable:
             return False
 
+    def value(self, e: Any) -> np.ndarray | None:
+        """A constant, or ``dequantize`` of an integer constant (a bias as DequantizeLinear(int32)) evaluated
+        as ONNX does in float32; None for anything else."""
+        d = self.prod(e)
+        if _op(d, "relax.reshape"):
+            return self.value(d.args[0])
+        if not _op(d, "relax.dequantize"):
+            return self.const(e, "") if self.is_const(e) else None
+        if not all(self.is_const(a) for a in d.args[:3]):
+            return None
+        q, s, zp = (self.const(a, "") for a in d.args[:3])
+        shape = [1] * q.ndim
+        if s.size > 1:
+            shape[int(d.attrs.axis) % q.ndim] = -1
+        diff = (q.astype(np.int64) - zp.astype(np.int64).reshape(shape if zp.size > 1 else ())).astype(np.float32)
+        return (diff * s.astype(np.float32).reshape(shape if s.size > 1 else ())).astype(np.float32)
+
     def dq(self, e: Any, what: str) -> tuple[Any, float, int]:
         """(integer var, scale, zp) of a per-tensor ``dequantize``."""
         d = self.prod(e)
@@ -128,13 +147,19 @@ class _Graph:
                 return e, lo, hi
 
 
+def _step(v: float, s: float) -> int:
+    """round(v / s) in float32, clamped to +-2^20 (a bound beyond float32 or far outside the dtype)."""
+    with np.errstate(over="ignore"):
+        return int(np.clip(np.rint(np.float32(v) / np.float32(s)), -(1 << 20), 1 << 20))
+
+
 def _int_bounds(lo_f: float, hi_f: float, s: float, zp: int, dtype: str) -> tuple[int, int]:
     info = np.iinfo(np.dtype(dtype))
     lo, hi = int(info.min), int(info.max)
     if lo_f > -math.inf:
-        lo = max(lo, int(np.rint(np.float32(lo_f) / np.float32(s))) + zp)
+        lo = max(lo, _step(lo_f, s) + zp)
     if hi_f < math.inf:
-        hi = min(hi, int(np.rint(np.float32(hi_f) / np.float32(s))) + zp)
+        hi = min(hi, _step(hi_f, s) + zp)
     # an empty range (lo > hi: a clip bound rounds past the other) gives hi everywhere under the
     # contract's clip = min(max(t, lo), hi); lo = hi is the same function and a valid NPU clip
     return min(lo, hi), hi
@@ -173,18 +198,60 @@ def _weights(gr: _Graph, e: Any, name: str, wbits: dict[str, int]) -> tuple[np.n
         raise NotFoldable("weight is not a dequantized constant")
     w = gr.const(wd.args[0], "weight")
     s_w = gr.const(wd.args[1], "weight scale").astype(np.float32)
-    if w.dtype != np.int8 or np.any(gr.const(wd.args[2], "weight zp") != 0):
-        raise NotFoldable(f"weights must be int8 with zero point 0, got {w.dtype}")
+    if w.dtype != np.int8:
+        raise NotFoldable(f"weights must be int8 (with zero point 0), got {w.dtype}")
+    if np.any(gr.const(wd.args[2], "weight zp") != 0):
+        raise NotFoldable("weight zero point is not 0 (the NPU's weights are symmetric)")
     bits = wbits.get(name, wbits.get("*"))
     if bits is not None and (w.min() < -(2 ** (bits - 1)) or w.max() > 2 ** (bits - 1) - 1):
         raise ValueError(f"layer {name}: weights leave the declared {bits}-bit range")
     return w, np.broadcast_to(s_w.reshape(-1), (w.shape[0],))
 
 
-def _norm(s_x: float, s_w: np.ndarray, s_out: float, zp_out: int, bias: Any, g: Any, phi: Any) -> tuple:
-    return ref.norm_constants(s_x, s_w, s_out, zp_out,
-                              None if bias is None else bias.reshape(-1).astype(np.float32),
-                              None if g is None else g.reshape(-1), None if phi is None else phi.reshape(-1))
+def _finite(name: str, **consts: Any) -> None:
+    """ValueError naming the layer when a float32 constant it derived from the file's scales is not finite."""
+    for key, v in consts.items():
+        a = np.asarray(v, np.float32)
+        if not np.isfinite(a).all():
+            raise ValueError(f"layer {name}: constant {key} = {a.reshape(-1)[~np.isfinite(a.reshape(-1))][0]} is "
+                             f"not finite in float32 (a scale ratio or bias of the model overflows float32)")
+
+
+def _norm(s_x: float, s_w: np.ndarray, s_out: float, zp_out: int, bias: Any, g: Any, phi: Any,
+          name: str = "") -> tuple:
+    with np.errstate(over="ignore", invalid="ignore"):
+        m, b = ref.norm_constants(s_x, s_w, s_out, zp_out,
+                                  None if bias is None else bias.reshape(-1).astype(np.float32),
+                                  None if g is None else g.reshape(-1), None if phi is None else phi.reshape(-1))
+    _finite(name, m=m, b=b)
+    return m, b
+
+
+def acc_overflow(w: np.ndarray, gvec: np.ndarray, groups: int, in_dtype: str, zp: int,
+                 cfg: NPUConfig) -> str | None:
+    """Why a conv's int32 accumulator could leave int32 (None: proven in range), by the contract's order.
+
+    Per weight the product with ``x - zp`` (x over the whole input dtype) lies in [lo, hi] with lo <= 0
+    <= hi, so per output channel the sums of the lows / highs bound every D1 partial sum in any order; the
+    fixed shifter is monotone, so the shifted bounds and their sum bound the running D2 sum."""
+    info = np.iinfo(np.dtype(in_dtype))
+    w64 = w.astype(np.int64)
+    ends = (w64 * (int(info.min) - zp), w64 * (int(info.max) - zp))
+    hi_t, lo_t = np.maximum(*ends).sum(axis=(2, 3)), np.minimum(*ends).sum(axis=(2, 3))  # (K, C/groups)
+    k, cg = w.shape[:2]
+    gidx = np.asarray(gvec, np.int64)[(np.arange(k)[:, None] // (k // groups)) * cg + np.arange(cg)[None, :]]
+    d2_hi, d2_lo = np.zeros(k, np.int64), np.zeros(k, np.int64)
+    for g, sign in enumerate(cfg.isg_group_signs):
+        d1_hi, d1_lo = (hi_t * (gidx == g)).sum(1), (lo_t * (gidx == g)).sum(1)
+        d2_hi += ref.group_shift_add(d1_hi, sign, cfg.isg_shift)
+        d2_lo += ref.group_shift_add(d1_lo, sign, cfg.isg_shift)
+        for what, hi, lo in ((f"the D1 partial sum of ISG group {g}", d1_hi, d1_lo), ("the D2 sum", d2_hi, d2_lo)):
+            if hi.max() > ref.INT32_MAX or lo.min() < ref.INT32_MIN:
+                ch = int(np.argmax(np.maximum(hi, -lo)))
+                return (f"worst-case int32 accumulator leaves int32: {what} of output channel {ch} can reach "
+                        f"{int(lo[ch])}..{int(hi[ch])} (weights {list(w.shape)}, {in_dtype} input, zero point {zp}); "
+                        f"the layer stays a float QDQ chain on the CPU")
+    return None
 
 
 def _linear(gr: _Graph, c: Any, chain: list, s_out: float, zp_out: int, cfg: NPUConfig, name: str,
@@ -207,7 +274,10 @@ def _linear(gr: _Graph, c: Any, chain: list, s_out: float, zp_out: int, cfg: NPU
     if w.ndim != 2 or w.shape[1] != cin:
         raise NotFoldable(f"linear weight {w.shape} does not match {cin} input features")
     gvec = np.zeros(cin, np.int64) if gamma is None else _isg_groups(gamma, cin, cfg, name)
-    m, b = _norm(s_x, s_w, s_out, zp_out, bias, g, phi)
+    why = acc_overflow(w[:, :, None, None], gvec, 1, str(xq.ty.dtype), zp_x, cfg)
+    if why:
+        raise NotFoldable(f"linear: {why}")
+    m, b = _norm(s_x, s_w, s_out, zp_out, bias, g, phi, name)
     return [xq], {"x_zp": zp_x, "w": w[:, :, None, None], "m": m, "b": b, "isg_groups": gvec,
                   "stride": [1, 1], "pads": [0, 0, 0, 0], "groups": 1}
 
@@ -216,14 +286,14 @@ def _conv(gr: _Graph, body: Any, s_out: float, zp_out: int, cfg: NPUConfig, name
           wbits: dict[str, int]) -> tuple[list[Any], dict[str, Any]]:
     chain = []
     c = gr.prod(body)
-    while (_op(c, "relax.add") or _op(c, "relax.multiply")) and gr.is_const(c.args[1]):
-        chain.append((c.op.name, gr.const(c.args[1], "constant")))
+    while (_op(c, "relax.add") or _op(c, "relax.multiply")) and gr.value(c.args[1]) is not None:
+        chain.append((c.op.name, gr.value(c.args[1])))
         c = gr.prod(c.args[0])
     chain.reverse()
     if _op(c, "relax.matmul"):
         return _linear(gr, c, chain, s_out, zp_out, cfg, name, wbits)
     if not _op(c, "relax.nn.conv2d"):
-        raise NotFoldable("no conv2d / matmul under the activation quantizer")
+        raise NotFoldable(_not_a_layer(c))
     bias, g, phi = _affine(chain)
     a = c.attrs
     if a.data_layout != "NCHW" or a.kernel_layout != "OIHW":
@@ -235,6 +305,10 @@ def _conv(gr: _Graph, body: Any, s_out: float, zp_out: int, cfg: NPUConfig, name
     m0 = gr.prod(inp)
     if _op(m0, "relax.multiply") and gr.is_const(m0.args[1]):
         gamma, inp = gr.const(m0.args[1], "gamma"), m0.args[0]
+    p = gr.prod(inp)
+    if _op(p, "relax.nn.pad") or (_op(p, "relax.call_tir") and p.args[0].name_hint.startswith("pad")):
+        raise NotFoldable("conv input goes through a separate pad op (ONNX auto_pad=SAME_* on an input of "
+                          "unknown size, or a Pad node): the NPU conv folds only the conv's own pads")
     xq, s_x, zp_x = gr.dq(inp, "conv input")
     w, s_w = _weights(gr, c.args[1], name, wbits)
     k, cg, kh, kw = w.shape
@@ -242,10 +316,43 @@ def _conv(gr: _Graph, body: Any, s_out: float, zp_out: int, cfg: NPUConfig, name
         raise NotFoldable(f"kernel {kh}x{kw} larger than {MAX_KERNEL}")
     cin = int(xq.ty.shape[1])
     gvec = np.zeros(cin, np.int64) if gamma is None else _isg_groups(gamma, cin, cfg, name)
-    m, b = _norm(s_x, s_w, s_out, zp_out, bias, g, phi)
+    why = acc_overflow(w, gvec, int(a.groups), str(xq.ty.dtype), zp_x, cfg)
+    if why:
+        raise NotFoldable(f"conv: {why}")
+    m, b = _norm(s_x, s_w, s_out, zp_out, bias, g, phi, name)
     return [xq], {"x_zp": zp_x, "w": w, "m": m, "b": b, "isg_groups": gvec,
                   "stride": [int(v) for v in a.strides], "pads": [int(v) for v in a.padding],
                   "groups": int(a.groups)}
+
+
+def _not_a_layer(c: Any) -> str:
+    """The reason for a quantizer whose producer is no NPU layer, naming the op that is there."""
+    if _op(c, "relax.add"):
+        return "add of a quantized tensor and a float / constant tensor (the NPU adds two quantized tensors)"
+    if _op(c, "relax.call_tir") and isinstance(c.args[0], relax.GlobalVar):
+        return f"{c.args[0].name_hint} before the quantizer is not an NPU layer (conv, Gemm, add, pools)"
+    if _op(c, "relax.dequantize"):
+        return "a quantized tensor times / plus a constant is not an NPU layer (conv, Gemm, add of two tensors, pools)"
+    if isinstance(c, relax.Call) and isinstance(c.op, tvm.ir.Op):
+        return f"{c.op.name.removeprefix('relax.')} before the quantizer is not an NPU layer (conv, Gemm, add, pools)"
+    return "no conv2d / matmul under the activation quantizer"
+
+
+def _global_pool(gr: _Graph, c: Any) -> tuple[Any, float, int]:
+    """(integer input, scale, zp) of a global average pool: ``mean`` over H, W or an AveragePool whose
+    kernel covers the whole unpadded input; any other average pool is a NotFoldable with the reason."""
+    xq, s, zp = gr.dq(c.args[0], "average pool input")
+    if _op(c, "relax.mean"):
+        axes = sorted(int(v) for v in c.attrs.axis)
+        if axes != [2, 3] or not c.attrs.keepdims:
+            raise NotFoldable(f"mean over axes {axes} is not a global average pool")
+        return xq, s, zp
+    a, hw = c.attrs, [int(v) for v in list(xq.ty.shape)[2:]]
+    kernel, pads = [int(v) for v in a.pool_size], [int(v) for v in a.padding]
+    if kernel != hw or any(pads) or a.layout != "NCHW" or [int(v) for v in a.dilation] != [1, 1]:
+        raise NotFoldable(f"AveragePool kernel {kernel}, pads {pads} on a {hw[0]}x{hw[1]} input: the NPU runs "
+                          f"only global average pools (kernel = input size, no padding)")
+    return xq, s, zp
 
 
 def _classify(gr: _Graph, q: Any, idx: int, cfg: NPUConfig, wbits: dict[str, int]) -> Layer:
@@ -263,25 +370,33 @@ def _classify(gr: _Graph, q: Any, idx: int, cfg: NPUConfig, wbits: dict[str, int
     if _op(c, "relax.nn.max_pool2d"):
         xq, s, zp = gr.dq(c.args[0], "max pool input")
         a = c.attrs
-        if (s, zp) != (s_out, zp_out) or a.ceil_mode or [int(v) for v in a.dilation] != [1, 1]:
-            raise NotFoldable("max pool with requantization, ceil_mode or dilation")
+        if (s, zp) != (s_out, zp_out):
+            raise NotFoldable(f"max pool requantizes (scale/zero point {s}/{zp} in, {s_out}/{zp_out} out)")
+        if a.ceil_mode or [int(v) for v in a.dilation] != [1, 1]:
+            raise NotFoldable(f"max pool with ceil_mode={bool(a.ceil_mode)}, dilation {[int(v) for v in a.dilation]}")
         return Layer("maxpool", f"maxpool{idx}", [xq], consts={
             "kernel": [int(v) for v in a.pool_size], "stride": [int(v) for v in a.strides],
             "pads": [int(v) for v in a.padding], **clip}, **out)
-    if _op(c, "relax.mean"):
-        axes = sorted(int(v) for v in c.attrs.axis)
-        if axes != [2, 3] or not c.attrs.keepdims:
-            raise NotFoldable(f"mean over axes {axes} is not a global average pool")
-        xq, s, zp = gr.dq(c.args[0], "average pool input")
+    if _op(c, "relax.mean") or _op(c, "relax.nn.avg_pool2d"):
+        xq, s, zp = _global_pool(gr, c)
         h, w = (int(v) for v in list(xq.ty.shape)[2:])
-        m, b = ref.avg_pool_constants(s, s_out, zp_out, h * w)
+        info = np.iinfo(np.dtype(str(xq.ty.dtype)))
+        if h * w * max(zp - int(info.min), int(info.max) - zp) > ref.INT32_MAX:
+            raise NotFoldable(f"global average pool over {h}x{w}: the int32 window sum could overflow")
+        with np.errstate(over="ignore"):
+            m, b = ref.avg_pool_constants(s, s_out, zp_out, h * w)
+        _finite(f"gap{idx}", m=m)
         return Layer("gap", f"gap{idx}", [xq], consts={"x_zp": zp, "m": m, "b": b, **clip}, **out)
     if _op(c, "relax.add") and _op(gr.prod(c.args[0]), "relax.dequantize") \
             and _op(gr.prod(c.args[1]), "relax.dequantize"):
+        if gr.is_const(gr.prod(c.args[0]).args[0]) or gr.is_const(gr.prod(c.args[1]).args[0]):
+            raise NotFoldable("add of a constant tensor (the NPU adds two activation tensors)")
         (aq, sa, za), (bq, sb, zb) = gr.dq(c.args[0], "add input"), gr.dq(c.args[1], "add input")
         if tuple(aq.ty.shape) != tuple(bq.ty.shape):
             raise NotFoldable("add with broadcasting")
-        ma, mb, bias = ref.add_constants(sa, sb, s_out, zp_out)
+        with np.errstate(over="ignore"):
+            ma, mb, bias = ref.add_constants(sa, sb, s_out, zp_out)
+        _finite(f"add{idx}", ma=ma, mb=mb)
         return Layer("add", f"add{idx}", [aq, bq], consts={
             "a_zp": za, "b_zp": zb, "ma": ma, "mb": mb, "bias": bias, **clip}, **out)
     name = f"conv{idx}"
