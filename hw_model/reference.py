@@ -313,3 +313,30 @@ def global_avg_pool(x: np.ndarray, x_zp: int, m, b, lo: int, hi: int, out_dtype=
     """Global average pool: (N, C, H, W) -> (N, C, 1, 1)."""
     h, w = np.asarray(x).shape[2:]
     return avg_pool2d(x, x_zp, (h, w), (1, 1), m, b, lo, hi, out_dtype)
+
+
+def acc_overflow(w: np.ndarray, gvec: np.ndarray, groups: int, in_dtype: str, zp: int,
+                 cfg: NPUConfig = DEFAULT_CONFIG) -> str | None:
+    """Why a conv's int32 accumulator could leave int32 (None: proven in range), by the contract's order.
+
+    Per weight the product with ``x - zp`` (x over the whole input dtype) lies in [lo, hi] with lo <= 0
+    <= hi, so per output channel the sums of the lows / highs bound every D1 partial sum in any order; the
+    fixed shifter is monotone, so the shifted bounds and their sum bound the running D2 sum."""
+    info = np.iinfo(np.dtype(in_dtype))
+    w64 = w.astype(np.int64)
+    ends = (w64 * (int(info.min) - zp), w64 * (int(info.max) - zp))
+    hi_t, lo_t = np.maximum(*ends).sum(axis=(2, 3)), np.minimum(*ends).sum(axis=(2, 3))  # (K, C/groups)
+    k, cg = w.shape[:2]
+    gidx = np.asarray(gvec, np.int64)[(np.arange(k)[:, None] // (k // groups)) * cg + np.arange(cg)[None, :]]
+    d2_hi, d2_lo = np.zeros(k, np.int64), np.zeros(k, np.int64)
+    for g, sign in enumerate(cfg.isg_group_signs):
+        d1_hi, d1_lo = (hi_t * (gidx == g)).sum(1), (lo_t * (gidx == g)).sum(1)
+        d2_hi += group_shift_add(d1_hi, sign, cfg.isg_shift)
+        d2_lo += group_shift_add(d1_lo, sign, cfg.isg_shift)
+        for what, hi, lo in ((f"the D1 partial sum of ISG group {g}", d1_hi, d1_lo), ("the D2 sum", d2_hi, d2_lo)):
+            if hi.max() > INT32_MAX or lo.min() < INT32_MIN:
+                ch = int(np.argmax(np.maximum(hi, -lo)))
+                return (f"worst-case int32 accumulator leaves int32: {what} of output channel {ch} can reach "
+                        f"{int(lo[ch])}..{int(hi[ch])} (weights {list(w.shape)}, {in_dtype} input, zero point {zp}); "
+                        f"the layer stays a float QDQ chain on the CPU")
+    return None

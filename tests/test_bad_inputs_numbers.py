@@ -26,8 +26,9 @@ from hw_model.builder import ConvSpec, build_conv
 from hw_model.config import DEFAULT_CONFIG, MAC_BLOCK, NPUConfig
 from hw_model.instructions import BLOCK
 from hw_model.isa import Program
+from hw_model.reference import acc_overflow
 from ioso_tvm.frontend import import_onnx
-from ioso_tvm.passes.fold_qdq import acc_overflow, find_layers
+from ioso_tvm.passes.fold_qdq import find_layers
 
 
 # ------------------------------------------------------------------------------ helpers

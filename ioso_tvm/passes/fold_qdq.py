@@ -21,7 +21,7 @@ removed by ``DeadCodeElimination``. The constants live in the :class:`Layer` obj
 ``target_npu.runtime`` packs once at compile time into the registered global function.
 A chain that is not recognised, or that fails an NPU check, stays a float QDQ chain that
 the Relax VM runs on the CPU (llvm); :func:`find_layers` returns it with the reason (naming the
-op that is there), as it does a conv / Gemm whose int32 accumulator :func:`acc_overflow` cannot
+op that is there), as it does a conv / Gemm whose int32 accumulator ``hw_model.reference.acc_overflow`` cannot
 prove in range. Derived constants that overflow float32 are a ValueError naming the layer.
 """
 from __future__ import annotations
@@ -227,33 +227,6 @@ def _norm(s_x: float, s_w: np.ndarray, s_out: float, zp_out: int, bias: Any, g: 
     return m, b
 
 
-def acc_overflow(w: np.ndarray, gvec: np.ndarray, groups: int, in_dtype: str, zp: int,
-                 cfg: NPUConfig) -> str | None:
-    """Why a conv's int32 accumulator could leave int32 (None: proven in range), by the contract's order.
-
-    Per weight the product with ``x - zp`` (x over the whole input dtype) lies in [lo, hi] with lo <= 0
-    <= hi, so per output channel the sums of the lows / highs bound every D1 partial sum in any order; the
-    fixed shifter is monotone, so the shifted bounds and their sum bound the running D2 sum."""
-    info = np.iinfo(np.dtype(in_dtype))
-    w64 = w.astype(np.int64)
-    ends = (w64 * (int(info.min) - zp), w64 * (int(info.max) - zp))
-    hi_t, lo_t = np.maximum(*ends).sum(axis=(2, 3)), np.minimum(*ends).sum(axis=(2, 3))  # (K, C/groups)
-    k, cg = w.shape[:2]
-    gidx = np.asarray(gvec, np.int64)[(np.arange(k)[:, None] // (k // groups)) * cg + np.arange(cg)[None, :]]
-    d2_hi, d2_lo = np.zeros(k, np.int64), np.zeros(k, np.int64)
-    for g, sign in enumerate(cfg.isg_group_signs):
-        d1_hi, d1_lo = (hi_t * (gidx == g)).sum(1), (lo_t * (gidx == g)).sum(1)
-        d2_hi += ref.group_shift_add(d1_hi, sign, cfg.isg_shift)
-        d2_lo += ref.group_shift_add(d1_lo, sign, cfg.isg_shift)
-        for what, hi, lo in ((f"the D1 partial sum of ISG group {g}", d1_hi, d1_lo), ("the D2 sum", d2_hi, d2_lo)):
-            if hi.max() > ref.INT32_MAX or lo.min() < ref.INT32_MIN:
-                ch = int(np.argmax(np.maximum(hi, -lo)))
-                return (f"worst-case int32 accumulator leaves int32: {what} of output channel {ch} can reach "
-                        f"{int(lo[ch])}..{int(hi[ch])} (weights {list(w.shape)}, {in_dtype} input, zero point {zp}); "
-                        f"the layer stays a float QDQ chain on the CPU")
-    return None
-
-
 def _linear(gr: _Graph, c: Any, chain: list, s_out: float, zp_out: int, cfg: NPUConfig, name: str,
             wbits: dict[str, int]) -> tuple[list[Any], dict[str, Any]]:
     """Gemm (``matmul(x, permute_dims(DQ(w)))``), run as a 1x1 conv on the flattened input."""
@@ -274,7 +247,7 @@ def _linear(gr: _Graph, c: Any, chain: list, s_out: float, zp_out: int, cfg: NPU
     if w.ndim != 2 or w.shape[1] != cin:
         raise NotFoldable(f"linear weight {w.shape} does not match {cin} input features")
     gvec = np.zeros(cin, np.int64) if gamma is None else _isg_groups(gamma, cin, cfg, name)
-    why = acc_overflow(w[:, :, None, None], gvec, 1, str(xq.ty.dtype), zp_x, cfg)
+    why = ref.acc_overflow(w[:, :, None, None], gvec, 1, str(xq.ty.dtype), zp_x, cfg)
     if why:
         raise NotFoldable(f"linear: {why}")
     m, b = _norm(s_x, s_w, s_out, zp_out, bias, g, phi, name)
@@ -316,7 +289,7 @@ def _conv(gr: _Graph, body: Any, s_out: float, zp_out: int, cfg: NPUConfig, name
         raise NotFoldable(f"kernel {kh}x{kw} larger than {MAX_KERNEL}")
     cin = int(xq.ty.shape[1])
     gvec = np.zeros(cin, np.int64) if gamma is None else _isg_groups(gamma, cin, cfg, name)
-    why = acc_overflow(w, gvec, int(a.groups), str(xq.ty.dtype), zp_x, cfg)
+    why = ref.acc_overflow(w, gvec, int(a.groups), str(xq.ty.dtype), zp_x, cfg)
     if why:
         raise NotFoldable(f"conv: {why}")
     m, b = _norm(s_x, s_w, s_out, zp_out, bias, g, phi, name)
