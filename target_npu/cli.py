@@ -6,13 +6,15 @@
                  [--tuning-records records.json] [--target-ioso_npu-<NPUConfig field>=VALUE ...]
     tvmc run model.tar [--inputs in.npz] [--fill-mode random|zeros|ones] [--outputs out.npz]
              [--print-top N] [--print-time] [--profile [--profile-json F] [--profile-plot F.png]]
-    tvmc tune model.onnx --target=ioso_npu [--trials N] -o records.json
+    tvmc tune model.onnx --target=ioso_npu [--trials N] [--input-shapes "input:[1,1,32,32]"] -o records.json
 
 Every ``NPUConfig`` field is a target option (``--target-ioso_npu-pe_arrays=2``, or inline
 ``--target="ioso_npu -pe_arrays=2, llvm"``), parsed by the field's type. ``--target=llvm``
 compiles for the CPU only; ``ioso_npu`` alone means ``"ioso_npu, llvm"`` (what the NPU
 cannot run falls back to the CPU). Every error is one line ``tvmc: error: ...`` on stderr
 and a non-zero exit (2: bad command line, 1: the command failed); ``-vv`` shows tracebacks.
+Output paths are checked before any work starts (never an input file, also through links;
+an existing, writable folder; not a directory) and written through a temporary file + rename.
 
 The command line is the top of the stack: the compile and run commands load the
 ``ioso_tvm`` compile API lazily, when they run.
@@ -218,13 +220,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
         raise CLIError(f"--trials must be positive, got {args.trials}")
     shapes = parse_input_shapes(args.input_shapes)
     output = check_output(args.output, "-o/--output", {"model file": model})
-    check_model_inputs(model, shapes)
     try:
         tuner = importlib.import_module("target_npu.tuner")
     except ImportError as e:
         raise CLIError(f"tvmc tune is not available: the tuner cannot be imported ({one_line(e)})") from None
     if not hasattr(tuner, "tune_model"):
         raise CLIError("tvmc tune is not available: the tuner has no tune_model()")
+    check_model_inputs(model, shapes)
     tuner.tune_model(str(model), trials=args.trials, output=output, cfg=config, tuner=args.tuner,
                      input_shapes=shapes)
     print(f"tuning records for {model} -> {output}")

@@ -34,7 +34,17 @@ def _input_specs(compiled: Any, path: Path) -> list[tuple[str, tuple[int, ...], 
     specs = read_member_json(path, META).get("inputs")
     if not isinstance(specs, list) or not specs:
         raise CLIError(f"{path}: meta.json lists no model inputs; recompile it with tvmc compile")
-    return [(str(s["name"]), tuple(int(d) for d in s["shape"]), str(s["dtype"])) for s in specs]
+    out = []
+    for i, s in enumerate(specs):
+        try:
+            shape = tuple(s["shape"])
+            if not all(isinstance(d, int) and not isinstance(d, bool) and 0 < d < 2**31 for d in shape):
+                raise ValueError(f"dims must be positive ints, got {str(s['shape'])[:80]}")
+            out.append((str(s["name"]), shape, str(np.dtype(s["dtype"]))))
+        except (KeyError, TypeError, ValueError, RecursionError) as e:
+            raise CLIError(f"{path}: meta.json inputs[{i}] is not a (name, shape, dtype) entry ({str(e)[:120]}); "
+                           "recompile it with tvmc compile") from None
+    return out
 
 
 def make_inputs(specs: Sequence[tuple[str, tuple[int, ...], str]], npz: str | None, fill_mode: str,

@@ -1,5 +1,5 @@
-"""Calibration data as one float tensor: from a tensor, a numpy array, a list / tuple of tensors or a
-``torch.utils.data.DataLoader`` (or any iterable) yielding tensors or ``(x, y)`` tuples.
+"""Calibration data as one float tensor: from a tensor, a numpy array, a list / tuple of tensors, a
+``torch.utils.data.DataLoader`` or ``Dataset`` (or any iterable) yielding tensors or ``(x, y)`` tuples.
 
 Every refusal is one line that says what to change.
 """
@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 ACCEPTED = ("a float torch.Tensor or numpy array (N, C, H, W), a list of such tensors, or a DataLoader / "
-            "iterable yielding tensors or (x, y) tuples")
+            "Dataset / iterable yielding tensors or (x, y) tuples")
 
 
 def _as_tensor(item: Any, where: str) -> torch.Tensor:
@@ -36,6 +36,9 @@ def gather_calib_data(data: Any, limit: int | None = None, seed: int = 0) -> tor
     """
     if isinstance(data, (torch.Tensor, np.ndarray)):
         return data
+    if not isinstance(data, Iterable) and hasattr(data, "__getitem__") and hasattr(data, "__len__"):
+        dataset = data
+        data = (dataset[i] for i in range(len(dataset)))  # a map-style Dataset (e.g. TensorDataset) of samples
     if isinstance(data, (str, bytes, dict)) or not isinstance(data, Iterable):
         raise TypeError(f"calib_data must be {ACCEPTED}; got {type(data).__name__}")
     parts: list[torch.Tensor] = []

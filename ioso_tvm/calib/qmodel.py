@@ -197,9 +197,12 @@ def build_qmodel(model: nn.Module, input_shape: tuple[int, ...], wbits: int, abi
 
     def add_op(key: str, mod: nn.Module, inputs: list[str], node: fx.Node) -> None:
         key = key.replace(".", "/")  # ModuleDict keys cannot hold dots; op.name keeps the module path
+        if key in ops and not isinstance(mod, QLayer):  # a parameter-free module used again: one op per call
+            key = node.name
         if key in ops:
             kind = type(mods.get(str(node.target), mod)).__name__
-            raise ValueError(f"module {node.target!r} ({kind}) is called more than once in forward; each call needs its own quantizer: give every call its own module "
+            raise ValueError(f"module {node.target!r} ({kind}) is called more than once in forward; each call "
+                             "needs its own quantizer: give every call its own module "
                              f"(e.g. self.{node.target}_2 = copy.deepcopy(self.{node.target}))")
         out = key
         ops[key] = mod

@@ -171,11 +171,12 @@ def load_records(source: str | Path | Iterable[dict[str, Any]]) -> list[dict[str
     out: list[dict[str, Any]] = []
     if isinstance(source, (str, Path)):
         path = Path(source)
-        warn = _Warnings(str(path))
+        name = str(path)
+        warn = _Warnings(name)
         try:
             with path.open("rb") as f:  # streamed: a huge file is not read into memory at once
                 for i, raw in enumerate(f, 1):
-                    r = _parse_line(raw, f"{path}:{i}", warn)
+                    r = _parse_line(raw, name, i, warn)
                     if r is not None:
                         out.append(r)
         except OSError as e:
@@ -184,15 +185,25 @@ def load_records(source: str | Path | Iterable[dict[str, Any]]) -> list[dict[str
         return out
     warn = _Warnings("given")
     for i, rec in enumerate(source):
-        r = _check(rec, f"record #{i}", warn)
+        try:
+            r = _check(rec, f"record #{i}", warn)
+        except RecursionError:
+            warn(f"record #{i}", "nested too deeply")
+            continue
         if r is not None:
             out.append(r)
     warn.flush()
     return out
 
 
-def _parse_line(raw: bytes, where: str, warn: _Warnings) -> dict[str, Any] | None:
-    """The checked record of one line, or None (blank or bad: reported to ``warn``)."""
+def _parse_line(raw: bytes, name: str, i: int, warn: _Warnings) -> dict[str, Any] | None:
+    """The checked record of line ``i`` of file ``name``, or None (blank or bad: reported to ``warn``)."""
+    start = raw.lstrip()[:1]
+    if start != b"{":  # fast path for junk: a record is a JSON object
+        if start:
+            warn(f"{name}:{i}", f"not a JSON object (the line starts with {start.decode('latin-1')!r})")
+        return None
+    where = f"{name}:{i}"
     if len(raw) > MAX_LINE_CHARS:
         warn(where, f"line of {len(raw)} bytes, longer than {MAX_LINE_CHARS}")
         return None
