@@ -275,6 +275,10 @@ def build_parser() -> Parser:
     r.add_argument("--profile", action="store_true", help="print the per-layer cycle report")
     r.add_argument("--profile-json", metavar="FILE", help="with --profile: write the report as JSON")
     r.add_argument("--profile-plot", metavar="PNG", help="with --profile: plot where the cycles go")
+    r.add_argument("--trust-artifact", action="store_true",
+                   help="load the artifact's native host library (runs code from the file; with "
+                        "IOSO_NPU_ARTIFACT_KEY set its signature must verify). Default: rebuild the host part "
+                        "from the stored Relax IR")
     r.set_defaults(func=cmd_run)
 
     t = sub.add_parser("tune", help="tune schedule knobs and write tuning records", allow_abbrev=False)

@@ -114,7 +114,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_outputs({"--outputs": args.outputs, "--profile-json": args.profile_json,
                    "--profile-plot": args.profile_plot},
                   {"compiled model": path, "--inputs file": args.inputs}, {"--profile-plot": PLOT_SUFFIXES})
-    compiled = compile_api().load(path)
+    compiled = compile_api().load(path, trust=args.trust_artifact)
     inputs = make_inputs(_input_specs(compiled, path), args.inputs, args.fill_mode, args.seed)
     times = []
     for _ in range(args.repeat):

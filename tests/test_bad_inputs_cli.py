@@ -111,7 +111,7 @@ def ws(tmp_path, monkeypatch):
             raise AssertionError("compile must not start")
 
         @staticmethod
-        def load(p):
+        def load(p, trust=False):
             started.append("load")
             return _StandIn()
 

@@ -296,8 +296,8 @@ class _StandInModel:
     config = NPUConfig(clock_mhz=400.0)
     W = np.arange(10, dtype=np.float32)
 
-    def __init__(self, path):
-        self.path, self.calls = path, []
+    def __init__(self, path, trust=False):
+        self.path, self.calls, self.trust = path, [], trust
 
     def run(self, inputs, mode="func"):
         self.calls.append(mode)
@@ -320,8 +320,8 @@ def stand_in(tmp_path, monkeypatch):
 
     class _API:
         @staticmethod
-        def load(p):
-            made.append(_StandInModel(p))
+        def load(p, trust=False):
+            made.append(_StandInModel(p, trust))
             return made[-1]
 
     monkeypatch.setattr(cli_run, "compile_api", lambda: _API)
@@ -337,7 +337,8 @@ def test_run_outputs_top_time_and_profile(stand_in, tmp_path, capsys):
             "--profile-json", str(tmp_path / "p.json"), "--profile-plot", str(tmp_path / "p.png")]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
-    assert made[0].calls == ["both"] * 3
+    assert made[0].calls == ["both"] * 3 and made[0].trust is False  # the default runs no code from the file
+    assert cli.main(["run", str(path), "--trust-artifact"]) == 0 and made[1].trust is True
     with np.load(tmp_path / "out.npz", allow_pickle=False) as z:
         assert np.array_equal(z["output_0"], _StandInModel(None).run({"input": x}))
     assert "output_0[0] top-2: 9: 9, 8: 8" in out and "output_0[1] top-2: 0: -0, 1: -1" in out
