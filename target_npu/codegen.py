@@ -1,44 +1,44 @@
-"""NPU program of a conv / linear layer generated from its scheduled, tensorized TIR.
+"""NPU program of a conv / linear layer from its scheduled, tensorized TIR: the walk and the entry points.
 
-:func:`lower_conv` schedules the layer (:func:`target_npu.schedule.schedule_conv`: one nest per
-output tile holding the MAC stage of every ISG group, the group shift-add steps and NORM/ACT/QUANT,
-each tensorized) and walks the PrimFunc. Every tensorized block becomes a :class:`Stage`: its
-intrinsic (read from the extern call), the loops around it and which loops each block iter var
-depends on. From the stages it reads what the hardware runs:
+:func:`lower_conv` schedules the layer (:func:`target_npu.schedule.schedule_conv`: one nest per output
+tile; per ISG group the copy stages ``load_x_<j>`` / ``load_w_<j>`` of its input and weight tile, its MAC
+stage and its shift-add step; the NORM constants' copies ``load_m`` / ``load_b``; NORM/ACT/QUANT and the
+output copy ``store_out``; every compute stage tensorized), walks the PrimFunc once into plain Python
+(:func:`walk_nest`, cached by layer shape, groups and knobs: weights never enter it) and hands the walk to
+:func:`target_npu.emit.emit_conv`, which emits one instruction per intrinsic call site and step, and one
+LOAD / STORE per copy stage and step.
 
-- the tile geometry: rows per tile and output blocks per tile = the inner loops of the
-  NORM/ACT/QUANT stage's ``y`` and ``kb`` bindings; loop order = which outer loop comes first;
-  input blocks per tile = the ``ioso_npu.cb_tile`` annotation of the MAC stages, checked against
-  each group's inner input-block loop (a group's tile is the knob clipped to its size);
-- the ISG accumulator sequence: the shift-add intrinsics in stage order give (sign, init) per
-  group, checked against the contract order of the layer's groups;
-- the output dtype of the NORM/ACT/QUANT intrinsic, checked against the layer.
+:func:`walk_nest` returns the output-tile loops (the For chain above the first sequence) and, under them
+in program order, every block with the loops between the tile loops and the block, each index as an affine
+form of those loops (``tvm.sym.detect_linear_equation``):
 
-It checks that the MAC calls cover the layer (loop extents x 16 x 16 per call), then emits the
-instructions through ``hw_model.layers.build_conv`` with that geometry (Load / Gemm /
-GroupShiftAdd / NormActQuant / Store and the dependency tokens), and checks the program against
-the TIR: one NORM_ACT_QUANT per output tile and, per tile, the shift-add signs in the TIR's order.
-The walk is kept in ``Program.meta["tir"]``. Walks are cached by (layer shape, groups, knobs):
-weights do not enter the key.
+- intrinsic call sites (``ioso_npu_*`` externs): each operand's buffer region (min per dim and extent)
+  from the block's match buffers, and the block's ``ioso_npu.*`` annotations;
+- copy stages (``load_*`` / ``store_*`` blocks): destination and source buffer, the source index per
+  destination dim (affine in the destination dims) and the guard of a padded copy
+  (``if_then_else(lo <= v < hi, ...)``) as bounds per destination dim;
+- ``*_init`` blocks (the decomposed reduction init: the next MAC on that buffer overwrites).
+
+:func:`read_layer` reads the knobs back from the walk (rows / output blocks per tile from the NORM
+stage's indices, loop order from the tile loops, ``nbuf`` / ``cb_tile`` from the MAC annotations, the
+shift-add sequence, the output dtype); :func:`lower_layer` checks them against the layer.
 """
 from __future__ import annotations
 
-import dataclasses
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import tvm
 import tvm_ffi
 from tvm import s_tir, tirx
+from tvm.sym import detect_linear_equation
 
 from hw_model.config import NPUConfig
 from hw_model.isa import Program
 from hw_model.layer_specs import ConvSpec, LinearSpec, Tiling
 from hw_model.layers import build_conv, check_tiling, default_tiling
 from target_npu import intrinsics
-from target_npu.emit import Nest, emit_conv, walk_nest
 from target_npu.schedule import (
     CB_TILE_ATTR,
     NBUF_ATTR,
@@ -48,123 +48,249 @@ from target_npu.schedule import (
     single_unity,
     tile_domain,
     tiling_key,
-    var_names,
 )
 
-
-@dataclass(frozen=True)
-class Stage:
-    """One tensorized block of the walked PrimFunc."""
-
-    block: str  # block name, e.g. "mac_0_update_o"
-    extern: str  # extern symbol of its intrinsic
-    loops: tuple[tuple[str, int], ...]  # enclosing loops (name, extent), outer to inner
-    binds: tuple[tuple[str, tuple[str, ...]], ...]  # block iter var -> loop names it uses, outer to inner
-    attrs: tuple[tuple[str, int], ...]
-
-    def extent(self, loop: str) -> int:
-        return dict(self.loops)[loop]
-
-    def bound(self, var: str) -> tuple[str, ...]:
-        return dict(self.binds).get(var, ())
-
-    def calls(self) -> int:
-        """How many times the intrinsic runs: product of the enclosing extents."""
-        out = 1
-        for _, e in self.loops:
-            out *= e
-        return out
+Aff = tuple[int, dict[str, int]]
+"""Affine form: (constant, {loop or iter var name: coefficient})."""
 
 
-def _extern_of(stmt: Any) -> str | None:
-    """Symbol of the first NPU extern call in ``stmt`` (None if there is none)."""
-    found: list[str] = []
+def _vars(expr: Any) -> list[Any]:
+    out: dict[str, Any] = {}
+
+    def on_var(v: Any) -> None:
+        out.setdefault(v.name, v)
+    tvm_ffi.structural_walk(expr, callbacks=[(tirx.Var, on_var)], order="pre")
+    return list(out.values())
+
+
+def linear(expr: Any) -> Aff:
+    """``expr`` as an affine form of the vars in it (NotLowerable if it is not affine with int coefficients)."""
+    if isinstance(expr, (int, tirx.IntImm)):
+        return int(expr), {}
+    vs = _vars(expr)
+    coefs = detect_linear_equation(expr, vs)
+    if len(coefs) != len(vs) + 1 or not all(isinstance(c, tirx.IntImm) for c in coefs):
+        raise NotLowerable(f"index {expr} is not affine in {[v.name for v in vs]}")
+    return int(coefs[-1]), {v.name: int(c) for v, c in zip(vs, coefs[:-1], strict=True) if int(c)}
+
+
+def compose(a: Aff, sub: dict[str, Aff]) -> Aff:
+    """Substitute ``sub`` (iter var -> affine form of loops) into ``a``."""
+    const, out = a[0], {}
+    for v, c in a[1].items():
+        k, inner = sub[v] if v in sub else (0, {v: 1})
+        const += c * k
+        for lv, lc in inner.items():
+            out[lv] = out.get(lv, 0) + c * lc
+    return const, {k: v for k, v in out.items() if v}
+
+
+def at(a: Aff, env: dict[str, int]) -> int:
+    return a[0] + sum(c * env.get(v, 0) for v, c in a[1].items())
+
+
+@dataclass
+class Blk:
+    """A block of the walked nest."""
+
+    name: str
+    loops: list[tuple[str, int]]  # loops between the tile loops and the block, outer to inner
+    extern: str = ""  # intrinsic call site: extern symbol
+    ops: dict[str, tuple[str, list[Aff], list[int]]] = field(default_factory=dict)  # param -> buf, mins, exts
+    dst: str = ""  # copy: destination buffer
+    dst_idx: list[Aff] = field(default_factory=list)  # copy: destination index per dim (affine in loops)
+    src: str = ""  # copy: source buffer
+    src_idx: list[Aff] = field(default_factory=list)  # copy: source index per dim (affine in dst dims "d<i>")
+    guard: dict[int, tuple[int | None, int | None]] = field(default_factory=dict)  # dst dim -> [lo, hi)
+    writes: str = ""  # init: buffer
+    attrs: dict[str, int] = field(default_factory=dict)  # ioso_npu.* block annotations
+    step: int = 0  # how many of ``loops`` are step loops (shared with other blocks), the rest are its own
+
+
+@dataclass
+class Nest:
+    """The walked PrimFunc: tile loops, body (Blk or ("loop", name, extent, body)), buffer shapes."""
+
+    tile_loops: list[tuple[str, int]]
+    body: list[Any]
+    shapes: dict[str, tuple[int, ...]]
+    params: set[str] = field(default_factory=set)
+
+
+def _guard(cond: Any, dims: dict[str, int]) -> dict[int, tuple[int | None, int | None]]:
+    out: dict[int, list[int | None]] = {}
+
+    def on_cmp(c: Any) -> None:
+        a, b = c.a, c.b
+        flip = isinstance(b, tirx.Var)
+        var, num = (b, a) if flip else (a, b)
+        if not isinstance(var, tirx.Var) or not isinstance(num, tirx.IntImm) or var.name not in dims:
+            raise NotLowerable(f"copy guard term {c} is not <var> <cmp> <int>")
+        op = type(c).__name__
+        lo = (op in ("GE",) and not flip) or (op in ("LE",) and flip)
+        hi_strict = (op == "LT" and not flip) or (op == "GT" and flip)
+        hi_incl = (op == "LE" and not flip) or (op == "GE" and flip)
+        lo_strict = (op == "GT" and not flip) or (op == "LT" and flip)
+        b_ = out.setdefault(dims[var.name], [None, None])
+        v = int(num)
+        if lo or lo_strict:
+            b_[0] = v + (1 if lo_strict else 0)
+        elif hi_strict or hi_incl:
+            b_[1] = v + (1 if hi_incl else 0)
+    tvm_ffi.structural_walk(cond, callbacks=[(t, on_cmp) for t in (tirx.LT, tirx.LE, tirx.GT, tirx.GE)],
+                            order="pre")
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def _block(real: Any, loops: list[tuple[str, int]]) -> Blk | None:
+    blk = real.block
+    sub = {iv.var.name: linear(v) for iv, v in zip(blk.iter_vars, real.iter_values, strict=True)}
+    out = Blk(blk.name_hint, list(loops))
+    calls: list[Any] = []
 
     def on_call(c: Any) -> None:
-        if c.op.name == "tirx.call_extern" and c.args[0].value.startswith("ioso_npu_"):
-            found.append(c.args[0].value)
+        if c.op.name == "tirx.call_extern":
+            calls.append(c)
+    tvm_ffi.structural_walk(blk.body, callbacks=[(tvm.ir.Call, on_call)], order="pre")
+    if calls and calls[0].args[0].value.startswith("ioso_npu_"):
+        out.extern = calls[0].args[0].value
+        out.attrs = {k: int(v) for k, v in blk.annotations.items() if k.startswith("ioso_npu.")}
+        for mb in blk.match_buffers:
+            reg = mb.source.region
+            out.ops[mb.buffer.name] = (mb.source.source.name, [compose(linear(r.min), sub) for r in reg],
+                                       [int(r.extent) for r in reg])
+        return out
+    if blk.name_hint.endswith("_init"):
+        out.writes = blk.body.buffer.name
+        return out
+    if blk.name_hint.startswith(("load_", "store_")):
+        st = blk.body
+        dims = {iv.var.name: j for j, iv in enumerate(blk.iter_vars)}
+        idx_names = [linear(i) for i in st.indices]
+        if [a[1] for a in idx_names] != [{iv.var.name: 1} for iv in blk.iter_vars]:
+            raise NotLowerable(f"copy {blk.name_hint} does not write its iteration domain")
+        out.dst = st.buffer.name
+        out.dst_idx = [sub[iv.var.name] for iv in blk.iter_vars]
+        val = st.value
+        if isinstance(val, tvm.ir.Call) and val.op.name.endswith("if_then_else"):
+            out.guard = _guard(val.args[0], dims)
+            val = val.args[1]
+        if not hasattr(val, "indices") or not hasattr(val, "source"):
+            raise NotLowerable(f"copy {blk.name_hint} does not copy one buffer element")
+        out.src = val.source.name
+        ren = {v: (0, {f"d{j}": 1}) for v, j in dims.items()}
+        out.src_idx = [compose(linear(i), ren) for i in val.indices]
+        return out
+    return None
 
-    tvm_ffi.structural_walk(stmt, callbacks=[(tvm.ir.Call, on_call)], order="pre")
-    return found[0] if found else None
 
+def walk_nest(func: tirx.PrimFunc) -> Nest:
+    """The walk described in the module docstring."""
+    shapes: dict[str, tuple[int, ...]] = {}
 
-def walk(func: tirx.PrimFunc) -> list[Stage]:
-    """The tensorized stages of a PrimFunc scheduled by :func:`schedule_conv`, in program order."""
-    stages: list[Stage] = []
+    def on_buf(b: Any) -> None:
+        try:
+            shapes.setdefault(b.name, tuple(int(x) for x in b.shape))
+        except (AttributeError, TypeError):  # a plain Var, or a buffer with symbolic shape
+            pass
+    tvm_ffi.structural_walk(func.body, callbacks=[(tirx.Buffer, on_buf)], order="pre")
+    allocs: set[str] = set()
 
-    def visit(stmt: Any, stack: list[tuple[str, int]]) -> None:
+    def visit(stmt: Any, loops: list[tuple[str, int]]) -> list[Any]:
         if isinstance(stmt, tirx.For):
-            visit(stmt.body, [*stack, (stmt.loop_var.name, int(stmt.extent))])
-        elif isinstance(stmt, tirx.SeqStmt):
-            for s in stmt.seq:
-                visit(s, stack)
-        elif isinstance(stmt, s_tir.SBlockRealize):
-            blk = stmt.block
-            ext = _extern_of(blk.body) if not isinstance(blk.body, (tirx.For, tirx.SeqStmt)) else None
-            if ext is not None:
-                loop_names = [n for n, _ in stack]
-                binds = tuple((iv.var.name, tuple(n for n in loop_names if n in var_names(v)))
-                              for iv, v in zip(blk.iter_vars, stmt.iter_values, strict=True))
-                attrs = tuple((k, int(v)) for k, v in blk.annotations.items() if k.startswith("ioso_npu."))
-                stages.append(Stage(blk.name_hint, ext, tuple(stack), binds, attrs))
-            else:
-                visit(blk.body, stack)
-        elif hasattr(stmt, "body"):
-            visit(stmt.body, stack)
+            inner = visit(stmt.body, [*loops, (stmt.loop_var.name, int(stmt.extent))])
+            blk_loops = all(isinstance(x, Blk) and len(x.loops) > len(loops) for x in inner)
+            if blk_loops and len(inner) == 1:
+                return inner  # the block's own loop: part of its loop fields
+            return [("loop", stmt.loop_var.name, int(stmt.extent), inner)]
+        if isinstance(stmt, tirx.SeqStmt):
+            return [x for s in stmt.seq for x in visit(s, loops)]
+        if isinstance(stmt, s_tir.SBlockRealize):
+            if stmt.block.name_hint == "root":
+                allocs.update(ab.name for ab in stmt.block.alloc_buffers)
+                return visit(stmt.block.body, loops)
+            b = _block(stmt, loops)
+            return [b] if b is not None else []
+        if hasattr(stmt, "body"):
+            return visit(stmt.body, loops)
+        return []
 
-    visit(func.body, [])
-    return stages
+    body = visit(func.body, [])
+    tile: list[tuple[str, int]] = []
+    while len(body) == 1 and isinstance(body[0], tuple):
+        _, name, ext, body = body[0]
+        tile.append((name, ext))
+    strip = len(tile)
+
+    def mark(items: list[Any], depth: int) -> None:
+        for x in items:
+            if isinstance(x, tuple):
+                mark(x[3], depth + 1)
+            else:
+                x.loops, x.step = x.loops[strip:], depth
+    mark(body, 0)
+    return Nest(tile, body, shapes, set(shapes) - allocs - {"A", "B", "C", "P", "M", "Bias", "L"})
+
+
+def blocks(body: list[Any]) -> list[Blk]:
+    out: list[Blk] = []
+    for x in body:
+        out += blocks(x[3]) if isinstance(x, tuple) else [x]
+    return out
+
+
+def calls_of(nest: Nest, prefix: str) -> list[Blk]:
+    """The intrinsic call sites whose extern starts with ``prefix``, in program order."""
+    return [b for b in blocks(nest.body) if b.extern.startswith(prefix)]
+
+
+def _tile_loop(nest: Nest, a: Aff) -> tuple[str, int]:
+    """(name, coefficient) of the one tile loop an index moves with."""
+    names = [n for n, _ in nest.tile_loops]
+    found = [(v, c) for v, c in a[1].items() if v in names]
+    if len(found) != 1:
+        raise NotLowerable(f"output index {a} does not move with exactly one tile loop")
+    return found[0]
 
 
 @dataclass(frozen=True)
 class LoweredLayer:
     """What the walk of one scheduled layer says the hardware runs."""
 
-    stages: tuple[Stage, ...]
+    nest: Nest
     tiling: Tiling
     shift_adds: tuple[tuple[int, bool], ...]  # (sign, init) per group in accumulation order; () = none
     out_dtype: str
-    nest: Nest | None = None  # the walk the instructions are emitted from
 
     def to_meta(self) -> dict[str, Any]:
-        return {"stages": [{"block": s.block, "extern": s.extern, "loops": [list(x) for x in s.loops]}
-                           for s in self.stages], "shift_adds": [list(x) for x in self.shift_adds]}
+        return {"tile_loops": [list(x) for x in self.nest.tile_loops],
+                "stages": [{"block": b.name, "extern": b.extern or ("copy" if b.dst else "init"),
+                            "loops": [list(x) for x in b.loops]} for b in blocks(self.nest.body)],
+                "shift_adds": [list(x) for x in self.shift_adds]}
 
 
 _SIGN_OF = {v: k for k, v in intrinsics.SIGNS.items()}
 
 
-def _segment(stage: Stage) -> int:
-    """Group segment j of a ``mac_<j>_...`` / ``shift_add_<j>_...`` block."""
-    return int(re.match(r"(?:mac|shift_add)_(\d+)_", stage.block).group(1))
-
-
-def stages_of(stages: tuple[Stage, ...] | list[Stage], prefix: str) -> list[Stage]:
-    """The stages whose intrinsic extern starts with ``prefix``, by group segment when they have one."""
-    out = [s for s in stages if s.extern.startswith(prefix)]
-    return out if prefix.startswith("ioso_npu_norm") else sorted(out, key=_segment)
-
-
-def read_layer(stages: list[Stage]) -> LoweredLayer:
-    """Tile geometry, shift-add sequence and output dtype from the walked stages (see module docstring)."""
-    macs = stages_of(stages, intrinsics.EXTERN) + stages_of(stages, intrinsics.DW_EXTERN)
-    gsas = stages_of(stages, "ioso_npu_shift_add_")
-    norms = stages_of(stages, "ioso_npu_norm_act_quant_")
+def read_layer(nest: Nest) -> LoweredLayer:
+    """Tile geometry, shift-add sequence and output dtype read back from the walk (module docstring)."""
+    norms = calls_of(nest, "ioso_npu_norm_act_quant_")
+    macs = calls_of(nest, intrinsics.EXTERN) + calls_of(nest, intrinsics.DW_EXTERN)
     if len(norms) != 1 or not macs:
         raise ValueError(f"TIR lowering: expected MAC stages and one NORM/ACT/QUANT stage, got "
-                         f"{[s.extern for s in stages]}")
+                         f"{[b.extern for b in blocks(nest.body) if b.extern]}")
     norm = norms[0]
-    y_loops, kb_loops = norm.bound("v_y_o"), norm.bound("v_kb_o")
-    names = [n for n, _ in norm.loops]
-    order = "ob_outer" if names.index(kb_loops[0]) < names.index(y_loops[0]) else "sp_outer"
-    attrs = dict(macs[0].attrs)
-    tiling = Tiling(ob_tile=norm.extent(kb_loops[-1]), rows=norm.extent(y_loops[-1]),
-                    cb_tile=attrs[CB_TILE_ATTR], loop_order=order, nbuf=attrs[NBUF_ATTR])
+    out = norm.ops["C"][1]
+    (ly, rows), (lkb, ob) = _tile_loop(nest, out[1]), _tile_loop(nest, out[3])
+    names = [n for n, _ in nest.tile_loops]
+    order = "ob_outer" if names.index(lkb) < names.index(ly) else "sp_outer"
+    tiling = Tiling(ob_tile=ob, rows=rows, cb_tile=macs[0].attrs[CB_TILE_ATTR], loop_order=order,
+                    nbuf=macs[0].attrs[NBUF_ATTR])
     shift = []
-    for s in gsas:  # ioso_npu_shift_add_<sign>_<init|acc>_s<n>
-        *_, sign, kind, _ = s.extern.split("_")
+    for b in calls_of(nest, "ioso_npu_shift_add_"):  # ioso_npu_shift_add_<sign>_<init|acc>_s<n>
+        *_, sign, kind, _ = b.extern.split("_")
         shift.append((_SIGN_OF[sign], kind == "init"))
-    return LoweredLayer(tuple(stages), tiling, tuple(shift), norm.extern.rsplit("_", 1)[1])
+    return LoweredLayer(nest, tiling, tuple(shift), norm.extern.rsplit("_", 1)[1])
 
 
 _CACHE: dict[tuple[Any, ...], LoweredLayer] = {}
@@ -176,16 +302,19 @@ def lower_layer(spec: ConvSpec, tiling: Tiling, cfg: NPUConfig) -> LoweredLayer:
     low = _CACHE.get(key)
     if low is not None:
         return low
-    func = schedule_conv(spec, tiling, cfg).mod["main"]
-    low = dataclasses.replace(read_layer(walk(func)), nest=walk_nest(func))
+    low = read_layer(walk_nest(schedule_conv(spec, tiling, cfg).mod["main"]))
     d = tile_domain(spec, tiling, cfg)
     dw = d["depthwise"]
-    macs = stages_of(low.stages, intrinsics.DW_EXTERN if dw else intrinsics.EXTERN)
+    macs = calls_of(low.nest, intrinsics.DW_EXTERN if dw else intrinsics.EXTERN)
+    tiles = int(np.prod([e for _, e in low.nest.tile_loops]))
+    got = tiles * sum(int(np.prod([e for _, e in b.loops])) for b in macs)
     want = d["n"] * d["oh"] * d["ow"] * d["kb"] * (1 if dw else d["cb"]) * d["kh"] * d["kw"]
-    got = sum(s.calls() for s in macs)
     want_gsa = () if single_unity(d, cfg) else tuple((cfg.isg_group_signs[g], j == 0)
                                                       for j, (g, *_r) in enumerate(d["segs"]))
-    cb_inner = [s.extent(s.bound("v_cb_o")[-1]) if s.bound("v_cb_o") else 1 for s in macs]
+    copies = {b.dst: b for b in blocks(low.nest.body) if b.dst}
+    exts = [dict(copies[b.ops["A"][0]].loops[copies[b.ops["A"][0]].step:]) for b in macs]  # input tile
+    cb_inner = [1 + sum(c * (x[v] - 1) for v, c in copies[b.ops["A"][0]].dst_idx[3][1].items() if v in x)
+                for b, x in zip(macs, exts, strict=True)]
     problems = []
     if got != want or len(macs) != len(d["segs"]):
         problems.append(f"{len(macs)} MAC stage(s) making {got} calls, expected {len(d['segs'])} making {want}")
@@ -207,8 +336,10 @@ def lower_conv(spec: ConvSpec | LinearSpec, tiling: Tiling | None, cfg: NPUConfi
     tensorized TIR (:func:`target_npu.emit.emit_conv`); ``in_slots``: the stored channel layout of the input
     in DRAM (None: channel order).
 
-    Raises :class:`target_npu.schedule.NotLowerable` for a depthwise conv with scaled ISG groups, and
-    ``ValueError`` for a tiling that does not fit the on-chip memories."""
+    Raises :class:`target_npu.schedule.NotLowerable` for a depthwise conv with scaled ISG groups (and for a
+    nest the emitter cannot map), ``ValueError`` for a tiling that does not fit the on-chip memories."""
+    from target_npu.emit import emit_conv
+
     conv = spec.as_conv() if isinstance(spec, LinearSpec) else spec
     if not isinstance(conv, ConvSpec):
         raise TypeError(f"lower_conv: spec must be a ConvSpec or LinearSpec, got {type(spec).__name__}")

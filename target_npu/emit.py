@@ -1,18 +1,8 @@
 """Instruction stream of a conv / linear layer emitted by walking its scheduled, tensorized TIR.
 
-:func:`walk_nest` reads the PrimFunc of :func:`target_npu.schedule.schedule_conv` into plain Python
-(cached by the caller, weights never enter it): the output-tile loops (the For chain above the
-first sequence) and, under them in program order, every block with the loops between the tile loops
-and the block, its iter values as affine forms of those loops (``tvm.sym.detect_linear_equation``):
-
-- intrinsic call sites (``ioso_npu_*`` externs): each operand's buffer region (min per dim, affine in
-  the loops, and extent) from the block's match buffers;
-- copy stages (``load_*`` / ``store_*`` blocks): destination and source buffer, the source index of
-  every destination dim (affine in the block's iter vars) and the guard of a padded copy
-  (``if_then_else(lo <= v < hi, ...)``) as bounds per destination dim;
-- ``*_init`` blocks (the decomposed reduction init: the next MAC on that buffer overwrites).
-
-:func:`emit` enumerates the output tiles in Python (the extents of the tile loops) and, per tile, runs
+:class:`ConvEmitter` takes the walk of :func:`target_npu.codegen.walk_nest` (tile loops; per block its
+loops, operand regions / copy boxes as affine forms of the loops, copy guards, init blocks).
+:meth:`ConvEmitter.emit` enumerates the output tiles in Python (the extents of the tile loops) and, per tile, runs
 the body in order: a loop around copies and a call is a step loop (one pipeline step per iteration),
 each copy becomes a LOAD / STORE whose DRAM box is the copy's region (clipped to what the clipped
 consumers read; guard bounds on rows / columns become LOAD padding, other guard bounds clip the
@@ -25,206 +15,24 @@ on the allocated tiles. Dependency tokens: :class:`hw_model.builder.StepTokens`.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import tvm
-import tvm_ffi
-from tvm import s_tir, tirx
-from tvm.sym import detect_linear_equation
 
 from hw_model.builder import BLOCK, ProgramBuilder, StepTokens
 from hw_model.isa import mem_size
+from target_npu.codegen import Aff, Blk, Nest, at, blocks
 from target_npu.schedule import NotLowerable
-
-Aff = tuple[int, dict[str, int]]
-"""Affine form: (constant, {loop or iter var name: coefficient})."""
 
 
 class EmitError(NotLowerable):
     """The TIR does not have the shape the emitter maps onto instructions."""
 
 
-def _vars(expr: Any) -> list[Any]:
-    out: dict[str, Any] = {}
-
-    def on_var(v: Any) -> None:
-        out.setdefault(v.name, v)
-    tvm_ffi.structural_walk(expr, callbacks=[(tirx.Var, on_var)], order="pre")
-    return list(out.values())
-
-
-def linear(expr: Any) -> Aff:
-    """``expr`` as an affine form of the vars in it (EmitError if it is not affine with int coefficients)."""
-    if isinstance(expr, (int, tirx.IntImm)):
-        return int(expr), {}
-    vs = _vars(expr)
-    coefs = detect_linear_equation(expr, vs)
-    if len(coefs) != len(vs) + 1 or not all(isinstance(c, tirx.IntImm) for c in coefs):
-        raise EmitError(f"index {expr} is not affine in {[v.name for v in vs]}")
-    return int(coefs[-1]), {v.name: int(c) for v, c in zip(vs, coefs[:-1], strict=True) if int(c)}
-
-
-def compose(a: Aff, sub: dict[str, Aff]) -> Aff:
-    """Substitute ``sub`` (iter var -> affine form of loops) into ``a``."""
-    const, out = a[0], {}
-    for v, c in a[1].items():
-        k, inner = sub[v] if v in sub else (0, {v: 1})
-        const += c * k
-        for lv, lc in inner.items():
-            out[lv] = out.get(lv, 0) + c * lc
-    return const, {k: v for k, v in out.items() if v}
-
-
-def at(a: Aff, env: dict[str, int]) -> int:
-    return a[0] + sum(c * env.get(v, 0) for v, c in a[1].items())
-
-
-@dataclass
-class Blk:
-    """A block of the walked nest."""
-
-    name: str
-    loops: list[tuple[str, int]]  # loops between the tile loops and the block, outer to inner
-    extern: str = ""  # intrinsic call site: extern symbol
-    ops: dict[str, tuple[str, list[Aff], list[int]]] = field(default_factory=dict)  # param -> buf, mins, exts
-    dst: str = ""  # copy: destination buffer
-    dst_idx: list[Aff] = field(default_factory=list)  # copy: destination index per dim (affine in loops)
-    src: str = ""  # copy: source buffer
-    src_idx: list[Aff] = field(default_factory=list)  # copy: source index per dim (affine in dst dims "d<i>")
-    guard: dict[int, tuple[int | None, int | None]] = field(default_factory=dict)  # dst dim -> [lo, hi)
-    writes: str = ""  # init: buffer
-
-
-@dataclass
-class Nest:
-    """The walked PrimFunc: tile loops, body (Blk or ("loop", name, extent, body)), buffer shapes."""
-
-    tile_loops: list[tuple[str, int]]
-    body: list[Any]
-    shapes: dict[str, tuple[int, ...]]
-    params: set[str] = field(default_factory=set)
-
-
-def _guard(cond: Any, dims: dict[str, int]) -> dict[int, tuple[int | None, int | None]]:
-    out: dict[int, list[int | None]] = {}
-
-    def on_cmp(c: Any) -> None:
-        a, b = c.a, c.b
-        flip = isinstance(b, tirx.Var)
-        var, num = (b, a) if flip else (a, b)
-        if not isinstance(var, tirx.Var) or not isinstance(num, tirx.IntImm) or var.name not in dims:
-            raise EmitError(f"copy guard term {c} is not <var> <cmp> <int>")
-        op = type(c).__name__
-        lo = (op in ("GE",) and not flip) or (op in ("LE",) and flip)
-        hi_strict = (op == "LT" and not flip) or (op == "GT" and flip)
-        hi_incl = (op == "LE" and not flip) or (op == "GE" and flip)
-        lo_strict = (op == "GT" and not flip) or (op == "LT" and flip)
-        b_ = out.setdefault(dims[var.name], [None, None])
-        v = int(num)
-        if lo or lo_strict:
-            b_[0] = v + (1 if lo_strict else 0)
-        elif hi_strict or hi_incl:
-            b_[1] = v + (1 if hi_incl else 0)
-    tvm_ffi.structural_walk(cond, callbacks=[(t, on_cmp) for t in (tirx.LT, tirx.LE, tirx.GT, tirx.GE)],
-                            order="pre")
-    return {k: (v[0], v[1]) for k, v in out.items()}
-
-
-def _block(real: Any, loops: list[tuple[str, int]]) -> Blk | None:
-    blk = real.block
-    sub = {iv.var.name: linear(v) for iv, v in zip(blk.iter_vars, real.iter_values, strict=True)}
-    out = Blk(blk.name_hint, list(loops))
-    calls: list[Any] = []
-
-    def on_call(c: Any) -> None:
-        if c.op.name == "tirx.call_extern":
-            calls.append(c)
-    tvm_ffi.structural_walk(blk.body, callbacks=[(tvm.ir.Call, on_call)], order="pre")
-    if calls and calls[0].args[0].value.startswith("ioso_npu_"):
-        out.extern = calls[0].args[0].value
-        for mb in blk.match_buffers:
-            reg = mb.source.region
-            out.ops[mb.buffer.name] = (mb.source.source.name, [compose(linear(r.min), sub) for r in reg],
-                                       [int(r.extent) for r in reg])
-        return out
-    if blk.name_hint.endswith("_init"):
-        out.writes = blk.body.buffer.name
-        return out
-    if blk.name_hint.startswith(("load_", "store_")):
-        st = blk.body
-        dims = {iv.var.name: j for j, iv in enumerate(blk.iter_vars)}
-        idx_names = [linear(i) for i in st.indices]
-        if [a[1] for a in idx_names] != [{iv.var.name: 1} for iv in blk.iter_vars]:
-            raise EmitError(f"copy {blk.name_hint} does not write its iteration domain")
-        out.dst = st.buffer.name
-        out.dst_idx = [sub[iv.var.name] for iv in blk.iter_vars]
-        val = st.value
-        if isinstance(val, tvm.ir.Call) and val.op.name.endswith("if_then_else"):
-            out.guard = _guard(val.args[0], dims)
-            val = val.args[1]
-        if not hasattr(val, "indices") or not hasattr(val, "source"):
-            raise EmitError(f"copy {blk.name_hint} does not copy one buffer element")
-        out.src = val.source.name
-        ren = {v: (0, {f"d{j}": 1}) for v, j in dims.items()}
-        out.src_idx = [compose(linear(i), ren) for i in val.indices]
-        return out
-    return None
-
-
-def walk_nest(func: tirx.PrimFunc) -> Nest:
-    """The walk described in the module docstring."""
-    shapes: dict[str, tuple[int, ...]] = {}
-
-    def on_buf(b: Any) -> None:
-        try:
-            shapes.setdefault(b.name, tuple(int(x) for x in b.shape))
-        except (AttributeError, TypeError):  # a plain Var, or a buffer with symbolic shape
-            pass
-    tvm_ffi.structural_walk(func.body, callbacks=[(tirx.Buffer, on_buf)], order="pre")
-    allocs: set[str] = set()
-
-    def visit(stmt: Any, loops: list[tuple[str, int]]) -> list[Any]:
-        if isinstance(stmt, tirx.For):
-            inner = visit(stmt.body, [*loops, (stmt.loop_var.name, int(stmt.extent))])
-            blk_loops = all(isinstance(x, Blk) and len(x.loops) > len(loops) for x in inner)
-            if blk_loops and len(inner) == 1:
-                return inner  # the block's own loop: part of its loop fields
-            return [("loop", stmt.loop_var.name, int(stmt.extent), inner)]
-        if isinstance(stmt, tirx.SeqStmt):
-            return [x for s in stmt.seq for x in visit(s, loops)]
-        if isinstance(stmt, s_tir.SBlockRealize):
-            if stmt.block.name_hint == "root":
-                allocs.update(ab.name for ab in stmt.block.alloc_buffers)
-                return visit(stmt.block.body, loops)
-            b = _block(stmt, loops)
-            return [b] if b is not None else []
-        if hasattr(stmt, "body"):
-            return visit(stmt.body, loops)
-        return []
-
-    body = visit(func.body, [])
-    tile: list[tuple[str, int]] = []
-    while len(body) == 1 and isinstance(body[0], tuple):
-        _, name, ext, body = body[0]
-        tile.append((name, ext))
-    strip = len(tile)
-    for b in _blocks(body):
-        b.loops = b.loops[strip:]
-    return Nest(tile, body, shapes, set(shapes) - allocs - {"A", "B", "C", "P", "M", "Bias", "L"})
-
-
-def _blocks(body: list[Any]) -> list[Blk]:
-    out: list[Blk] = []
-    for x in body:
-        out += _blocks(x[3]) if isinstance(x, tuple) else [x]
-    return out
-
-
 def box(b: Blk, env: dict[str, int]) -> list[tuple[int, int]]:
     """(start, extent) per destination dim of a copy at ``env`` (the tile and step loops bound)."""
-    exts = dict(b.loops)
+    exts = dict(b.loops[b.step:])
     out = []
     for a in b.dst_idx:
         lo = at(a, env)
@@ -263,11 +71,11 @@ def tiles(nest: Nest) -> list[dict[str, int]]:
 def clip_exts(b: Blk, env: dict[str, int], bounds: list[tuple[Aff, int]]) -> dict[str, int]:
     """Extents of ``b``'s loops, each clipped so that every bounded index (affine form, exclusive upper
     bound) stays below its bound (the index at the loop's value with the other loops at 0)."""
-    exts = dict(b.loops)
+    exts = dict(b.loops[b.step:])
     for aff, hi in bounds:
         base = at(aff, env)
         for v, c in aff[1].items():
-            if v in exts and c > 0 and v not in env:
+            if v in exts and c > 0:
                 exts[v] = max(0, min(exts[v], (hi - 1 - base) // c + 1))
     return exts
 
@@ -317,7 +125,7 @@ class Staged:
 def _mem_of(nest: Nest) -> dict[str, str]:
     """On-chip memory of every staged buffer, from the operands that read it."""
     out: dict[str, str] = {}
-    for b in _blocks(nest.body):
+    for b in blocks(nest.body):
         if b.extern:
             key = next((k for k in OPERAND_MEM if b.extern.startswith(k)), "")
             for p, (buf, _, _) in b.ops.items():
@@ -343,14 +151,15 @@ def _dram_box(bind: Binding, shape: tuple[int, ...], sbox: list[tuple[int, int]]
     if bind.gdims and i != nd - bind.gdims:
         raise EmitError("a gathered run must cover exactly the channel dims")
     outer = [[d] for d in range(i) if sbox[d][1] > 1 or d in pad_dims]
-    while len(outer) > 2:  # merge contiguous non-padded neighbours, innermost first
-        for k in range(len(outer) - 1, 0, -1):
-            a, b = outer[k - 1][-1], outer[k][0]
-            if not {a, b} & pad_dims and bind.strides[a] == sbox[b][1] * bind.strides[b] and len(outer[k]) == 1:
-                outer[k - 1:k + 1] = [outer[k - 1] + outer[k]]
-                break
-        else:
-            raise EmitError(f"box {sbox} is not a 3-D DMA")
+    k = len(outer) - 1
+    while k > 0:  # merge contiguous neighbours without padding, innermost first
+        a, b = outer[k - 1][-1], outer[k][0]
+        inner = int(np.prod([sbox[d][1] for d in outer[k]])) * bind.strides[outer[k][-1]]
+        if not {a, b} & pad_dims and bind.strides[a] == inner:
+            outer[k - 1:k + 1] = [outer[k - 1] + outer[k]]
+        k -= 1
+    if len(outer) > 2:
+        raise EmitError(f"box {sbox} is not a 3-D DMA")
     ns = [int(np.prod([sbox[d][1] for d in g])) for g in outer] + [1] * (2 - len(outer))
     st = [bind.strides[g[-1]] for g in outer] + [0] * (2 - len(outer))
     goff = sum(sbox[d][0] * bind.strides[d] for d in range(i, nd)) if bind.gdims else 0
@@ -382,10 +191,10 @@ class ConvEmitter:
                  consts: dict[str, Any]) -> None:
         self.nest, self.b, self.binds, self.nb, self.k = nest, b, binds, nbuf, consts
         self.mem = _mem_of(nest)
-        blocks = _blocks(nest.body)
-        self.store = next(x for x in blocks if x.dst in binds)
+        blks = blocks(nest.body)
+        self.store = next(x for x in blks if x.dst in binds)
         self.size: dict[str, int] = {}
-        for x in blocks:  # slot size of a staged buffer: its largest (unclipped) box
+        for x in blks:  # slot size of a staged buffer: its largest (unclipped) box
             if x.dst and x.dst not in binds:
                 self.size[x.dst] = max(self.size.get(x.dst, 0), int(np.prod([e for _, e in box(x, {})])))
             for buf, _, ext in x.ops.values():
@@ -393,6 +202,8 @@ class ConvEmitter:
                     self.size[buf] = max(self.size.get(buf, 0), int(np.prod(ext)) *
                                          int(np.prod([e for _, e in x.loops])))
         self.out_size = self.size[self.store.src]
+        self.checked: set[Any] = set()  # call layouts whose strides were checked against the instruction
+        self.n_out = 0  # STOREs emitted
         self._layout()
 
     def _layout(self) -> None:
@@ -406,16 +217,22 @@ class ConvEmitter:
         end = {"spad": 0, "wbuf": 0, "cbuf": 0}
         for mem, bufs in group.items():
             sizes = {bf: self.size[bf] for bf in bufs}
-            shared = mem != "cbuf"  # tiles of the same kind share slots; NORM m and b sit side by side
-            slot = max(sizes.values()) if shared else sum(sizes.values())
-            off = 0
-            for bf in bufs:
-                self.slot_base[bf] = (end[mem], slot, 0 if shared else off)
-                off += sizes[bf]
-            end[mem] += self.nb * slot
+            extra = self.nb * self.out_size if mem == "spad" else 0
+            if mem == "cbuf" or self.nb * sum(sizes.values()) + extra > mem_size(mem, self.b.cfg):
+                # one slot set: NORM m and b side by side; tiles of one kind sharing slots when they do not fit
+                slot, off = (sum(sizes.values()), True) if mem == "cbuf" else (max(sizes.values()), False)
+                o = 0
+                for bf in bufs:
+                    self.slot_base[bf] = (end[mem], slot, o if off else 0)
+                    o += sizes[bf]
+                end[mem] += self.nb * slot
+            else:  # its own nbuf slots per staged buffer (a group's tile stays while the others load)
+                for bf in bufs:
+                    self.slot_base[bf] = (end[mem], sizes[bf], 0)
+                    end[mem] += self.nb * sizes[bf]
         self.out_base = end["spad"]
         end["spad"] += self.nb * self.out_size
-        readers = {buf for x in _blocks(self.nest.body) if x.extern.startswith("ioso_npu_shift_add")
+        readers = {buf for x in blocks(self.nest.body) if x.extern.startswith("ioso_npu_shift_add")
                    for p, (buf, _, _) in x.ops.items() if p == "A"}
         self.d1 = readers
         for mem, n in end.items():
@@ -424,40 +241,46 @@ class ConvEmitter:
 
     # ------------------------------------------------------------------ planning: tiles -> steps
     def plan(self) -> list[dict[str, Any]]:
-        """Steps of the whole layer: per step its copies and calls (with loop values), in program order."""
+        """Steps of the whole layer: per step its copies and calls (with loop values), in program order.
+        A copy joins the step of the first call that reads it; a call whose copies would write a slot
+        already written in the current step starts a new step; a call after an init block of its output
+        overwrites instead of accumulating."""
         steps: list[dict[str, Any]] = []
+        shape = self.nest.shapes[self.store.dst]
         for u, env in enumerate(tiles(self.nest)):
-            cur: dict[str, Any] | None = None
-            inits: set[str] = set()
-            shape = self.nest.shapes[self.store.dst]
             obox = [(lo, max(0, min(e, hi - lo))) for (lo, e), hi in zip(box(self.store, env), shape, strict=True)]
-
-            def run(items: list[Any], env: dict[str, int]) -> None:
-                nonlocal cur
-                for it in items:
-                    if isinstance(it, tuple):
-                        for i in range(it[2]):
-                            run(it[3], {**env, it[1]: i})
-                    elif it.writes:
-                        inits.add(it.writes)
-                    elif it.dst in self.binds:
-                        cur["store"] = (it, env)
-                    elif it.dst:
-                        grp = (self.mem[it.dst], *self.slot_base[it.dst])
-                        if cur is None or grp in cur["groups"]:
-                            cur = {"copies": [], "calls": [], "groups": set(), "store": None, "tile": u,
-                                   "obox": obox}
-                            steps.append(cur)
-                        cur["groups"].add(grp)
-                        cur["copies"].append((it, env))
-                    elif it.extern:
-                        if cur is None:
-                            raise EmitError(f"call {it.name} runs before any copy of its tile")
-                        acc0 = any(buf in inits for buf, _, _ in it.ops.values())
-                        inits.difference_update(buf for buf, _, _ in it.ops.values())
-                        cur["calls"].append((it, env, not acc0))
-            run(self.nest.body, env)
+            st = {"steps": steps, "cur": None, "inits": set(), "pending": [], "tile": u, "obox": obox}
+            self._run(self.nest.body, env, st)
+            if st["pending"]:
+                raise EmitError(f"copies {[c.name for c, _ in st['pending']]} have no reader in their tile")
         return steps
+
+    def _run(self, items: list[Any], env: dict[str, int], st: dict[str, Any]) -> None:
+        for it in items:
+            if isinstance(it, tuple):
+                for i in range(it[2]):
+                    self._run(it[3], {**env, it[1]: i}, st)
+            elif it.writes:
+                st["inits"].add(it.writes)
+            elif it.dst in self.binds:
+                st["cur"]["store"] = (it, env)
+            elif it.dst:
+                st["pending"].append((it, env))
+            elif it.extern:
+                bufs = {buf for buf, _, _ in it.ops.values()}
+                mine = [(c, e) for c, e in st["pending"] if c.dst in bufs]
+                st["pending"] = [(c, e) for c, e in st["pending"] if c.dst not in bufs]
+                grps = {(self.mem[c.dst], *self.slot_base[c.dst]) for c, _ in mine}
+                if st["cur"] is None or grps & st["cur"]["groups"]:
+                    if st["cur"] is None and not mine:
+                        raise EmitError(f"call {it.name} runs before any copy of its tile")
+                    st["cur"] = {"copies": [], "calls": [], "groups": set(), "store": None, "tile": st["tile"],
+                                 "obox": st["obox"]}
+                    st["steps"].append(st["cur"])
+                st["cur"]["groups"] |= grps
+                st["cur"]["copies"] += mine
+                st["cur"]["calls"].append((it, env, not bufs & st["inits"]))
+                st["inits"] -= bufs
 
     # ------------------------------------------------------------------ clipping
     def _bounds(self, c: Blk, obox: list[tuple[int, int]], staged: dict[str, Blk]) -> list[tuple[Aff, int]]:
@@ -481,7 +304,7 @@ class ConvEmitter:
                 rng = []
                 for a, e in zip(mins, ext, strict=True):
                     lo = at(a, env)
-                    hi = lo + e - 1 + sum(co * (exts[v] - 1) for v, co in a[1].items() if v in exts and v not in env)
+                    hi = lo + e - 1 + sum(co * (exts[v] - 1) for v, co in a[1].items() if v in exts)
                     rng.append((lo, hi + 1))
                 return rng
         return None
@@ -569,8 +392,6 @@ class ConvEmitter:
             if st["store"] is not None:
                 self._store(st, acc, tok)
 
-    n_out = 0
-
     def _store(self, st: dict[str, Any], acc: AccTile, tok: StepTokens) -> None:
         cp, env = st["store"]
         shape = self.nest.shapes[cp.dst]
@@ -584,17 +405,28 @@ class ConvEmitter:
     # ------------------------------------------------------------------ one call -> one instruction
     def _call(self, c: Blk, env: dict[str, int], accumulate: bool, exts: dict[str, int],
               staged: dict[str, Staged], acc: AccTile) -> tuple[str, dict[str, Any]]:
-        inner = [v for v, _ in c.loops if v not in env]
+        inner = [v for v, _ in c.loops[c.step:]]
 
-        def addr(p: str, e: dict[str, int] | None = None, dim: int = -1) -> int:
-            buf = c.ops[p][0]
-            pt = _op_point(c.ops[p], env if e is None else e)
-            if dim >= 0:
-                pt[dim] += 1
-            return staged[buf].addr(pt) if buf in staged else acc.addr(buf, pt)
+        memo: dict[tuple[str, str | None, int], int] = {}
+
+        def addr(p: str, loop: str | None = None, dim: int = -1) -> int:
+            """On-chip address of operand ``p``'s first element (loop ``loop`` at 1, index ``dim`` + 1)."""
+            key = (p, loop, dim)
+            if key not in memo:
+                buf = c.ops[p][0]
+                pt = _op_point(c.ops[p], env if loop is None else {**env, loop: 1})
+                if dim >= 0:
+                    pt[dim] += 1
+                memo[key] = staged[buf].addr(pt) if buf in staged else acc.addr(buf, pt)
+            return memo[key]
 
         def step(p: str, loop: str | None) -> int:
-            return 0 if loop is None else addr(p, {**env, loop: 1}) - addr(p)
+            return 0 if loop is None else addr(p, loop) - addr(p)
+
+        layout = (c.name, tuple(exts[v] for v in inner), tuple(tuple(staged[b].lstr) for b, _, _ in c.ops.values()
+                                                                if b in staged), tuple(e for _, e in acc.obox))
+        checked = layout in self.checked
+        self.checked.add(layout)
 
         def loop_in(p: str, d: int, skip: tuple[str | None, ...] = ()) -> str | None:
             vs = [v for v in c.ops[p][1][d][1] if v in inner and v not in skip]
@@ -626,14 +458,17 @@ class ConvEmitter:
                     "B": ({lkh: kw * wrs, lkw: wrs, lob: BLOCK} if dw else
                           {lcb: kh * kw * BLOCK * wrs, lkh: kw * BLOCK * wrs, lkw: BLOCK * wrs, lob: BLOCK}),
                     "C": {ly: f["ow"] * acs, lx: acs, lob: BLOCK}}
-            for p, w in want.items():
+            for p, w in ({} if checked else want).items():
                 for v in inner:
                     if ext(v) > 1 and step(p, v) != w.get(v, 0):
-                        raise EmitError(f"{c.name}: operand {p} moves {step(p, v)} per {v}, the GEMM moves {w.get(v, 0)}")
+                        raise EmitError(f"{c.name}: operand {p} moves {step(p, v)} per {v}, "
+                                        f"the GEMM moves {w.get(v, 0)}")
             return "gemm", f
         rows, cols = ext(ly) * ext(lx), ext(lob) * BLOCK
-        for p in ("A", "C"):
-            if ext(ly) > 1 and step(p, ly) != ext(lx) * step(p, lx) or ext(lob) > 1 and step(p, lob) != BLOCK:
+        for p in () if checked else ("A", "C"):
+            pix = addr(p, dim=2) - addr(p)
+            if (ext(ly) > 1 and step(p, ly) != ext(lx) * pix or ext(lx) > 1 and step(p, lx) != pix
+                    or ext(lob) > 1 and step(p, lob) != BLOCK):
                 raise EmitError(f"{c.name}: operand {p} is not a dense (pixels, channels) tile")
         if c.extern.startswith("ioso_npu_shift_add"):
             if "P" in c.ops and addr("P") != addr("C"):
@@ -657,6 +492,8 @@ def emit_conv(spec: Any, nest: Nest, nbuf: int, cfg: Any, in_slots: list[np.ndar
     dw = spec.is_depthwise
     slots_in, _ = channel_slots(spec.c, spec.isg_groups, cfg)
     stored = stored_layouts(in_slots, [spec.c])[0]
+    if dw and stored.size == slots_in.size:  # one group per channel: run in the stored order, nothing gathered
+        slots_in = stored
     gathered = not np.array_equal(stored, slots_in)
     slots_out = slots_in if dw else identity_slots(spec.k)
     cp, kp = slots_in.size, slots_out.size

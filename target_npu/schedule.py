@@ -123,17 +123,17 @@ def conv_primfunc(spec: ConvSpec, t: Tiling, cfg: NPUConfig = DEFAULT_CONFIG) ->
     shape = (d["n"], d["oh"], d["ow"], d["kb"], B)
     hp = (d["oh"] - 1) * sh + dh * (spec.kh - 1) + 1
     wp = (d["ow"] - 1) * sw + dw * (spec.kw - 1) + 1
-    x = te.placeholder(shapes["x"], "int8", name="x")
+    xin = te.placeholder(shapes["x"], "int8", name="x")
     w = te.placeholder(shapes["w"], "int8", name="w")
     real = [(a, e) for _, a, e in group_segments(spec, cfg)] if not d["depthwise"] else [(0, shapes["x"][3])]
 
     def load_x(j: int, blocks: int) -> te.Tensor:
         a, e = real[j]
 
-        def body(n, y, xx, cb, c):  # noqa: ANN001, ANN202
-            conds = [y >= pt if pt else None, y < pt + spec.h, xx >= pl if pl else None, xx < pl + spec.w,
+        def body(n, y, x, cb, c):  # noqa: ANN001, ANN202
+            conds = [y >= pt if pt else None, y < pt + spec.h, x >= pl if pl else None, x < pl + spec.w,
                      cb < e - a]
-            return _guard(conds, x[n, y - pt, xx - pl, a + cb, c])
+            return _guard(conds, xin[n, y - pt, x - pl, a + cb, c])
         return te.compute((d["n"], hp, wp, blocks, B), body, name=f"load_x_{j}")
 
     def load_w(j: int, blocks: int) -> te.Tensor:
@@ -145,16 +145,16 @@ def conv_primfunc(spec: ConvSpec, t: Tiling, cfg: NPUConfig = DEFAULT_CONFIG) ->
         xs, ws = load_x(j, blocks), load_w(j, blocks)
         cb = te.reduce_axis((0, blocks), "cb")
         r, s, ci = te.reduce_axis((0, spec.kh), "r"), te.reduce_axis((0, spec.kw), "s"), te.reduce_axis((0, B), "ci")
-        return te.compute(shape, lambda n, y, xx, kb, k: te.sum(
-            xs[n, y * sh + r * dh, xx * sw + s * dw, cb, ci].astype("int32")
+        return te.compute(shape, lambda n, y, x, kb, k: te.sum(
+            xs[n, y * sh + r * dh, x * sw + s * dw, cb, ci].astype("int32")
             * ws[kb, cb, r, s, ci, k].astype("int32"), axis=[cb, r, s, ci]), name=f"mac_{j}")
 
     def dw_mac() -> te.Tensor:
         xs = load_x(0, d["kb"])
         ws = te.compute((d["kb"], spec.kh, spec.kw, B), lambda kb, r, s, k: w[r, s, kb * B + k], name="load_w_0")
         r, s = te.reduce_axis((0, spec.kh), "r"), te.reduce_axis((0, spec.kw), "s")
-        return te.compute(shape, lambda n, y, xx, kb, k: te.sum(
-            xs[n, y * sh + r * dh, xx * sw + s * dw, kb, k].astype("int32") * ws[kb, r, s, k].astype("int32"),
+        return te.compute(shape, lambda n, y, x, kb, k: te.sum(
+            xs[n, y * sh + r * dh, x * sw + s * dw, kb, k].astype("int32") * ws[kb, r, s, k].astype("int32"),
             axis=[r, s]), name="mac_0")
 
     d1 = [dw_mac()] if d["depthwise"] else [mac(j, blocks) for j, (_, _, blocks, _) in enumerate(d["segs"])]
@@ -168,11 +168,11 @@ def conv_primfunc(spec: ConvSpec, t: Tiling, cfg: NPUConfig = DEFAULT_CONFIG) ->
     ms = te.compute(shapes["m"], lambda kb, k: m[kb, k], name="load_m")
     bs = te.compute(shapes["m"], lambda kb, k: bias[kb, k], name="load_b")
     clip = te.placeholder((2,), "int32", name="clip")
-    norm = te.compute(shape, lambda n, y, xx, kb, k: te.max(te.min(tirx.nearbyint(
-        acc[n, y, xx, kb, k].astype("float32") * ms[kb, k] + bs[kb, k]).astype("int32"), clip[1]),
+    norm = te.compute(shape, lambda n, y, x, kb, k: te.max(te.min(tirx.nearbyint(
+        acc[n, y, x, kb, k].astype("float32") * ms[kb, k] + bs[kb, k]).astype("int32"), clip[1]),
         clip[0]).astype(spec.out_dtype), name="norm_act_quant")
     out = te.compute(shapes["out"], lambda *i: norm(*i), name="store_out")
-    return te.create_prim_func([x, w, m, bias, clip, out])
+    return te.create_prim_func([xin, w, m, bias, clip, out])
 
 
 def var_names(expr: Any) -> list[str]:

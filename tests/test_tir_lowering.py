@@ -75,50 +75,41 @@ def test_walk_reads_the_knobs_back_from_the_tir():
     oh, _, kb, cb = conv_geometry(spec)
     segs = group_segments(spec, CFG)
     for t in KNOBS:
-        low = codegen.read_layer(codegen.walk(schedule_conv(spec, t, CFG).mod["main"]))
+        low = codegen.read_layer(codegen.walk_nest(schedule_conv(spec, t, CFG).mod["main"]))
         got = low.tiling
         assert (got.ob_tile, got.rows, got.cb_tile) == (min(t.ob_tile, kb), min(t.rows, oh), t.cb_tile)
         assert (got.loop_order, got.nbuf) == (t.loop_order, t.nbuf)
-        macs = codegen.stages_of(low.stages, intrinsics.EXTERN)
-        assert len(macs) == len(segs)
-        norm = codegen.stages_of(low.stages, "ioso_npu_norm_act_quant_")[0]
-        names = [n for n, _ in norm.loops]
-        y0, kb0 = norm.bound("v_y_o")[0], norm.bound("v_kb_o")[0]
-        assert (names.index(kb0) < names.index(y0)) == (t.loop_order == "ob_outer")
-        # every MAC, shift-add and NORM stage sits inside the same output-tile loops
-        for s in low.stages:
-            assert [n for n, _ in s.loops[:3]] == names[:3]
+        assert len(codegen.calls_of(low.nest, intrinsics.EXTERN)) == len(segs)
+        names = [n for n, _ in low.nest.tile_loops]
+        assert (names.index("kb_0") < names.index("y_0")) == (t.loop_order == "ob_outer")
+        # every copy and call sits under the output-tile loops; each group has its own input / weight copy
+        copies = [b.name for b in codegen.blocks(low.nest.body) if b.dst]
+        assert {f"load_x_{j}" for j in range(len(segs))} | {"load_m", "load_b", "store_out"} <= set(copies)
 
 
 def _tir_values(spec: ConvSpec, t: Tiling, x: np.ndarray) -> np.ndarray:
-    """Run the (unscheduled) TE description of the layer with llvm: MAC per group, shift-add, NORM."""
+    """Run the (unscheduled) TE description of the layer with llvm: copies, MAC per group, shift-add, NORM."""
     d = tile_domain(spec, t, CFG)
     func = conv_primfunc(spec, t, CFG)
     shapes = primfunc_shapes(spec, t, CFG)
-    (n, hp, wp, cbt, _), ker_shape, m_shape = shapes["data"], shapes["ker"], shapes["m"]
     slots, _ = channel_slots(spec.c, spec.isg_groups, CFG)
-    pt, pl = spec.pads[0], spec.pads[1]
-    xpad = np.zeros((n, spec.c, max(hp, pt + spec.h), max(wp, pl + spec.w)), np.int8)
-    xpad[:, :, pt:pt + spec.h, pl:pl + spec.w] = x
-    xpad = xpad[:, :, :hp, :wp]
-    data = np.zeros((n, hp, wp, cbt, B), np.int8)
-    ker = np.zeros(ker_shape, np.int8)
-    for (_, a, e), (_, off, _, _) in zip(group_segments(spec, CFG), d["segs"], strict=True):
-        for blk in range(e - a):
-            for lane in range(B):
-                ch = slots[(a + blk) * B + lane]
-                if ch >= 0:
-                    data[:, :, :, off + blk, lane] = xpad[:, ch]
-                    for k in range(spec.k):
-                        ker[k // B, off + blk, :, :, lane, k % B] = spec.weight[k, ch]
-    m = np.zeros(m_shape, np.float32)
-    b = np.zeros(m_shape, np.float32)
+    n, h, w, cbn, _ = shapes["x"]
+    xt = np.zeros((n, h, w, cbn * B), np.int8)
+    wt = np.zeros((cbn * B, spec.kh, spec.kw, shapes["w"][-1]), np.int8)
+    for pos, ch in enumerate(slots):
+        if ch >= 0:
+            xt[..., pos] = x[:, ch]
+            wt[pos, :, :, :spec.k] = spec.weight[:, ch].transpose(1, 2, 0)
+    wt = wt.reshape(cbn, B, spec.kh, spec.kw, -1).transpose(0, 2, 3, 1, 4)
+    m = np.zeros(shapes["m"], np.float32)
+    b = np.zeros(shapes["m"], np.float32)
     m.reshape(-1)[:spec.k], b.reshape(-1)[:spec.k] = spec.m, spec.b
     out = np.zeros(shapes["out"], spec.out_dtype)
-    args = [tvm.runtime.tensor(a) for a in (data, ker, m, b, np.array([spec.lo, spec.hi], np.int32), out)]
+    arrays = (xt.reshape(shapes["x"]), np.ascontiguousarray(wt), m, b, np.array([spec.lo, spec.hi], np.int32), out)
+    args = [tvm.runtime.tensor(a) for a in arrays]
     tvm.compile(tvm.IRModule({"main": func}), target="llvm")["main"](*args)
-    oh, ow, _, _ = conv_geometry(spec)
-    got = args[5].numpy().reshape(n, shapes["out"][1], ow, -1)[:, :oh, :, :spec.k]
+    assert d["kb"] * B == shapes["w"][-1]
+    got = args[5].numpy().reshape(n, shapes["out"][1], shapes["out"][2], -1)[..., :spec.k]
     return got.transpose(0, 3, 1, 2)
 
 
