@@ -1,7 +1,8 @@
 """Fuzz the compiler: random layer graphs compiled for the NPU against the contract and deploy mode.
 
 Most cases are QDQ graphs from ``tests/onnx_builders.random_graph`` (conv / depthwise / grouped
-conv, residual adds with fan-out, pools, linear; odd shapes, bits 2-8, random ISG groups):
+conv, residual adds with fan-out, adds reading one tensor twice, pools, linear; odd shapes, bits 2-8,
+random ISG groups):
 compiled output == ``hw_model.reference``. Every ``--torch-every``-th case is a small random
 torch network quantized with ``build_qmodel`` (random bits and ISG groups) and exported:
 compiled output == ``QuantModel.deploy``. A failing case is saved (ONNX + seed) under
@@ -56,7 +57,7 @@ class TinyNet(nn.Module):
 
 
 def qdq_case(rng: np.random.Generator) -> tuple[onnx.ModelProto, bool]:
-    b, outs = random_graph(rng)
+    b, outs = random_graph(rng, self_add=True)
     m = b.model(outs)
     x = (rng.standard_normal(b.shape) * 2).astype(np.float32)
     got = ioso_tvm.compile(m).run(x)

@@ -240,9 +240,11 @@ class QDQBuilder:
         return [env[o.name] for o in outputs]
 
 
-def random_graph(rng: np.random.Generator, max_layers: int = 5) -> tuple[QDQBuilder, list[T]]:
+def random_graph(rng: np.random.Generator, max_layers: int = 5,
+                 self_add: bool = False) -> tuple[QDQBuilder, list[T]]:
     """A random QDQ graph: conv / depthwise / grouped conv, residual add (fan-out), max pool,
     global average pool + linear; odd channel counts and sizes, bits 2-8, random ISG groups.
+    ``self_add``: a quarter of the residual adds read the same tensor twice (``y + y``).
     Returns the builder and the graph outputs (one or two: a fan-out tensor may be an output)."""
     c, hw = int(rng.choice([1, 3, 8, 16, 20, 24, 32])), int(rng.integers(3, 10))
     b = QDQBuilder((1, c, hw, hw), rng, abits=int(rng.integers(2, 9)), signed=bool(rng.integers(2)))
@@ -259,7 +261,8 @@ def random_graph(rng: np.random.Generator, max_layers: int = 5) -> tuple[QDQBuil
             z = b.conv(y, k, act=None, signed_out=True, **bits)
             if rng.integers(4) == 0:
                 outs.append(y)  # fan-out to a graph output
-            x = b.add(y, z, act=rng.choice([None, "relu"]), abits=bits["abits"])
+            same = self_add and rng.integers(4) == 0
+            x = b.add(y, y if same else z, act=rng.choice([None, "relu"]), abits=bits["abits"])
         elif op == "maxpool" and h >= 3:
             x = b.maxpool(x, kernel=int(rng.choice([2, 3])), stride=int(rng.choice([1, 2])), pad=0)
         else:

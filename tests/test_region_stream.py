@@ -204,3 +204,16 @@ def test_boundary_layout_changes_are_host_graph_ops():
     assert info["shape"] == [2, 8, 8, 8] and len(info["slots"]) == 16
     out_info = st.meta["outputs"][0]
     assert f"R.Tensor(({out_info['shape'][0]}, {len(out_info['slots'])})" in call
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_layer_reading_one_tensor_twice_runs_exact(seed):
+    """x + x: the composite has one parameter, the layer two operands; both read the same DRAM tensor."""
+    rng = np.random.default_rng(seed)
+    b = QDQBuilder((1, 16, 5, 5), rng)
+    y = b.conv(b.input, 24)
+    out = b.add(y, y, act="relu")
+    cm, got, want = _run_both(b, [out], seed)
+    assert np.array_equal(got[0], want[0])
+    step = cm.regions[0].steps[-1]
+    assert len(step.inputs) == 2 and step.inputs[0] == step.inputs[1]
