@@ -376,7 +376,8 @@ def test_meta_inputs_of_a_foreign_artifact_are_one_line(tmp_path, capsys, monkey
 
     path = save_artifact(tmp_path / "m.tar", config=NPUConfig(),
                          meta={"inputs": [{"name": "input", "shape": [2, -1], "dtype": "float32"}]})
-    monkeypatch.setattr(cli_run, "compile_api", lambda: type("A", (), {"load": staticmethod(lambda p, trust=False: _StandIn())}))
+    api = type("A", (), {"load": staticmethod(lambda p, trust=False: _StandIn())})
+    monkeypatch.setattr(cli_run, "compile_api", lambda: api)
     rc = cli.main(["run", str(path)])
     assert rc == 2 and re.search(r"meta.json inputs\[0\] is not a \(name, shape, dtype\) entry \(dims must be positive",
                                  _one_line(capsys.readouterr().err))
