@@ -1,6 +1,6 @@
 """Instruction stream of a conv / linear layer emitted by walking its scheduled, tensorized TIR.
 
-:class:`ConvEmitter` takes the walk of :func:`target_npu.codegen.walk_nest` (tile loops; per block its
+:class:`ConvEmitter` (geometry helpers in :mod:`target_npu.emit_boxes`) takes the walk of :func:`target_npu.codegen.walk_nest` (tile loops; per block its
 loops, operand regions / copy boxes as affine forms of the loops, copy guards, init blocks).
 :meth:`ConvEmitter.emit` enumerates the output tiles in Python (the extents of the tile loops) and, per tile, runs
 the body in order: a loop around copies and a call is a step loop (one pipeline step per iteration),
@@ -14,8 +14,6 @@ on the allocated tiles. Dependency tokens: :class:`hw_model.builder.StepTokens`.
 """
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,165 +21,23 @@ import numpy as np
 from hw_model.builder import BLOCK, ProgramBuilder, StepTokens
 from hw_model.isa import mem_size
 from target_npu.codegen import Aff, Blk, Nest, at, blocks
-from target_npu.schedule import NotLowerable
-
-
-class EmitError(NotLowerable):
-    """The TIR does not have the shape the emitter maps onto instructions."""
-
-
-def box(b: Blk, env: dict[str, int]) -> list[tuple[int, int]]:
-    """(start, extent) per destination dim of a copy at ``env`` (the tile and step loops bound)."""
-    exts = dict(b.loops[b.step:])
-    out = []
-    for a in b.dst_idx:
-        lo = at(a, env)
-        out.append((lo, 1 + sum(c * (exts[v] - 1) for v, c in a[1].items() if v in exts)))
-    return out
-
-
-def src_box(b: Blk, dbox: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Image of a destination box in the source buffer's coordinates (coefficients are non-negative)."""
-    out = []
-    for const, co in b.src_idx:
-        lo = const + sum(c * dbox[int(v[1:])][0] for v, c in co.items())
-        hi = const + sum(c * (dbox[int(v[1:])][0] + dbox[int(v[1:])][1] - 1) for v, c in co.items())
-        out.append((lo, hi - lo + 1))
-    return out
-
-
-def src_point(b: Blk, point: list[int]) -> list[int]:
-    return [const + sum(c * point[int(v[1:])] for v, c in co.items()) for const, co in b.src_idx]
-
-
-def dense_strides(exts: list[int]) -> list[int]:
-    out, s = [], 1
-    for e in reversed(exts):
-        out.append(s)
-        s *= e
-    return out[::-1]
-
-
-def tiles(nest: Nest) -> list[dict[str, int]]:
-    """Every output tile as the tile loops' values, in loop order."""
-    names = [n for n, _ in nest.tile_loops]
-    return [dict(zip(names, v, strict=True)) for v in itertools.product(*(range(e) for _, e in nest.tile_loops))]
-
-
-def clip_exts(b: Blk, env: dict[str, int], bounds: list[tuple[Aff, int]]) -> dict[str, int]:
-    """Extents of ``b``'s loops, each clipped so that every bounded index (affine form, exclusive upper
-    bound) stays below its bound (the index at the loop's value with the other loops at 0)."""
-    exts = dict(b.loops[b.step:])
-    for aff, hi in bounds:
-        base = at(aff, env)
-        for v, c in aff[1].items():
-            if v in exts and c > 0:
-                exts[v] = max(0, min(exts[v], (hi - 1 - base) // c + 1))
-    return exts
-
-
-def mem_check(mem: str, need: int, cfg: Any) -> None:
-    if need > mem_size(mem, cfg):
-        raise EmitError(f"staged buffers need {need} elements of {mem}, it holds {mem_size(mem, cfg)}")
-
-
-# ------------------------------------------------------------------------------------------ emission
-PAD_DIMS = (1, 2)
-"""Guard bounds on these dims of a MAC's activation stage (n, row, column, block, lane) are the LOAD's
-padding (rows, columns); guard bounds elsewhere clip the consumers' loops (a group's real blocks)."""
-OPERAND_MEM = {"ioso_npu_mac16x16": {"A": "spad", "B": "wbuf"}, "ioso_npu_dwmac16": {"A": "spad", "B": "wbuf"},
-               "ioso_npu_norm_act_quant": {"M": "cbuf", "Bias": "cbuf", "C": "spad"}}
-"""Memory of each staged operand of an intrinsic (everything else of a call is in acc)."""
-
-
-@dataclass
-class Binding:
-    """A PrimFunc argument in DRAM: region, element offset, strides per dim; ``gather`` = table region
-    (the innermost ``gdims`` dims are gathered through it)."""
-
-    region: str
-    offset: int
-    strides: list[int]
-    gather: str = ""
-    gdims: int = 0
-
-
-@dataclass
-class Staged:
-    """A copy's tile on chip at one step: the copy, its source box (padded), local strides, base address."""
-
-    blk: Blk
-    sbox: list[tuple[int, int]]
-    pads: list[tuple[int, int]]
-    lstr: list[int]
-    base: int
-
-    def addr(self, point: list[int]) -> int:
-        src = src_point(self.blk, point)
-        return self.base + sum((p - (lo - pb)) * s for p, (lo, _), (pb, _), s
-                               in zip(src, self.sbox, self.pads, self.lstr, strict=True))
-
-
-def _mem_of(nest: Nest) -> dict[str, str]:
-    """On-chip memory of every staged buffer, from the operands that read it."""
-    out: dict[str, str] = {}
-    for b in blocks(nest.body):
-        if b.extern:
-            key = next((k for k in OPERAND_MEM if b.extern.startswith(k)), "")
-            for p, (buf, _, _) in b.ops.items():
-                if buf in nest.params:
-                    continue
-                out.setdefault(buf, OPERAND_MEM.get(key, {}).get(p, "acc"))
-    return out
-
-
-def _op_point(op: tuple[str, list[Aff], list[int]], env: dict[str, int]) -> list[int]:
-    return [at(a, env) for a in op[1]]
-
-
-def _dram_box(bind: Binding, shape: tuple[int, ...], sbox: list[tuple[int, int]], pad_dims: set[int]):
-    """3-D DMA fields of a source box: (offset, gather_offset, n0, n1, n2, stride0, stride1, pad dims)."""
-    nd = len(sbox)
-    i = nd - 1
-    run = sbox[i][1]
-    stop = nd - bind.gdims if bind.gdims else 0
-    while i > 0 and sbox[i][1] == shape[i] and i - 1 not in pad_dims and (not bind.gdims or i - 1 >= stop):
-        i -= 1
-        run *= sbox[i][1]
-    if bind.gdims and i != nd - bind.gdims:
-        raise EmitError("a gathered run must cover exactly the channel dims")
-    outer = [[d] for d in range(i) if sbox[d][1] > 1 or d in pad_dims]
-    k = len(outer) - 1
-    while k > 0:  # merge contiguous neighbours without padding, innermost first
-        a, b = outer[k - 1][-1], outer[k][0]
-        inner = int(np.prod([sbox[d][1] for d in outer[k]])) * bind.strides[outer[k][-1]]
-        if not {a, b} & pad_dims and bind.strides[a] == inner:
-            outer[k - 1:k + 1] = [outer[k - 1] + outer[k]]
-        k -= 1
-    if len(outer) > 2:
-        raise EmitError(f"box {sbox} is not a 3-D DMA")
-    ns = [int(np.prod([sbox[d][1] for d in g])) for g in outer] + [1] * (2 - len(outer))
-    st = [bind.strides[g[-1]] for g in outer] + [0] * (2 - len(outer))
-    goff = sum(sbox[d][0] * bind.strides[d] for d in range(i, nd)) if bind.gdims else 0
-    off = bind.offset + sum(sbox[d][0] * bind.strides[d] for d in range(nd)) - goff
-    return off, goff, ns[0], ns[1], run, st[0], st[1], [g[0] if len(g) == 1 else -1 for g in outer]
-
-
-@dataclass
-class AccTile:
-    """The output tile's accumulator (D2 slot, D1 region) and spad output slot: dense over the real tile."""
-
-    obox: list[tuple[int, int]]
-    d2: int
-    d1: int
-    d1_bufs: set[str]
-    out: int
-    out_buf: str
-
-    def addr(self, buf: str, point: list[int]) -> int:
-        base = self.out if buf == self.out_buf else self.d1 if buf in self.d1_bufs else self.d2
-        st = dense_strides([e for _, e in self.obox])
-        return base + sum((p - lo) * s for p, (lo, _), s in zip(point, self.obox, st, strict=False))
+from target_npu.emit_boxes import (
+    PAD_DIMS,
+    AccTile,
+    Binding,
+    EmitError,
+    Staged,
+    box,
+    clip_exts,
+    dense_strides,
+    dram_box,
+    mem_check,
+    mem_of,
+    op_point,
+    src_box,
+    src_point,
+    tiles,
+)
 
 
 class ConvEmitter:
@@ -190,7 +46,7 @@ class ConvEmitter:
     def __init__(self, nest: Nest, b: ProgramBuilder, binds: dict[str, Binding], nbuf: int,
                  consts: dict[str, Any]) -> None:
         self.nest, self.b, self.binds, self.nb, self.k = nest, b, binds, nbuf, consts
-        self.mem = _mem_of(nest)
+        self.mem = mem_of(nest)
         blks = blocks(nest.body)
         self.store = next(x for x in blks if x.dst in binds)
         self.size: dict[str, int] = {}
@@ -339,7 +195,7 @@ class ConvEmitter:
         base0, size, off = self.slot_base[cp.dst]
         st = Staged(cp, sbox, spads, lstr, base0 + slot * size + off)
         bind = self.binds[cp.src]
-        o, go, n0, n1, n2, s0, s1, dims = _dram_box(bind, self.nest.shapes[cp.src], sbox, pad_src)
+        o, go, n0, n1, n2, s0, s1, dims = dram_box(bind, self.nest.shapes[cp.src], sbox, pad_src)
         pad = [0, 0, 0, 0]  # top, left, bottom, right
         for k, d in enumerate(dims):
             if d in pad_src:
@@ -397,7 +253,7 @@ class ConvEmitter:
         shape = self.nest.shapes[cp.dst]
         dbox = [(lo, max(0, min(e, hi - lo))) for (lo, e), hi in zip(box(cp, env), shape, strict=True)]
         bind = self.binds[cp.dst]
-        o, _, n0, n1, n2, s0, s1, _ = _dram_box(bind, shape, dbox, {1, 2})
+        o, _, n0, n1, n2, s0, s1, _ = dram_box(bind, shape, dbox, {1, 2})
         self.b.store(acc.addr(cp.src, src_point(cp, [lo for lo, _ in dbox])), bind.region, o, n0, n1, n2, s0, s1,
                      pop_prev=True, push_prev=tok.store_push(self.n_out))
         self.n_out += 1
@@ -414,7 +270,7 @@ class ConvEmitter:
             key = (p, loop, dim)
             if key not in memo:
                 buf = c.ops[p][0]
-                pt = _op_point(c.ops[p], env if loop is None else {**env, loop: 1})
+                pt = op_point(c.ops[p], env if loop is None else {**env, loop: 1})
                 if dim >= 0:
                     pt[dim] += 1
                 memo[key] = staged[buf].addr(pt) if buf in staged else acc.addr(buf, pt)
