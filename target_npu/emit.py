@@ -1,6 +1,7 @@
 """Instruction stream of a conv / linear layer emitted by walking its scheduled, tensorized TIR.
 
-:class:`ConvEmitter` (geometry helpers in :mod:`target_npu.emit_boxes`) takes the walk of :func:`target_npu.codegen.walk_nest` (tile loops; per block its
+:class:`ConvEmitter` (geometry helpers in :mod:`target_npu.emit_boxes`) takes the walk of
+:func:`target_npu.codegen.walk_nest` (tile loops; per block its
 loops, operand regions / copy boxes as affine forms of the loops, copy guards, init blocks).
 :meth:`ConvEmitter.emit` enumerates the output tiles in Python (the extents of the tile loops) and, per tile, runs
 the body in order: a loop around copies and a call is a step loop (one pipeline step per iteration),
