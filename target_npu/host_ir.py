@@ -13,7 +13,8 @@ can call nothing but the model's own runtime functions:
 
 ``host.so`` is loaded only with ``trust=True`` (``tvmc run --trust-artifact``), and then, when the
 environment holds ``IOSO_NPU_ARTIFACT_KEY``, only if the manifest's HMAC signature verifies
-(``target_npu.artifact``). ``benchmarks/load_time.py`` measures both ways.
+(``target_npu.artifact``). ``benchmarks/load_time.py`` measures both ways: ResNet-18 at 224 loads in
+0.56 s rebuilt vs 0.33 s trusted (1.7x; ``benchmarks/out/load_time.json``, shared 2-core machine).
 """
 from __future__ import annotations
 
