@@ -217,3 +217,20 @@ def test_a_layer_reading_one_tensor_twice_runs_exact(seed):
     assert np.array_equal(got[0], want[0])
     step = cm.regions[0].steps[-1]
     assert len(step.inputs) == 2 and step.inputs[0] == step.inputs[1]
+
+
+def test_a_tir_lowering_failure_falls_back_to_the_builder(monkeypatch, caplog):
+    """A layer the TIR path cannot lower (a bug, an unsupported shape) is built by hw_model's builder, with a
+    warning naming the layer; the compile goes on and stays exact."""
+    from target_npu import runtime
+
+    def broken(*a, **k):
+        raise ValueError("emitter cannot map this nest")
+
+    monkeypatch.setattr(runtime, "conv_program", broken)
+    b, out = _isg_chain(np.random.default_rng(2))
+    with caplog.at_level("WARNING", logger="target_npu.runtime"):
+        cm, got, want = _run_both(b, [out], 2)
+    assert np.array_equal(got[0], want[0])
+    assert "TIR lowering failed (emitter cannot map this nest)" in caplog.text
+    assert all(s["lowering"] == "build_layer" for s in cm.streams[0].meta["layers"])
