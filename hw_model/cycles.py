@@ -46,30 +46,21 @@ from hw_model.isa import (
 UNITS = ("load", "mac", "acc", "post", "alu", "store", "sync")
 
 
-def gather_runs(table: np.ndarray) -> int:
-    """Maximal runs of consecutive entries (t[k+1] == t[k] + 1) of a gather table slice; -1 entries are
-    not read and break runs."""
-    t = np.asarray(table, np.int64).reshape(-1)
-    if t.size == 0:
-        return 0
-    starts = t >= 0
-    starts[1:] &= (t[1:] != t[:-1] + 1) | (t[:-1] < 0)
-    return int(starts.sum())
-
-
 def gather_run_lengths(table: np.ndarray) -> list[int]:
-    """Lengths of the maximal runs of consecutive entries of a gather table slice (-1 entries break runs
-    and are not read)."""
+    """Lengths of the maximal runs of consecutive entries of a gather table slice (t[k+1] == t[k] + 1);
+    -1 entries are not read and break runs."""
     t = np.asarray(table, np.int64).reshape(-1)
-    lengths: list[int] = []
-    for k, v in enumerate(t):
-        if v < 0:
-            continue
-        if k and t[k - 1] >= 0 and v == t[k - 1] + 1:
-            lengths[-1] += 1
-        else:
-            lengths.append(1)
-    return lengths
+    read = np.flatnonzero(t >= 0)
+    if read.size == 0:
+        return []
+    cont = (np.diff(read) == 1) & (np.diff(t[read]) == 1)  # read neighbours that continue a run
+    starts = np.concatenate([[0], np.flatnonzero(~cont) + 1, [read.size]])
+    return np.diff(starts).tolist()
+
+
+def gather_runs(table: np.ndarray) -> int:
+    """Number of maximal runs of a gather table slice (:func:`gather_run_lengths`)."""
+    return len(gather_run_lengths(table))
 
 
 def _gather_extra(ins: Load, prog: Program, cfg: NPUConfig) -> int:

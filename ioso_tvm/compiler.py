@@ -88,7 +88,7 @@ class CompiledModel:
         for stream in self.streams:
             for sec in stream.meta["layers"]:
                 self.npu[sec["index"]] = True
-        self._static: dict[int, dict[str, Any]] | None = None
+        self._static: list[list[dict[str, Any]]] | None = None
         self.ir_module: tvm.IRModule | None = None
         self.vm = relax.VirtualMachine(executable, tvm.cpu())
 
@@ -121,25 +121,30 @@ class CompiledModel:
                 return [ins for s in secs for ins in stream.instrs[s["start"]:s["end"]]]
         return None
 
-    def _stream_sections(self) -> dict[int, dict[str, Any]]:
-        """Per NPU layer index: its section of the stream with the cycle model's static report."""
+    def _section_reports(self) -> list[list[dict[str, Any]]]:
+        """Per stream, the cycle model's static (perf mode) report of each section; computed once."""
         if self._static is None:
-            self._static = {}
-            for stream in self.streams:  # a layer's explicit PERMUTE section counts for the layer
-                rep = simulate(stream, None, self.config, mode="perf").report
-                for sec, r in zip(stream.meta["layers"], rep["sections"]):
-                    row = self._static.setdefault(sec["index"], {"cycles": 0, "instructions": 0, "gathered_loads": 0,
-                                                                 "permutes": 0})
-                    row["cycles"] += r["cycles"]
-                    row["instructions"] += sec["end"] - sec["start"]
-                    row["gathered_loads"] += sec["gathered_loads"]
-                    row["permutes"] += bool(sec.get("permute"))
-                    if not sec.get("permute"):
-                        row["lowering"] = sec["lowering"]
+            self._static = [simulate(st, None, self.config, mode="perf").report["sections"] for st in self.streams]
         return self._static
 
+    def _stream_sections(self) -> dict[int, dict[str, Any]]:
+        """Per NPU layer index: its sections of the stream summed (a layer's explicit PERMUTE section counts
+        for the layer)."""
+        out: dict[int, dict[str, Any]] = {}
+        for stream, reps in zip(self.streams, self._section_reports()):
+            for sec, r in zip(stream.meta["layers"], reps):
+                row = out.setdefault(sec["index"], {"cycles": 0, "instructions": 0, "gathered_loads": 0,
+                                                    "permutes": 0})
+                row["cycles"] += r["cycles"]
+                row["instructions"] += sec["end"] - sec["start"]
+                row["gathered_loads"] += sec["gathered_loads"]
+                row["permutes"] += bool(sec.get("permute"))
+                if not sec.get("permute"):
+                    row["lowering"] = sec["lowering"]
+        return out
+
     def report(self) -> dict[str, Any]:
-        """Per-layer device, cycles (last perf/both run, else the static estimate), µs, MAC utilisation,
+        """Per-layer device, cycles (the cycle model's static estimate of the stream), µs, MAC utilisation,
         ``lowering`` ("tir": through target_npu.codegen, "build_layer": hw_model directly, None: CPU),
         and per region its stream: instructions, gathered loads and their cycles, DRAM bytes."""
         secs = self._stream_sections()
@@ -162,7 +167,7 @@ class CompiledModel:
                          "permutes": 0 if sec is None else sec["permutes"],
                          "lowering": None if sec is None else sec["lowering"]})
         total = sum(r["cycles"] for r in rows)
-        streams = [stream_summary(st, self.config) for st in self.streams]
+        streams = [stream_summary(st, reps, self.config) for st, reps in zip(self.streams, self._section_reports())]
         return {"target": self.target, "layers": rows, "total_cycles": total,
                 "total_us": total / self.config.clock_mhz,
                 "fallbacks": [{"tensor": n, "op": "qdq", "reason": r} for n, r in self.fallbacks]
@@ -200,12 +205,11 @@ class CompiledModel:
                              report=self.report(), executable=self.executable, host_ir=host_ir)
 
 
-def stream_summary(stream: Program, cfg: NPUConfig) -> dict[str, Any]:
-    """What a region's stream holds and costs: instructions; the explicit channel reorders (PERMUTE
-    sections, and layers that gather an input) with their cycles (a PERMUTE's whole section, a gathered
-    LOAD's extra over a plain LOAD of the same bytes); the DRAM memory plan."""
+def stream_summary(stream: Program, rep: list[dict[str, Any]], cfg: NPUConfig) -> dict[str, Any]:
+    """What a region's stream holds and costs (``rep``: its section reports, perf mode): instructions; the
+    explicit channel reorders (PERMUTE sections, and layers that gather an input) with their cycles (a
+    PERMUTE's whole section, a gathered LOAD's extra over a plain LOAD of the same bytes); the DRAM plan."""
     secs = stream.meta["layers"]
-    rep = simulate(stream, None, cfg, mode="perf").report["sections"]
     perm_cycles = sum(r["cycles"] for s, r in zip(secs, rep) if s.get("permute"))
     gathers = [i for s in secs if not s.get("permute") for i in stream.instrs[s["start"]:s["end"]]
                if isinstance(i, Load) and i.gather]

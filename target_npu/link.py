@@ -156,8 +156,8 @@ def link_region(region: NPURegion, layers: list[Any], build: Callable[[int, list
         for pos, rname in enumerate(prog.meta["inputs"]):
             tname, stored, shape, dtype = tensors[refs[pos]]
             need = _need_of(prog, rname, stored)
-            if need is None or len(prog.meta["inputs"]["x"]["slots"]) != stored.size and rname == "x":
-                continue
+            if need is None or len(prog.meta["inputs"][rname]["slots"]) != stored.size:
+                continue  # read as stored, or a flatten-remapped linear (its table indexes H*W*Cpad columns)
             alt = build(step.layer, [need if k == pos else tensors[r][1] for k, r in enumerate(refs)])
             pixels = int(np.prod((shape[0], *shape[2:])))
             perm = permute_program(pixels, stored, need, dtype, cfg)
@@ -201,23 +201,3 @@ def link_region(region: NPURegion, layers: list[Any], build: Callable[[int, list
     linked = Program(st.instrs, st.regions, meta)
     linked.meta["memory"] = plan_memory(linked, reuse).to_dict()
     return linked
-
-
-def pack(x: np.ndarray, info: dict[str, Any]) -> np.ndarray:
-    """Host -> DRAM at the region boundary: (N, C, H, W) or (N, C) -> flat NHWC in the stored slots."""
-    from hw_model.builder import pack_nhwc
-
-    x = np.asarray(x)
-    if list(x.shape) != list(info["shape"]) or str(x.dtype) != info["dtype"]:
-        raise ValueError(f"region input: expected {info['dtype']}{info['shape']}, got {x.dtype}{list(x.shape)}")
-    x4 = x if x.ndim == 4 else x.reshape(*x.shape, 1, 1)
-    return pack_nhwc(x4, np.asarray(info["slots"], np.int64))
-
-
-def unpack(flat: np.ndarray, info: dict[str, Any]) -> np.ndarray:
-    """DRAM -> host at the region boundary: flat NHWC in the stored slots -> the logical shape."""
-    from hw_model.builder import unpack_nhwc
-
-    shape = list(info["shape"])
-    shape4 = shape if len(shape) == 4 else [*shape, 1, 1]
-    return unpack_nhwc(flat, tuple(shape4), np.asarray(info["slots"], np.int64)).reshape(shape)

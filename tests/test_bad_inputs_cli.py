@@ -358,7 +358,6 @@ def test_best_tiling_warnings_are_bounded(tmp_path, lines, count, pattern):
     ('{"version": 2, "config": ' * 3000 + "\n", r"rec.jsonl:1 ignored: JSON nested too deeply"),
 ], ids=["nested and junk records", "nested record objects"])
 def test_junk_records_do_not_abort_a_compile(tmp_path, capsys, records, pattern):
-    pytest.importorskip("ioso_tvm.compiler")
     model = _qdq_onnx(tmp_path / "m.onnx")
     (tmp_path / "rec.jsonl").write_text(records)
     with warnings.catch_warnings(record=True) as caught:
