@@ -227,6 +227,17 @@ def pool_geometry(spec: PoolSpec) -> tuple[int, int]:
 
 
 @dataclass
+class QuantizeSpec:
+    """The input quantizer (CPU side of the contract, ``reference.quantize``): float32 -> ``out_dtype``."""
+
+    scale: float
+    zp: int
+    lo: int
+    hi: int
+    out_dtype: str = "int8"
+
+
+@dataclass
 class Tiling:
     """Schedule knobs: output blocks per tile, output rows per tile, input blocks per tile,
     loop order (``ob_outer``: weights stay, ``sp_outer``: input tile stays), buffers per slot (1 or 2).

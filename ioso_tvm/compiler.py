@@ -37,9 +37,9 @@ from hw_model.config import NPUConfig
 from hw_model.cycles import instr_cost, simulate
 from hw_model.isa import Load, Program
 from ioso_tvm.frontend import import_onnx, load_onnx
-from ioso_tvm.passes.fold_qdq import Layer
 from ioso_tvm.passes.pipeline import NPUCompileState, npu_pipeline
 from target_npu import runtime
+from target_npu.layer import Layer, layer_from_record, layer_record
 from target_npu.regions import Region
 
 log = logging.getLogger("ioso_tvm.compiler")
@@ -153,7 +153,7 @@ class CompiledModel:
             sec = secs.get(i)
             cyc = 0 if sec is None else int(sec["cycles"])
             macs = ly.macs()
-            gvec = ly.consts.get("isg_groups")
+            gvec = ly.isg_groups
             # a layer in no stream and not kept on the CPU was removed from the graph (dead code)
             device = "npu" if sec is not None else "cpu" if i in self.cpu_reasons or ly.kind == "input" else "removed"
             rows.append({"name": ly.name, "kind": ly.kind, "device": device,
@@ -186,15 +186,9 @@ class CompiledModel:
 
         descs, constants = [], {}
         for i, ly in enumerate(self.layers):
-            scal = {}
-            for k, v in ly.consts.items():
-                if isinstance(v, np.ndarray):
-                    constants[f"{i}.{k}"] = v
-                else:
-                    scal[k] = v.item() if isinstance(v, np.generic) else v
-            descs.append({"kind": ly.kind, "name": ly.name, "out_shape": list(ly.out_shape),
-                          "out_dtype": ly.out_dtype, "consts": scal,
-                          "tiling": None if self.tilings[i] is None else self.tilings[i].to_dict()})
+            desc, arrays = layer_record(ly)
+            constants.update({f"{i}.{k}": v for k, v in arrays.items()})
+            descs.append({**desc, "tiling": None if self.tilings[i] is None else self.tilings[i].to_dict()})
         programs = {"regions": [{"region": r.to_dict(), "stream": json.loads(st.to_json())}
                                 for r, st in zip(self.regions, self.streams)]}
         meta = {"inputs": self.inputs, "prefix": self.prefix, "target": self.target,
@@ -234,9 +228,8 @@ def load(path: str | Path, trust: bool = False) -> CompiledModel:
     layers, tilings = [], []
     try:
         for i, p in enumerate(art.meta["layers"]):
-            consts = dict(p["consts"])
-            consts.update({k.split(".", 1)[1]: v for k, v in art.constants.items() if k.split(".", 1)[0] == str(i)})
-            layers.append(Layer(p["kind"], p["name"], [], tuple(p["out_shape"]), p["out_dtype"], consts))
+            arrays = {k.split(".", 1)[1]: v for k, v in art.constants.items() if k.split(".", 1)[0] == str(i)}
+            layers.append(layer_from_record(p, arrays))
             tilings.append(None if p.get("tiling") is None else Tiling(**p["tiling"]))
         regions, streams = [], []
         for k, rec in enumerate(art.programs["regions"]):
@@ -308,6 +301,10 @@ def compile(model: Any, target: str = "ioso_npu", input_shapes: dict[str, list[i
             log.info("CPU fallback for layer %s: %s", layers[i].name, why)
         tilings = ctx.tilings
         reasons, regions, streams = ctx.rejected, ctx.regions, ctx.streams
+        if not any(ly.kind != "input" for ly in layers):
+            log.warning("no quantized layer in the model: nothing runs on the NPU (%d QDQ chain(s) could not be "
+                        "folded). A float model must be quantized first: ioso-calibrate / ioso_tvm.calibrate, or "
+                        "onnxruntime.quantization.quantize_static with QuantFormat.QDQ", len(fallbacks))
     else:
         prefix, permutes, tilings, reasons, regions, streams = "ioso_npu.cpu", None, [], {}, [], []
     ex = tvm.compile(mod, target="llvm")
@@ -328,7 +325,7 @@ def _tilings(layers: list[Layer], records: str | Path | None, config: NPUConfig)
     recs = load_records(records)
     out = []
     for ly in layers:
-        spec = runtime.to_spec(ly) if ly.kind == "conv" and len(ly.out_shape) == 4 else None
+        spec = ly.spec if ly.kind == "conv" and not ly.is_linear else None
         out.append(None if spec is None else best_tiling(recs, spec, config))
     log.info("tuning records: %d of %d layer(s) tuned", sum(t is not None for t in out), len(layers))
     return out

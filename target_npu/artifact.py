@@ -3,21 +3,23 @@
 Members (flat names, regular files only; no pickle anywhere):
 
 ``manifest.json``
-    ``{"format": "ioso_npu-artifact", "format_version": 1, "producer": "ioso_npu <version>",
+    ``{"format": "ioso_npu-artifact", "format_version": 3, "producer": "ioso_npu <version>",
     "members": {name: sha256 hex}}``. Read first; another format version is refused.
 ``config.json``
     ``NPUConfig.to_dict()`` of the configuration the model was compiled for.
 ``meta.json``
     Interface of the model: ``{"target": str, "inputs": [{"name", "shape", "dtype"}], "layers":
-    [layer descriptions], ...}`` (free-form JSON object beyond these keys). The layer descriptions
-    (with ``constants.npz``) serve the layers left on the CPU and the report.
+    [layer descriptions], ...}`` (free-form JSON object beyond these keys). A layer description is
+    ``target_npu.layer.layer_record``: kind, name, the type of its ``hw_model`` spec and the spec's
+    scalar fields, input / output shapes and dtypes; the spec's array fields are in ``constants.npz``
+    as ``<layer index>.<field>``. They serve the layers left on the CPU and the report.
 ``programs.json``
     The NPU programs: ``{"regions": [{"region": <dataflow of the region's layers>, "stream": <the
     region's ONE instruction stream: hw_model Program JSON, ISA version, instructions, DRAM memory
     map with byte addresses, constants in NPU layout (base64)>}]}``. Loading validates each stream
     against ``config.json`` and its memory map and runs it as stored; nothing is rebuilt.
 ``constants.npz``
-    Layer constants (weights, NORM constants, ...) by name, for the CPU layers; numeric dtypes only,
+    The layers' spec arrays (weights, NORM constants, ISG groups) as ``<layer index>.<field>``; numeric dtypes only,
     read with ``allow_pickle=False``.
 ``report.json``
     The compile report (per-layer table, pass statistics), a JSON object.
@@ -58,7 +60,7 @@ import numpy as np
 from hw_model.config import NPUConfig
 
 ARTIFACT_FORMAT = "ioso_npu-artifact"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """Version of the member layout above; bump on any incompatible change (chosen: starts at 1; 2: programs.json
 holds the linked region streams)."""
 

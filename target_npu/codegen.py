@@ -1,4 +1,5 @@
-"""NPU program of a conv / linear layer from its scheduled, tensorized TIR: the walk and the entry points.
+"""NPU program of a layer from its scheduled, tensorized TIR: the walk and the entry points
+(:func:`layer_program` for every layer; adds and pools in :mod:`target_npu.codegen_alu`).
 
 :func:`lower_conv` schedules the layer (:func:`target_npu.schedule.schedule_conv`: one nest per output
 tile; per ISG group the copy stages ``load_x_<j>`` / ``load_w_<j>`` of its input and weight tile, its MAC
@@ -36,8 +37,8 @@ from tvm.sym import detect_linear_equation
 
 from hw_model.config import NPUConfig
 from hw_model.isa import Program
-from hw_model.layer_specs import ConvSpec, LinearSpec, Tiling
-from hw_model.layers import build_conv, check_tiling, default_tiling
+from hw_model.layer_specs import AddSpec, ConvSpec, LinearSpec, PoolSpec, Tiling
+from hw_model.layers import build_conv, check_tiling, default_tiling, stored_layouts
 from target_npu import intrinsics
 from target_npu.schedule import (
     CB_TILE_ATTR,
@@ -102,6 +103,7 @@ class Blk:
     src: str = ""  # copy: source buffer
     src_idx: list[Aff] = field(default_factory=list)  # copy: source index per dim (affine in dst dims "d<i>")
     guard: dict[int, tuple[int | None, int | None]] = field(default_factory=dict)  # dst dim -> [lo, hi)
+    fill: float | None = None  # copy: the guard's else value (what a padded copy writes outside the bounds)
     writes: str = ""  # init: buffer
     attrs: dict[str, int] = field(default_factory=dict)  # ioso_npu.* block annotations
     step: int = 0  # how many of ``loops`` are step loops (shared with other blocks), the rest are its own
@@ -115,6 +117,7 @@ class Nest:
     body: list[Any]
     shapes: dict[str, tuple[int, ...]]
     params: set[str] = field(default_factory=set)
+    prologue: list[Blk] = field(default_factory=list)  # blocks before the tile loops (run once)
 
 
 def _guard(cond: Any, dims: dict[str, int]) -> dict[int, tuple[int | None, int | None]]:
@@ -174,6 +177,8 @@ def _block(real: Any, loops: list[tuple[str, int]]) -> Blk | None:
         val = st.value
         if isinstance(val, tvm.ir.Call) and val.op.name.endswith("if_then_else"):
             out.guard = _guard(val.args[0], dims)
+            if hasattr(val.args[2], "value"):
+                out.fill = val.args[2].value
             val = val.args[1]
         if not hasattr(val, "indices") or not hasattr(val, "source"):
             raise NotLowerable(f"copy {blk.name_hint} does not copy one buffer element")
@@ -216,6 +221,9 @@ def walk_nest(func: tirx.PrimFunc) -> Nest:
         return []
 
     body = visit(func.body, [])
+    prologue: list[Blk] = []
+    while len(body) > 1 and isinstance(body[0], Blk):
+        prologue.append(body.pop(0))
     tile: list[tuple[str, int]] = []
     while len(body) == 1 and isinstance(body[0], tuple):
         _, name, ext, body = body[0]
@@ -229,7 +237,8 @@ def walk_nest(func: tirx.PrimFunc) -> Nest:
             else:
                 x.loops, x.step = x.loops[strip:], depth
     mark(body, 0)
-    return Nest(tile, body, shapes, set(shapes) - allocs - {"A", "B", "C", "P", "M", "Bias", "L"})
+    return Nest(tile, body, shapes, set(shapes) - allocs - {"A", "B", "C", "P", "M", "Bias", "L", "MA", "MB", "Z", "G"},
+                prologue)
 
 
 def blocks(body: list[Any]) -> list[Blk]:
@@ -259,7 +268,8 @@ class LoweredLayer:
 
     nest: Nest
     tiling: Tiling
-    shift_adds: tuple[tuple[int, bool], ...]  # (sign, init) per group in accumulation order; () = none
+    shift_adds: tuple[tuple[int | str, bool], ...]  # (sign, init) per group in accumulation order; () = none;
+    # ("ch", True): a depthwise conv's per-channel-sign step
     out_dtype: str
 
     def to_meta(self) -> dict[str, Any]:
@@ -289,28 +299,29 @@ def read_layer(nest: Nest) -> LoweredLayer:
     shift = []
     for b in calls_of(nest, "ioso_npu_shift_add_"):  # ioso_npu_shift_add_<sign>_<init|acc>_s<n>
         *_, sign, kind, _ = b.extern.split("_")
-        shift.append((_SIGN_OF[sign], kind == "init"))
+        shift.append(("ch", True) if kind == "ch" else (_SIGN_OF[sign], kind == "init"))  # ..._add_ch_s<n>
     return LoweredLayer(nest, tiling, tuple(shift), norm.extern.rsplit("_", 1)[1])
 
 
 _CACHE: dict[tuple[Any, ...], LoweredLayer] = {}
 
 
-def lower_layer(spec: ConvSpec, tiling: Tiling, cfg: NPUConfig) -> LoweredLayer:
-    """Schedule + tensorize + walk, cached; checks the walk against the layer (coverage, groups, dtype)."""
-    key = tiling_key(spec, tiling, cfg)
+def lower_layer(spec: ConvSpec, tiling: Tiling, cfg: NPUConfig, cp: int | None = None) -> LoweredLayer:
+    """Schedule + tensorize + walk, cached; checks the walk against the layer (coverage, groups, dtype).
+    ``cp``: stored channels of a depthwise conv's input (None: C padded to whole blocks)."""
+    key = tiling_key(spec, tiling, cfg, cp)
     low = _CACHE.get(key)
     if low is not None:
         return low
-    low = read_layer(walk_nest(schedule_conv(spec, tiling, cfg).mod["main"]))
-    d = tile_domain(spec, tiling, cfg)
+    low = read_layer(walk_nest(schedule_conv(spec, tiling, cfg, cp).mod["main"]))
+    d = tile_domain(spec, tiling, cfg, cp)
     dw = d["depthwise"]
     macs = calls_of(low.nest, intrinsics.DW_EXTERN if dw else intrinsics.EXTERN)
     tiles = int(np.prod([e for _, e in low.nest.tile_loops]))
     got = tiles * sum(int(np.prod([e for _, e in b.loops])) for b in macs)
     want = d["n"] * d["oh"] * d["ow"] * d["kb"] * (1 if dw else d["cb"]) * d["kh"] * d["kw"]
-    want_gsa = () if single_unity(d, cfg) else tuple((cfg.isg_group_signs[g], j == 0)
-                                                      for j, (g, *_r) in enumerate(d["segs"]))
+    want_gsa = () if single_unity(d, cfg) else (("ch", True),) if d.get("dw_isg") else tuple(
+        (cfg.isg_group_signs[g], j == 0) for j, (g, *_r) in enumerate(d["segs"]))
     copies = {b.dst: b for b in blocks(low.nest.body) if b.dst}
     exts = [dict(copies[b.ops["A"][0]].loops[copies[b.ops["A"][0]].step:]) for b in macs]  # input tile
     cb_inner = [1 + sum(c * (x[v] - 1) for v, c in copies[b.ops["A"][0]].dst_idx[3][1].items() if v in x)
@@ -334,10 +345,10 @@ def lower_conv(spec: ConvSpec | LinearSpec, tiling: Tiling | None, cfg: NPUConfi
                in_slots: list[np.ndarray] | None = None) -> Program:
     """The NPU program of a conv (dense, grouped, depthwise) / linear layer, emitted by walking its scheduled,
     tensorized TIR (:func:`target_npu.emit.emit_conv`); ``in_slots``: the stored channel layout of the input
-    in DRAM (None: channel order).
+    in DRAM (None: channel order; a depthwise conv runs in it, the others gather from it when it differs).
 
-    Raises :class:`target_npu.schedule.NotLowerable` for a depthwise conv with scaled ISG groups (and for a
-    nest the emitter cannot map), ``ValueError`` for a tiling that does not fit the on-chip memories."""
+    Raises :class:`target_npu.schedule.NotLowerable` for a nest the emitter cannot map, ``ValueError`` for a
+    tiling that does not fit the on-chip memories."""
     from target_npu.emit import emit_conv
 
     conv = spec.as_conv() if isinstance(spec, LinearSpec) else spec
@@ -346,7 +357,8 @@ def lower_conv(spec: ConvSpec | LinearSpec, tiling: Tiling | None, cfg: NPUConfi
     conv.check(cfg)
     tiling = default_tiling(conv, cfg) if tiling is None else tiling
     check_tiling(conv, tiling, cfg)
-    low = lower_layer(conv, tiling, cfg)
+    cp = stored_layouts(in_slots, [conv.c])[0].size if conv.is_depthwise else None
+    low = lower_layer(conv, tiling, cfg, cp)
     meta = {"macs": conv.macs(), "groups": len(group_segments(conv, cfg)), "tiling": tiling.to_dict()}
     prog = emit_conv(conv, low.nest, low.tiling.nbuf, cfg, in_slots, meta)
     prog.meta["tir"] = low.to_meta()
@@ -358,9 +370,29 @@ def lower_conv(spec: ConvSpec | LinearSpec, tiling: Tiling | None, cfg: NPUConfi
 def conv_program(spec: ConvSpec | LinearSpec, tiling: Tiling | None, cfg: NPUConfig,
                  in_slots: list[np.ndarray] | None = None) -> Program:
     """The program the compiler runs for a conv / linear layer: :func:`lower_conv`, or the builder alone
-    (``hw_model.layers.build_conv``) for a layer the TIR path raises ``NotLowerable`` on."""
+    (``hw_model.layers.build_conv``) for a layer the TIR path raises ``NotLowerable`` on (none known)."""
     try:
         return lower_conv(spec, tiling, cfg, in_slots)
     except NotLowerable:
         conv = spec.as_conv() if isinstance(spec, LinearSpec) else spec
         return build_conv(conv, tiling, cfg, in_slots)
+
+
+def layer_program(spec: ConvSpec | LinearSpec | AddSpec | PoolSpec, tiling: Tiling | None, cfg: NPUConfig,
+                  in_slots: list[np.ndarray] | None = None) -> Program:
+    """The NPU program of one layer, emitted from its scheduled, tensorized TIR: conv / linear through
+    :func:`conv_program`, adds and pools through :mod:`target_npu.codegen_alu`. ``tiling`` None: the
+    builder's default for the layer; ``in_slots``: the stored layout of each input (None: identity).
+
+    Raises ``TypeError`` for another spec type, ``ValueError`` for a bad spec, layout or tiling, and
+    :class:`target_npu.schedule.NotLowerable` for a nest the ALU emitter cannot map."""
+    from target_npu.codegen_alu import lower_add, lower_pool
+
+    if isinstance(spec, (ConvSpec, LinearSpec)):
+        return conv_program(spec, tiling, cfg, in_slots)
+    if isinstance(spec, PoolSpec):
+        return lower_pool(spec, tiling, cfg, in_slots)
+    if isinstance(spec, AddSpec):
+        return lower_add(spec, tiling, cfg, in_slots)
+    raise TypeError(f"layer_program: spec must be a ConvSpec, LinearSpec, AddSpec or PoolSpec, "
+                    f"got {type(spec).__name__}")

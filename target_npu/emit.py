@@ -1,17 +1,18 @@
 """Instruction stream of a conv / linear layer emitted by walking its scheduled, tensorized TIR.
 
 :class:`ConvEmitter` (geometry helpers in :mod:`target_npu.emit_boxes`) takes the walk of
-:func:`target_npu.codegen.walk_nest` (tile loops; per block its
-loops, operand regions / copy boxes as affine forms of the loops, copy guards, init blocks).
-:meth:`ConvEmitter.emit` enumerates the output tiles in Python (the extents of the tile loops) and, per tile, runs
-the body in order: a loop around copies and a call is a step loop (one pipeline step per iteration),
-each copy becomes a LOAD / STORE whose DRAM box is the copy's region (clipped to what the clipped
-consumers read; guard bounds on rows / columns become LOAD padding, other guard bounds clip the
-consumers' loops) and whose on-chip address is a slot of a simple ``nbuf`` allocation per staged
-buffer; each call becomes one GEMM / GROUP_SHIFT_ADD / NORM_ACT_QUANT whose loop fields are the
-extents of the loops between the step and the call (clipped to the real output), whose strides are the
-coefficients of those loops in the operand indices, checked against the instruction's address formula
-on the allocated tiles. Dependency tokens: :class:`hw_model.builder.StepTokens`.
+:func:`target_npu.codegen.walk_nest` (tile loops; per block its loops, operand regions / copy boxes as
+affine forms of the loops, copy guards, init blocks). :meth:`ConvEmitter.emit` enumerates the output
+tiles in Python (the extents of the tile loops) and, per tile, runs the body in order: a loop around
+copies and a call is a step loop (one pipeline step per iteration), each copy becomes a LOAD / STORE
+whose DRAM box is the copy's region (clipped to what the clipped consumers read; guard bounds on rows /
+columns become LOAD padding, other guard bounds clip the consumers' loops) and whose on-chip address
+is a slot of a simple ``nbuf`` allocation per staged buffer; each call becomes one GEMM /
+GROUP_SHIFT_ADD / NORM_ACT_QUANT (a depthwise conv's per-channel-sign shift-add: one GROUP_SHIFT_ADD
+per run of one sign) whose loop fields are the extents of the loops between the step and the call
+(clipped to the real output), whose strides are the coefficients of those loops in the operand
+indices, checked against the instruction's address formula on the allocated tiles. Dependency tokens:
+:class:`hw_model.builder.StepTokens`.
 """
 from __future__ import annotations
 
@@ -29,12 +30,15 @@ from target_npu.emit_boxes import (
     EmitError,
     Staged,
     box,
+    channel_signs,
     clip_exts,
     dense_strides,
     dram_box,
     mem_check,
     mem_of,
     op_point,
+    pack_weights,
+    sign_runs,
     src_box,
     src_point,
     tiles,
@@ -241,7 +245,7 @@ class ConvEmitter:
             u = st["tile"]
             acc = AccTile(st["obox"], (u % nb) * self.out_size, nb * self.out_size, self.d1,
                           self.out_base + (u % nb) * self.out_size, self.store.src)
-            comp = [self._call(c, env, a, exts, staged, acc) for c, env, a, exts in calls]
+            comp = [x for c, env, a, exts in calls for x in self._call(c, env, a, exts, staged, acc)]
             for j, (kind, f) in enumerate(comp):
                 deps = dict(pop_prev=j == 0 and bool(loads), push_prev=j == len(comp) - 1 and tok.compute_push_prev(s),
                             pop_next=kind == "naq" and tok.out_pop(u), push_next=kind == "naq")
@@ -261,7 +265,7 @@ class ConvEmitter:
 
     # ------------------------------------------------------------------ one call -> one instruction
     def _call(self, c: Blk, env: dict[str, int], accumulate: bool, exts: dict[str, int],
-              staged: dict[str, Staged], acc: AccTile) -> tuple[str, dict[str, Any]]:
+              staged: dict[str, Staged], acc: AccTile) -> list[tuple[str, dict[str, Any]]]:
         inner = [v for v, _ in c.loops[c.step:]]
 
         memo: dict[tuple[str, str | None, int], int] = {}
@@ -320,23 +324,30 @@ class ConvEmitter:
                     if ext(v) > 1 and step(p, v) != w.get(v, 0):
                         raise EmitError(f"{c.name}: operand {p} moves {step(p, v)} per {v}, "
                                         f"the GEMM moves {w.get(v, 0)}")
-            return "gemm", f
+            return [("gemm", f)]
         rows, cols = ext(ly) * ext(lx), ext(lob) * BLOCK
         for p in () if checked else ("A", "C"):
             pix = addr(p, dim=2) - addr(p)
             if (ext(ly) > 1 and step(p, ly) != ext(lx) * pix or ext(lx) > 1 and step(p, lx) != pix
                     or ext(lob) > 1 and step(p, lob) != BLOCK):
                 raise EmitError(f"{c.name}: operand {p} is not a dense (pixels, channels) tile")
+        if c.extern.startswith("ioso_npu_shift_add_ch"):  # one GROUP_SHIFT_ADD per run of one sign in G
+            lo = at(c.ops["C"][1][3], env) * BLOCK
+            d1, d2 = addr("A"), addr("C")
+            return [("gsa", dict(d1_addr=d1 + a - lo, d1_stride=addr("A", dim=2) - d1, d2_addr=d2 + a - lo,
+                                 d2_stride=addr("C", dim=2) - d2, rows=rows, cols=e - a, sign=sg, init=True))
+                    for sg, a, e in sign_runs(self.k["signs"], lo, lo + cols)]
         if c.extern.startswith("ioso_npu_shift_add"):
             if "P" in c.ops and addr("P") != addr("C"):
                 raise EmitError(f"{c.name}: the accumulator step must update D2 in place")
             *_, sign, init, _ = c.extern.split("_")
-            return "gsa", dict(d1_addr=addr("A"), d1_stride=addr("A", dim=2) - addr("A"), d2_addr=addr("C"),
+            return [("gsa", dict(d1_addr=addr("A"), d1_stride=addr("A", dim=2) - addr("A"), d2_addr=addr("C"),
                                d2_stride=addr("C", dim=2) - addr("C"), rows=rows, cols=cols,
-                               sign={"neg": -1, "unit": 0, "pos": 1}[sign], init=init == "init")
-        return "naq", dict(acc_addr=addr("A"), acc_stride=addr("A", dim=2) - addr("A"), out_addr=addr("C"),
-                           out_stride=addr("C", dim=2) - addr("C"), rows=rows, cols=cols, m_addr=addr("M"),
-                           b_addr=addr("Bias"), lo=self.k["lo"], hi=self.k["hi"], out_dtype=c.extern.rsplit("_", 1)[1])
+                               sign={"neg": -1, "unit": 0, "pos": 1}[sign], init=init == "init"))]
+        return [("naq", dict(acc_addr=addr("A"), acc_stride=addr("A", dim=2) - addr("A"), out_addr=addr("C"),
+                             out_stride=addr("C", dim=2) - addr("C"), rows=rows, cols=cols, m_addr=addr("M"),
+                             b_addr=addr("Bias"), lo=self.k["lo"], hi=self.k["hi"],
+                             out_dtype=c.extern.rsplit("_", 1)[1]))]
 
 
 def emit_conv(spec: Any, nest: Nest, nbuf: int, cfg: Any, in_slots: list[np.ndarray] | None,
@@ -349,7 +360,7 @@ def emit_conv(spec: Any, nest: Nest, nbuf: int, cfg: Any, in_slots: list[np.ndar
     dw = spec.is_depthwise
     slots_in, _ = channel_slots(spec.c, spec.isg_groups, cfg)
     stored = stored_layouts(in_slots, [spec.c])[0]
-    if dw and stored.size == slots_in.size:  # one group per channel: run in the stored order, nothing gathered
+    if dw:  # one group per channel: run in the stored order, nothing gathered
         slots_in = stored
     gathered = not np.array_equal(stored, slots_in)
     slots_out = slots_in if dw else identity_slots(spec.k)
@@ -364,19 +375,10 @@ def emit_conv(spec: Any, nest: Nest, nbuf: int, cfg: Any, in_slots: list[np.ndar
     b.alloc("out", spec.out_dtype, n * oh * ow * kp, "output")
     if gathered:
         b.const("gather_x", gather_table(slots_in, stored), "int32")
-    wq = spec.dense_weight()
-    used_in, used_out = slots_in >= 0, slots_out >= 0
-    wd = np.zeros(sh["w"], np.int8)
-    if dw:
-        wd[:, :, :cp][:, :, used_in] = wq[slots_in[used_in], 0].transpose(1, 2, 0)
-    else:
-        full = np.zeros((cp, spec.kh, spec.kw, kp), np.int8)
-        full[np.ix_(used_in, np.arange(spec.kh), np.arange(spec.kw), used_out)] = \
-            wq[slots_out[used_out]][:, slots_in[used_in]].transpose(1, 2, 3, 0)
-        wd[..., :kp] = full.reshape(cbn, BLOCK, spec.kh, spec.kw, kp).transpose(0, 2, 3, 1, 4)
+    wd = pack_weights(spec, slots_in, slots_out, sh["w"])
     b.const("w", wd, "int8")
     mlen = int(np.prod(sh["m"]))
-    mb = np.zeros(2 * mlen, np.float32)
+    mb, used_out = np.zeros(2 * mlen, np.float32), slots_out >= 0
     mb[:kp][used_out] = np.asarray(spec.m, np.float32)[slots_out[used_out]]
     mb[mlen:mlen + kp][used_out] = np.asarray(spec.b, np.float32)[slots_out[used_out]]
     b.const("norm", mb, "float32")
@@ -386,7 +388,8 @@ def emit_conv(spec: Any, nest: Nest, nbuf: int, cfg: Any, in_slots: list[np.ndar
              "m": Binding("norm", 0, dense_strides(list(sh["m"]))),
              "b": Binding("norm", mlen, dense_strides(list(sh["b"]))),
              "store_out": Binding("out", 0, dense_strides(list(sh["store_out"])))}
-    ConvEmitter(nest, b, binds, nbuf, {"zp": spec.x_zp, "lo": spec.lo, "hi": spec.hi}).emit()
+    signs = channel_signs(stored, spec.isg_groups, cfg) if dw else None  # G of a depthwise conv's shift_add_ch
+    ConvEmitter(nest, b, binds, nbuf, {"zp": spec.x_zp, "lo": spec.lo, "hi": spec.hi, "signs": signs}).emit()
     meta = {"layer": "conv", "inputs": {"x": {"shape": [spec.n, spec.c, spec.h, spec.w], "slots": stored.tolist(),
                                               "dtype": spec.in_dtype}},
             "output": {"region": "out", "shape": [spec.n, spec.k, oh, ow], "slots": slots_out.tolist(),

@@ -169,3 +169,39 @@ class AccTile:
         base = self.out if buf == self.out_buf else self.d1 if buf in self.d1_bufs else self.d2
         st = dense_strides([e for _, e in self.obox])
         return base + sum((p - lo) * s for p, (lo, _), s in zip(point, self.obox, st, strict=False))
+
+
+def sign_runs(signs: np.ndarray, lo: int, hi: int) -> list[tuple[int, int, int]]:
+    """(sign, first, end) of each maximal run of one value in ``signs[lo:hi]`` (channel positions)."""
+    out: list[tuple[int, int, int]] = []
+    for p in range(lo, hi):
+        if out and out[-1][0] == int(signs[p]):
+            out[-1] = (out[-1][0], out[-1][1], p + 1)
+        else:
+            out.append((int(signs[p]), p, p + 1))
+    return out
+
+
+def channel_signs(stored: np.ndarray, isg_groups: np.ndarray | None, cfg: Any) -> np.ndarray:
+    """Factor sign of the ISG group of every stored channel position (a padding position takes the sign of
+    the run before it, as ``hw_model.layers.channel_group_runs`` joins it): a depthwise conv's G table."""
+    from hw_model.layers import channel_group_runs
+    return np.array([cfg.isg_group_signs[g] for g, a, e in channel_group_runs(stored, isg_groups)
+                     for _ in range(e - a)], np.int64)
+
+
+def pack_weights(spec: Any, slots_in: np.ndarray, slots_out: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A conv's int8 weights in the PrimFunc's ``w`` layout ``shape``: rows (input block, ky, kx, 16) of the
+    padded output channels, depthwise (ky, kx, channel); channels in the given layouts (-1: zeros)."""
+    wq = spec.dense_weight()
+    used_in, used_out = slots_in >= 0, slots_out >= 0
+    cp, kp = slots_in.size, slots_out.size
+    wd = np.zeros(shape, np.int8)
+    if spec.is_depthwise:
+        wd[:, :, :cp][:, :, used_in] = wq[slots_in[used_in], 0].transpose(1, 2, 0)
+        return wd
+    full = np.zeros((cp, spec.kh, spec.kw, kp), np.int8)
+    full[np.ix_(used_in, np.arange(spec.kh), np.arange(spec.kw), used_out)] = \
+        wq[slots_out[used_out]][:, slots_in[used_in]].transpose(1, 2, 3, 0)
+    wd[..., :kp] = full.reshape(cp // 16, 16, spec.kh, spec.kw, kp).transpose(0, 2, 3, 1, 4)
+    return wd

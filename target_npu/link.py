@@ -44,7 +44,7 @@ def ref_shape(region: NPURegion, ref: str, layers: list[Any]) -> tuple[int, ...]
         ly = layers[step.layer]
         for pos, r in enumerate(step.inputs):
             if r == ref:
-                return tuple(int(d) for d in (ly.consts["in_shape"] if pos == 0 else ly.out_shape))
+                return tuple(int(d) for d in (ly.in_shapes[pos]))
     raise LinkError(f"region {region.symbol}: input {ref} is read by no layer")
 
 
@@ -146,7 +146,7 @@ def link_region(region: NPURegion, layers: list[Any], build: Callable[[int, list
         for pos, ref in enumerate(step.inputs):
             if ref not in tensors:  # a region input: the host writes it in channel order, padded
                 shape = ref_shape(region, ref, layers)
-                dtype = ly.consts["in_dtypes"][pos]
+                dtype = ly.in_dtypes[pos]
                 name = f"in{ref.partition(':')[2]}"
                 tensors[ref] = (name, identity_slots(shape[1]), shape, dtype)
                 kinds[name] = "input"

@@ -1,25 +1,21 @@
 """BYOC partition of the folded integer graph: FuseOpsByPattern -> MergeCompositeFunctions -> RunCodegen.
 
-Flow (TVM 0.27):
+Flow (TVM 0.27), on a module whose layers are in their integer form (``target_npu.integer_ops``):
 
-1. :func:`markers_to_stubs`: every layer marker ``call_dps_packed("<prefix>.<i>", (*ins, const(i)))``
-   of ``ioso_tvm.passes.fold_qdq`` becomes ``call_tir(ioso_npu_layer, (*ins, const(i)))`` on a stub
-   PrimFunc. (``MergeCompositeFunctions`` of TVM 0.27 stops with "Do not have a default for
-   relax.expr.ExternFunc" on a packed callee; a ``call_tir`` callee is a GlobalVar it handles.)
-2. ``FuseOpsByPattern(pattern_table(ctx))`` (:mod:`target_npu.patterns`): each layer whose check
+1. ``FuseOpsByPattern(pattern_table(ctx))`` (:mod:`target_npu.patterns`): each layer whose check
    passes becomes a ``Composite="ioso_npu.<op>"`` function.
-3. ``MergeCompositeFunctions``: neighbouring composites become one ``Codegen="ioso_npu"`` function, an
+2. ``MergeCompositeFunctions``: neighbouring composites become one ``Codegen="ioso_npu"`` function, an
    NPU region; each is renamed ``<prefix>.npu.r<k>`` (``global_symbol``) so that two compiled models
    never share a runtime function name.
-4. ``RunCodegen`` calls the Python codegen registered as ``relax.ext.ioso_npu``: it reads each region
+3. ``RunCodegen`` calls the Python codegen registered as ``relax.ext.ioso_npu``: it reads each region
    (:func:`target_npu.regions.read_region`), links its layers into one instruction stream over one
    DRAM image (:func:`target_npu.link.link_region`), registers its runtime function
    (:func:`target_npu.runtime.register_region`) and records both in ``ctx.regions`` / ``ctx.streams``;
    the call in ``main`` becomes ``call_dps_packed("<prefix>.npu.r<k>", ...)``.
-5. :func:`stubs_to_markers`: the layers left outside every region (checks failed, input quantizer)
-   become ``call_dps_packed("<prefix>.<i>", ...)`` again: the CPU function (``hw_model.reference``), and
-   the stub PrimFunc is dropped.
-6. :func:`region_boundaries`: around each region call, the layout changes between the host's NCHW
+4. :func:`layers_to_cpu`: each layer left outside every region (a check failed) has its integer form
+   replaced by ``call_dps_packed("<prefix>.<i>", ...)``: the contract's CPU function
+   (``hw_model.reference``, ``target_npu.runtime.register_layer``).
+5. :func:`region_boundaries`: around each region call, the layout changes between the host's NCHW
    tensors and the NPU's padded NHWC (permute_dims, pad, slice or take) become host graph ops.
 """
 from __future__ import annotations
@@ -34,17 +30,13 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvm.script import tirx as T
 
+from target_npu.integer_ops import rewrite_layers
 from target_npu.link import link_region
-from target_npu.patterns import STUB, PartitionContext, pattern_table
+from target_npu.patterns import PartitionContext, pattern_table
 from target_npu.regions import read_region
 
 log = logging.getLogger("target_npu.partition")
 _ACTIVE: list[PartitionContext] = []  # the context RunCodegen's codegen reads (set by partition)
-
-
-@T.prim_func(private=True)
-def _stub() -> None:
-    T.evaluate(0)
 
 
 def _is_call(e: Any, op: str) -> bool:
@@ -55,46 +47,60 @@ def _out_sinfo(call: relax.Call) -> Any:
     return call.ty_args[0] if len(call.ty_args) == 1 else list(call.ty_args)
 
 
-def markers_to_stubs(mod: tvm.IRModule, prefix: str) -> tvm.IRModule:
-    """Step 1: layer markers of ``prefix`` -> ``call_tir`` of the stub PrimFunc."""
+@T.prim_func(private=True)
+def _stub() -> None:
+    T.evaluate(0)
+
+
+def _hide_packed_calls(mod: tvm.IRModule) -> tuple[tvm.IRModule, dict[str, str]]:
+    """Each ``call_dps_packed`` of an extern function in ``main`` (the input quantizers) -> ``call_tir`` of a
+    stub PrimFunc, because ``MergeCompositeFunctions`` of TVM 0.27 stops with "Do not have a default for
+    relax.expr.ExternFunc"; returns the module and stub name -> extern symbol (:func:`_restore_packed_calls`)."""
+    stubs: dict[str, str] = {}
 
     @mutator
-    class ToStub(PyExprMutator):
-        gv: Any = None
-
-        def visit_call_(self, call: relax.Call) -> relax.Expr:
+    class Hide(PyExprMutator):
+        def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: D102
             call = super().visit_call_(call)
-            if _is_call(call, "relax.call_dps_packed") and isinstance(call.args[0], relax.ExternFunc) \
-                    and str(call.args[0].global_symbol).startswith(prefix + "."):
-                if self.gv is None:
-                    self.gv = self.builder_.add_func(_stub, STUB)
-                return relax.call_tir(self.gv, call.args[1], _out_sinfo(call))
+            if _is_call(call, "relax.call_dps_packed") and isinstance(call.args[0], relax.ExternFunc):
+                name = f"ioso_npu_packed_{len(stubs)}"
+                stubs[name] = str(call.args[0].global_symbol)
+                return relax.call_tir(self.builder_.add_func(_stub, name), call.args[1], _out_sinfo(call))
             return call
 
-    m = ToStub(mod)
+    m = Hide(mod)
     main = m.visit_expr(mod["main"])
     out = m.builder_.get()
     out["main"] = main
-    return out
+    return out, stubs
 
 
-def stubs_to_markers(mod: tvm.IRModule, prefix: str, ctx: PartitionContext) -> tvm.IRModule:
-    """Step 5: layer stubs left in ``main`` -> the CPU marker ``call_dps_packed("<prefix>.<i>", ...)``."""
+def _restore_packed_calls(mod: tvm.IRModule, stubs: dict[str, str]) -> tvm.IRModule:
+    """Inverse of :func:`_hide_packed_calls`; the stub PrimFuncs are dropped."""
 
     @mutator
-    class ToMarker(PyExprMutator):
-        def visit_call_(self, call: relax.Call) -> relax.Expr:
+    class Restore(PyExprMutator):
+        def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: D102
             call = super().visit_call_(call)
-            if _is_call(call, "relax.call_tir") and getattr(call.args[0], "name_hint", "") == STUB:
-                idx, _ = ctx.layer_of(call)
-                return relax.call_dps_packed(f"{prefix}.{idx}", call.args[1], _out_sinfo(call))
+            name = getattr(call.args[0], "name_hint", "") if _is_call(call, "relax.call_tir") else ""
+            if name in stubs:
+                return relax.call_dps_packed(stubs[name], call.args[1], _out_sinfo(call))
             return call
 
-    main = ToMarker(mod).visit_expr(mod["main"])
-    mod = tvm.IRModule({gv: f for gv, f in mod.functions.items() if gv.name_hint not in (STUB, "main")},
+    main = Restore(mod).visit_expr(mod["main"])
+    mod = tvm.IRModule({gv: f for gv, f in mod.functions.items() if gv.name_hint not in (*stubs, "main")},
                        attrs=mod.attrs)
     mod["main"] = main
     return mod
+
+
+def layers_to_cpu(mod: tvm.IRModule, layers: list[Any], prefix: str, which: set[int]) -> tvm.IRModule:
+    """Step 4: the integer form of each layer ``i in which`` -> ``call_dps_packed("<prefix>.<i>", operands)``."""
+
+    def make(i: int, ly: Any, ops: list[Any], _emit: Any) -> relax.Expr:
+        return relax.call_dps_packed(f"{prefix}.{i}", ops, relax.TensorType(ly.out_shape, ly.out_dtype))
+
+    return rewrite_layers(mod, layers, make, which)
 
 
 @tvm_ffi.register_global_func("relax.ext.ioso_npu", override=True)
@@ -115,7 +121,8 @@ def _codegen(functions: Any, options: Any, constant_names: Any) -> list[Any]:
         return prog
 
     for f in functions:
-        region = read_region(f, str(f.attrs["global_symbol"]), lambda c: ctx.layer_of(c)[0])
+        region = read_region(f, str(f.attrs["global_symbol"]), ctx.index_of_name,
+                             lambda i: len(ctx.layers[i].in_dtypes))
         for i in region.layers:
             ctx.symbols[i] = region.symbol
         stream = link_region(region, ctx.layers, build, ctx.config, reuse=ctx.memory_reuse)
@@ -183,7 +190,7 @@ def region_boundaries(mod: tvm.IRModule, streams: dict[str, Any]) -> tvm.IRModul
 
 def partition(mod: tvm.IRModule, ctx: PartitionContext, prefix: str) -> tvm.IRModule:
     """``mod`` with every layer passing its check inside an NPU region ``<prefix>.npu.r<k>``."""
-    mod = markers_to_stubs(mod, prefix)
+    mod, stubs = _hide_packed_calls(mod)
     mod = relax.transform.FuseOpsByPattern(pattern_table(ctx), bind_constants=True, annotate_codegen=False)(mod)
     mod = relax.transform.MergeCompositeFunctions()(mod)
     renamed = {}
@@ -198,7 +205,11 @@ def partition(mod: tvm.IRModule, ctx: PartitionContext, prefix: str) -> tvm.IRMo
         mod = relax.transform.RunCodegen()(mod)
     finally:
         _ACTIVE.pop()
-    mod = stubs_to_markers(mod, prefix, ctx)
+    mod = _restore_packed_calls(mod, stubs)
+    on_cpu = {i for i, ly in enumerate(ctx.layers) if ly.kind != "input" and i not in ctx.symbols}
+    for i in on_cpu:
+        ctx.rejected.setdefault(i, "matched by no NPU pattern (its integer form was changed)")
+    mod = layers_to_cpu(mod, ctx.layers, prefix, on_cpu)
     mod = region_boundaries(mod, {p.meta["symbol"]: p for p in ctx.streams})
     for idx, why in sorted(ctx.rejected.items()):
         log.info("layer %s stays on the CPU: %s", ctx.layers[idx].name, why)

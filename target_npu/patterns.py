@@ -1,13 +1,12 @@
 """Pattern table of the ioso_npu BYOC partition (style of ``tvm.relax.backend.*.patterns``).
 
-Input: a Relax module after ``ioso_tvm.passes.fold_qdq`` and
-:func:`target_npu.partition.markers_to_stubs`, where every recognised integer layer is one call
-``R.call_tir(ioso_npu_layer, (*int_inputs, R.const(i, "int64")))`` (the index constant binds the
-layer into its composite and keeps composites apart). Each
-:class:`~tvm.relax.transform.FusionPattern` matches that call; its ``check`` turns the
-:class:`ioso_tvm.passes.fold_qdq.Layer` behind the index into its typed ``hw_model`` spec
-(``ConvSpec`` / ``LinearSpec`` / ``AddSpec`` / ``PoolSpec``, :func:`target_npu.runtime.to_spec`) and
-enforces the NPU's limits on it (:func:`npu_limits`):
+Input: a Relax module after ``ioso_tvm.passes.fold_qdq``, where every recognised layer is in its
+integer form (``target_npu.integer_ops``: ``conv2d`` / ``matmul`` over int16 ``x - zp`` into int32, the
+ISG shift-adds, NORM, round, clip, cast). One :class:`~tvm.relax.transform.FusionPattern` per layer
+kind and number of ISG groups matches that form (``ioso_npu.conv2d``, ``ioso_npu.linear``,
+``ioso_npu.add``, ``ioso_npu.max_pool2d``, ``ioso_npu.global_avg_pool``); its ``check`` finds the
+:class:`target_npu.layer.Layer` bound to the matched output variable and enforces the NPU's limits
+on its typed ``hw_model`` spec (:func:`npu_limits`):
 
 - activation dtypes int8/uint8 in and out (``hw_model.layer_specs``), weights int8 within
   ``WEIGHT_BITS_MAX`` bits, kernel <= ``MAX_KERNEL``, stride <= ``MAX_STRIDE``, dilation 1,
@@ -15,8 +14,9 @@ enforces the NPU's limits on it (:func:`npu_limits`):
 - the layer's ``hw_model`` spec accepts it and a tiling (the tuned one, else the default) fits the
   ``NPUConfig`` buffers. Checks are pure: no program is built here; the codegen builds and links.
 
-A call that fails a check is not offloaded: it becomes a packed call of the CPU function
-(``hw_model.reference``, exact) and :class:`PartitionContext` records the op and the reason.
+A layer that fails a check is not offloaded: ``target_npu.partition`` replaces its integer form by a
+packed call of the CPU function (``hw_model.reference``, exact) and :class:`PartitionContext` records
+the reason.
 """
 from __future__ import annotations
 
@@ -24,15 +24,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from tvm import relax
-from tvm.relax.dpl import is_gv, is_op, wildcard
 from tvm.relax.transform import FusionPattern
 
 from hw_model.config import NPUConfig
 from hw_model.layer_specs import AddSpec, ConvSpec, LinearSpec, PoolSpec
+from target_npu.integer_ops import patterns
 
-STUB = "ioso_npu_layer"
-"""The stub PrimFunc a layer call targets during the partition (``target_npu.partition.markers_to_stubs``)."""
 KINDS = {"conv2d": "conv", "linear": "conv", "add": "add", "max_pool2d": "maxpool", "global_avg_pool": "gap"}
 """Composite name suffix -> ``Layer.kind``."""
 WEIGHT_BITS_MAX = 8
@@ -57,13 +54,16 @@ class PartitionContext:
     profile: Any = None
     memory_reuse: bool = True
 
-    def layer_of(self, call: relax.Call) -> tuple[int, Any]:
-        """(index, layer) of a marker call (its last argument is the index constant)."""
-        args = call.args[1].fields if isinstance(call.args[1], relax.Tuple) else [call.args[1]]
-        idx = int(args[-1].value.numpy()) if hasattr(args[-1], "value") else -1
-        if not 0 <= idx < len(self.layers):
-            raise ValueError(f"marker call {call.args[0]} carries no valid layer index")
-        return idx, self.layers[idx]
+    def index_of(self, var_name: str) -> int:
+        """Index of the layer whose output is bound to ``var_name`` (-1: none)."""
+        return next((i for i, ly in enumerate(self.layers) if ly.out_name == var_name and ly.kind != "input"), -1)
+
+    def index_of_name(self, layer_name: str) -> int:
+        """Index of the layer called ``layer_name``; ValueError if there is none."""
+        for i, ly in enumerate(self.layers):
+            if ly.name == layer_name:
+                return i
+        raise ValueError(f"no layer named {layer_name!r}")
 
 
 def npu_limits(spec: Any) -> str | None:
@@ -101,10 +101,13 @@ def _make_check(ctx: PartitionContext, composite: str) -> Any:
     from target_npu import runtime  # the bridge from a folded layer to its hw_model spec
 
     def check(pctx: Any) -> bool:
-        idx, layer = ctx.layer_of(pctx.annotated_expr["root"])
-        want = KINDS[composite]
-        is_linear = layer.kind == "conv" and len(layer.out_shape) == 2
-        if layer.kind != want or (want == "conv" and is_linear != (composite == "linear")):
+        root = pctx.annotated_expr["root"]
+        var = pctx.value_to_bound_var.get(root)
+        idx = -1 if var is None else ctx.index_of(var.name)
+        if idx < 0:
+            return False
+        layer = ctx.layers[idx]
+        if layer.kind != KINDS[composite] or (layer.kind == "conv" and layer.is_linear != (composite == "linear")):
             return False
         try:
             why = npu_limits(runtime.to_spec(layer))
@@ -122,9 +125,6 @@ def _make_check(ctx: PartitionContext, composite: str) -> Any:
 
 
 def pattern_table(ctx: PartitionContext) -> list[FusionPattern]:
-    """One ``ioso_npu.<op>`` pattern per NPU layer kind, each with its limit check."""
-    out = []
-    for name in KINDS:
-        root = is_op("relax.call_tir")(is_gv(STUB), wildcard())
-        out.append(FusionPattern(f"ioso_npu.{name}", root, {"root": root}, _make_check(ctx, name)))
-    return out
+    """The ``ioso_npu.<op>`` patterns of the integer forms (``target_npu.integer_ops``), each with its check."""
+    return [FusionPattern(f"ioso_npu.{name}", pat, {"root": pat}, _make_check(ctx, name))
+            for name in KINDS for pat in patterns(name, ctx.config)]

@@ -3,10 +3,8 @@
 After the partition every ``Codegen="ioso_npu"`` function is a dataflow of composite calls, one per
 layer. :func:`read_region` turns it into a :class:`Region`: its inputs, the layers in order with the
 tensors each one reads (a region input or an earlier step's output) and the tensors it returns.
-The runtime (:func:`target_npu.runtime.register_region`) runs the steps one layer program after the
-other on the simulator; tensors between the steps stay on the NPU side (numpy arrays), the host
-sees only the region's inputs and outputs. Regions are plain data (``to_dict`` / ``from_dict``) so
-that a compiled artifact can register them again on another machine.
+``target_npu.link`` links the steps into the region's one instruction stream. Regions are plain
+data (``to_dict`` / ``from_dict``) so that a compiled artifact can register them again elsewhere.
 """
 from __future__ import annotations
 
@@ -14,8 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import tvm
 from tvm import relax
+
+from target_npu.integer_ops import layer_name_of, operands_of
 
 
 @dataclass(frozen=True)
@@ -63,20 +62,11 @@ class Region:
                     raise ValueError(f"region {self.symbol}: step {j} reads {r!r}, which is not defined before it")
 
 
-def _layer_calls(func: relax.Function, layer_of: Callable[[relax.Call], int]) -> list[tuple[int, relax.Call]]:
-    out: list[tuple[int, relax.Call]] = []
-
-    def visit(e: Any) -> None:
-        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == "relax.call_tir":
-            out.append((layer_of(e), e))
-
-    relax.analysis.post_order_visit(func.body, visit)
-    return out
-
-
-def read_region(func: relax.Function, symbol: str, layer_of: Callable[[relax.Call], int]) -> Region:
-    """The :class:`Region` of a merged ``Codegen="ioso_npu"`` function; ``layer_of`` maps the layer
-    call inside a composite function to its layer index."""
+def read_region(func: relax.Function, symbol: str, index_of_name: Callable[[str], int],
+                num_inputs: Callable[[int], int]) -> Region:
+    """The :class:`Region` of a merged ``Codegen="ioso_npu"`` function. Each composite function inside
+    holds one layer in its integer form (``target_npu.integer_ops``): ``index_of_name`` maps the layer
+    name read from it to the layer index, ``num_inputs`` the index to the number of operands."""
     refs: dict[Any, str] = {p: f"in:{k}" for k, p in enumerate(func.params)}
     composites: dict[Any, relax.Function] = {}
     steps: list[Step] = []
@@ -93,16 +83,18 @@ def read_region(func: relax.Function, symbol: str, layer_of: Callable[[relax.Cal
                 composites[b.var] = v
             elif isinstance(v, relax.Call) and v.op in composites:
                 inner = composites[v.op]
-                calls = _layer_calls(inner, layer_of)
-                if len(calls) != 1:
-                    raise ValueError(f"NPU region {symbol}: a composite holds {len(calls)} layers, expected 1")
-                idx, call = calls[0]
+                try:
+                    name = layer_name_of(inner)
+                    idx = index_of_name(name)
+                    bindings = {x.var.name: x.value for blk2 in inner.body.blocks for x in blk2.bindings}
+                    operands = operands_of(bindings, name, num_inputs(idx))
+                except ValueError as e:
+                    raise ValueError(f"NPU region {symbol}: {e}") from None
                 # the layer's operands, through the composite's parameters: a tensor read twice (x + x)
                 # is one parameter of the composite but two operands of the layer
                 params = {p: a for p, a in zip(inner.params, v.args)}
-                operands = call.args[1].fields if isinstance(call.args[1], relax.Tuple) else [call.args[1]]
                 refs[b.var] = f"step:{len(steps)}"
-                steps.append(Step(idx, tuple(ref(params[o]) for o in operands if o in params)))
+                steps.append(Step(idx, tuple(ref(params[o]) for o in operands)))
             elif isinstance(v, relax.Var):
                 refs[b.var] = ref(v)
             elif not isinstance(v, relax.Tuple):  # a tuple binding is only read through the return value

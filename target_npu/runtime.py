@@ -8,9 +8,10 @@
 - One function per layer left on the CPU, ``<prefix>.<index>`` (:func:`register_layer`): the
   contract itself (``hw_model.reference``), exact.
 
-Layer programs are made by :func:`make_program` for the stored layout of their inputs: conv (dense,
-grouped, depthwise) / linear layers through TIR (``target_npu.codegen``), depthwise convs with scaled
-ISG groups, adds and pools with ``hw_model.layers_alu.build_layer``. :func:`check_layer` is the pure
+Layer programs are made by :func:`make_program` for the stored layout of their inputs, every kind
+(conv, depthwise, linear, add, pools) emitted from its scheduled, tensorized TIR
+(``target_npu.codegen.layer_program``); ``hw_model``'s builder only if a lowering fails, with a
+warning. :func:`check_layer` is the pure
 check the partition uses (spec and tiling, no program).
 
 Modes: ``func`` runs the functional simulator only; ``perf`` and ``both`` run it with the cycle model
@@ -19,7 +20,7 @@ and record the cycles per layer (the sections of the stream) in the :class:`Prof
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -30,10 +31,11 @@ from hw_model.builder import identity_slots
 from hw_model.config import NPUConfig
 from hw_model.cycles import simulate
 from hw_model.isa import Program
-from hw_model.layer_specs import AddSpec, ConvSpec, LinearSpec, PoolSpec, Tiling
+from hw_model.layer_specs import AddSpec, ConvSpec, LinearSpec, PoolSpec, QuantizeSpec, Tiling
 from hw_model.layers import check_tiling, default_tiling
 from hw_model.layers_alu import build_layer
-from target_npu.codegen import conv_program
+from target_npu.codegen import layer_program
+from target_npu.schedule import NotLowerable
 
 log = logging.getLogger("target_npu.runtime")
 MODES = ("func", "perf", "both")
@@ -58,35 +60,20 @@ class Profile:
 
 
 def to_spec(layer: Any, in_slots: list[np.ndarray] | None = None) -> Any:
-    """The ``hw_model.layer_specs`` spec of a folded layer (None for the CPU input quantizer).
+    """The ``hw_model.layer_specs`` spec the NPU builds ``layer`` from (None for the CPU input quantizer).
 
     ``in_slots``: the stored channel layout of each input in DRAM (None: channel order). It matters
     only for a linear layer reading a (N, C, H, W) tensor with H*W > 1: the NPU stores that tensor
     NHWC with padded channels, so the weight columns are reordered to that layout at compile time
     (zero columns for the padding), and the layer reads N rows of H*W*Cpad values."""
-    c, dt, ins = layer.consts, layer.out_dtype, c_shape(layer)
-    if layer.kind == "conv" and len(layer.out_shape) == 2:
-        n, k = layer.out_shape
-        w, gvec = c["w"][:, :, 0, 0], c["isg_groups"]
-        if len(ins) == 4 and ins[2] * ins[3] > 1:
-            w, gvec = _flatten_columns(w, gvec, ins, None if in_slots is None else in_slots[0])
-        return LinearSpec(n, w.shape[1], k, w, c["m"], c["b"], c["lo"], c["hi"],
-                          x_zp=c["x_zp"], in_dtype=c["in_dtypes"][0], out_dtype=dt, isg_groups=gvec)
-    if layer.kind == "conv":
-        n, cin, h, w = ins
-        return ConvSpec(n, cin, h, w, layer.out_shape[1], c["w"], c["m"], c["b"], c["lo"], c["hi"],
-                        stride=tuple(c["stride"]), pads=tuple(c["pads"]), groups=c["groups"], x_zp=c["x_zp"],
-                        in_dtype=c["in_dtypes"][0], out_dtype=dt, isg_groups=c["isg_groups"])
-    if layer.kind == "add":
-        return AddSpec(*ins, c["a_zp"], c["b_zp"], c["ma"], c["mb"], c["bias"], c["lo"], c["hi"],
-                       a_dtype=c["in_dtypes"][0], b_dtype=c["in_dtypes"][1], out_dtype=dt)
-    if layer.kind == "maxpool":
-        return PoolSpec("max", *ins, kernel=tuple(c["kernel"]), stride=tuple(c["stride"]), pads=tuple(c["pads"]),
-                        lo=c["lo"], hi=c["hi"], in_dtype=c["in_dtypes"][0], out_dtype=dt)
-    if layer.kind == "gap":
-        return PoolSpec("global_avg", *ins, x_zp=c["x_zp"], m=float(c["m"]), b=float(c["b"]), lo=c["lo"],
-                        hi=c["hi"], in_dtype=c["in_dtypes"][0], out_dtype=dt)
-    return None
+    spec, ins = layer.spec, tuple(layer.in_shape)
+    if isinstance(spec, QuantizeSpec):
+        return None
+    if isinstance(spec, LinearSpec) and len(ins) == 4 and ins[2] * ins[3] > 1:
+        w, gvec = _flatten_columns(np.asarray(spec.weight), spec.isg_groups, ins,
+                                   None if in_slots is None else in_slots[0])
+        return replace(spec, c=w.shape[1], weight=w, isg_groups=gvec)
+    return spec
 
 
 def _flatten_columns(w: np.ndarray, gvec: np.ndarray | None, ins: tuple[int, ...],
@@ -108,10 +95,6 @@ def _flatten_columns(w: np.ndarray, gvec: np.ndarray | None, ins: tuple[int, ...
         g2 = np.full(src.size, int(np.bincount(gvec).argmax()), np.int64)
         g2[used] = gvec[src[used]]
     return w2, g2
-
-
-def c_shape(layer: Any) -> tuple[int, ...]:
-    return tuple(int(d) for d in layer.consts.get("in_shape", ()))
 
 
 def check_layer(layer: Any, cfg: NPUConfig, tiling: Tiling | None = None) -> str | None:
@@ -136,39 +119,39 @@ def make_program(layer: Any, cfg: NPUConfig, tiling: Tiling | None = None,
         return None, "input quantizer (CPU side of the contract)"
     try:
         spec = to_spec(layer, in_slots)
-        if isinstance(spec, LinearSpec) and in_slots is not None and len(c_shape(layer)) == 4 \
-                and c_shape(layer)[2] * c_shape(layer)[3] > 1:
+        if isinstance(spec, LinearSpec) and in_slots is not None and len(layer.in_shape) == 4 \
+                and layer.in_shape[2] * layer.in_shape[3] > 1:
             in_slots = None  # the flatten remap already put the columns in the stored order
-        if isinstance(spec, (LinearSpec, ConvSpec)):
-            try:
-                return conv_program(spec, tiling, cfg, in_slots), None  # through TIR (target_npu.codegen)
-            except ValueError as e:  # a TIR lowering failure must not fail a compile: the builder is exact
-                log.warning("layer %s: TIR lowering failed (%s); its program comes from hw_model's builder",
-                            layer.name, e)
-        return build_layer(spec, tiling or default_tiling(spec, cfg), cfg, in_slots), None
+        try:
+            return layer_program(spec, tiling, cfg, in_slots), None  # through TIR (target_npu.codegen)
+        except NotLowerable as e:  # a TIR lowering failure must not fail a compile: the builder is exact
+            log.warning("layer %s: TIR lowering failed (%s); its program comes from hw_model's builder",
+                        layer.name, e)
+        return build_layer(spec, tiling, cfg, in_slots), None
     except (ValueError, TypeError) as e:
         return None, f"hw_model rejects the layer: {e}"
 
 
 def execute(layer: Any, xs: list[np.ndarray], cfg: NPUConfig) -> np.ndarray:
     """Outputs of ``layer`` for integer inputs ``xs`` (numpy), bit exact with the contract (CPU path)."""
-    c, dt = layer.consts, np.dtype(layer.out_dtype)
-    if layer.kind == "input":
-        return ref.quantize(xs[0], c["scale"], c["zp"], c["lo"], c["hi"], dt,
+    s, dt = layer.spec, np.dtype(layer.out_dtype)
+    if isinstance(s, QuantizeSpec):
+        return ref.quantize(xs[0], s.scale, s.zp, s.lo, s.hi, dt,
                             what=f"model input {layer.name.removeprefix('quantize_')!r}")
-    if layer.kind == "conv":
-        x = xs[0] if xs[0].ndim == 4 else xs[0].reshape(xs[0].shape[0], -1, 1, 1)  # linear: 1x1 conv
-        return ref.conv2d(x, c["x_zp"], c["w"], c["m"], c["b"], c["lo"], c["hi"], dt,
-                          stride=tuple(c["stride"]), pads=tuple(c["pads"]), groups=c["groups"],
-                          isg_groups=c["isg_groups"], cfg=cfg).reshape(layer.out_shape)
-    if layer.kind == "add":
-        return ref.add(xs[0], c["a_zp"], c["ma"], xs[1], c["b_zp"], c["mb"], c["bias"], c["lo"], c["hi"], dt)
-    if layer.kind == "maxpool":
-        y = ref.max_pool2d(xs[0], tuple(c["kernel"]), tuple(c["stride"]), tuple(c["pads"]))
-        return np.clip(y, c["lo"], c["hi"]).astype(dt)
-    if layer.kind == "gap":
-        return ref.global_avg_pool(xs[0], c["x_zp"], c["m"], c["b"], c["lo"], c["hi"], dt)
-    raise ValueError(f"layer {layer.name}: unknown kind {layer.kind!r}")
+    if isinstance(s, LinearSpec):
+        return ref.linear(xs[0].reshape(xs[0].shape[0], -1), s.x_zp, s.weight, s.m, s.b, s.lo, s.hi, dt,
+                          isg_groups=s.isg_groups, cfg=cfg)
+    if isinstance(s, ConvSpec):
+        return ref.conv2d(xs[0], s.x_zp, s.weight, s.m, s.b, s.lo, s.hi, dt, stride=tuple(s.stride),
+                          pads=tuple(s.pads), groups=s.groups, isg_groups=s.isg_groups, cfg=cfg)
+    if isinstance(s, AddSpec):
+        return ref.add(xs[0], s.a_zp, s.ma, xs[1], s.b_zp, s.mb, s.bias, s.lo, s.hi, dt)
+    if isinstance(s, PoolSpec) and s.kind == "max":
+        y = ref.max_pool2d(xs[0], tuple(s.kernel), tuple(s.stride), tuple(s.pads))
+        return np.clip(y, s.lo, s.hi).astype(dt)
+    if isinstance(s, PoolSpec) and s.kind == "global_avg":
+        return ref.global_avg_pool(xs[0], s.x_zp, s.m, s.b, s.lo, s.hi, dt)
+    raise ValueError(f"layer {layer.name}: no CPU path for a {type(s).__name__}")
 
 
 def _tensors(args: tuple[Any, ...]) -> list[Any]:
@@ -179,7 +162,7 @@ def register_layer(fname: str, layer: Any, cfg: NPUConfig, profile: Profile | No
     """Register ``fname`` as the DPS function of ``layer`` on the CPU (``hw_model.reference``): a layer
     outside every NPU region. Arguments: the layer's input tensors then the output tensor; anything
     else (the layer-index constant) is ignored."""
-    n_in = len(layer.consts.get("in_dtypes", [])) or 1
+    n_in = len(layer.in_dtypes) or 1
     profile = Profile() if profile is None else profile
 
     def run(*args: Any) -> None:

@@ -21,7 +21,9 @@ decomposes the MAC reductions and tensorizes each stage with its intrinsic
 (:mod:`target_npu.intrinsics`). Dense and grouped convs (grouped: block-diagonal weights, as the
 builder runs them) use the 16x16 MAC; a linear layer is a 1x1 conv. A depthwise conv has one stage
 ``mac_0`` (kernel ``(KBt, KH, KW, 16)``, input blocks = output blocks) tensorized with
-``ioso_npu.dwmac16``; with scaled ISG groups it raises :class:`NotLowerable` (the builder emits it).
+``ioso_npu.dwmac16``, over the channels in their stored order (``cp``); with scaled ISG groups its D2 is
+``shift_add_0`` = ``D1 + g * (D1 >> n)`` with ``g`` (KBt, 16) the sign of each channel's group, tensorized
+with ``ioso_npu.shift_add_ch`` (:mod:`target_npu.intrinsics_alu`).
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ from hw_model.builder import channel_slots
 from hw_model.config import DEFAULT_CONFIG, NPUConfig
 from hw_model.layer_specs import ConvSpec, Tiling, conv_geometry
 from hw_model.layers import group_order_blocks
-from target_npu import intrinsics
+from target_npu import intrinsics, intrinsics_alu
 
 B = intrinsics.N
 NBUF_ATTR = "ioso_npu.nbuf"
@@ -56,22 +58,24 @@ def group_segments(spec: ConvSpec, cfg: NPUConfig) -> list[tuple[int, int, int]]
 
 
 class NotLowerable(ValueError):
-    """The layer has no TIR lowering (a depthwise conv with scaled ISG groups): the builder emits it."""
+    """The layer (or a nest) has no mapping onto the NPU's instructions through TIR."""
 
 
-def tile_domain(spec: ConvSpec, t: Tiling, cfg: NPUConfig = DEFAULT_CONFIG) -> dict[str, Any]:
+def tile_domain(spec: ConvSpec, t: Tiling, cfg: NPUConfig = DEFAULT_CONFIG, cp: int | None = None) -> dict[str, Any]:
     """Extents of the tiled layer: output rows/blocks rounded up to whole tiles; per group segment
     (``segs``: group, offset in the padded input blocks, padded block count, input tile). A depthwise
-    conv has one segment whose input blocks are its output blocks."""
+    conv has one segment whose input blocks are its output blocks, over ``cp`` stored channels (None:
+    ``C`` padded to whole blocks); ``dw_isg`` marks one with scaled ISG groups (per-channel shift-add)."""
     oh, ow, kb, _ = conv_geometry(spec)
+    if spec.is_depthwise and cp:
+        kb = cp // B
     rows, ob = min(t.rows, oh), min(t.ob_tile, kb)
     kbt = _ceil(kb, ob) * ob
     if spec.is_depthwise:
         segs = group_segments(spec, cfg)
-        if len(segs) != 1 or cfg.isg_group_signs[segs[0][0]] != 0:
-            raise NotLowerable("a depthwise conv with scaled ISG groups is emitted by the builder, not through TIR")
+        isg = len(segs) != 1 or cfg.isg_group_signs[segs[0][0]] != 0
         return {"n": spec.n, "oh": _ceil(oh, rows) * rows, "ow": ow, "kb": kbt, "cb": kbt, "rows": rows, "ob": ob,
-                "kh": spec.kh, "kw": spec.kw, "segs": [(segs[0][0], 0, kbt, ob)], "depthwise": True}
+                "kh": spec.kh, "kw": spec.kw, "segs": [(segs[0][0], 0, kbt, ob)], "depthwise": True, "dw_isg": isg}
     segs, off = [], 0
     for g, a, e in group_segments(spec, cfg):
         cbt = min(t.cb_tile, e - a)
@@ -84,7 +88,7 @@ def tile_domain(spec: ConvSpec, t: Tiling, cfg: NPUConfig = DEFAULT_CONFIG) -> d
 
 def single_unity(d: dict[str, Any], cfg: NPUConfig) -> bool:
     """True when the layer has one group of factor 1: no shift-add stage."""
-    return len(d["segs"]) == 1 and cfg.isg_group_signs[d["segs"][0][0]] == 0
+    return not d.get("dw_isg") and len(d["segs"]) == 1 and cfg.isg_group_signs[d["segs"][0][0]] == 0
 
 
 def _shift_add_stage(j: int, part: te.Tensor, prev: te.Tensor | None, sign: int, shift: int) -> te.Tensor:
@@ -95,12 +99,16 @@ def _shift_add_stage(j: int, part: te.Tensor, prev: te.Tensor | None, sign: int,
                       name=f"shift_add_{j}")
 
 
-def primfunc_shapes(spec: ConvSpec, t: Tiling, cfg: NPUConfig = DEFAULT_CONFIG) -> dict[str, tuple[int, ...]]:
-    """Buffer shapes of :func:`conv_primfunc`'s arguments: x (DRAM input, group order), w (DRAM weights,
-    the builder's layout), m (= b), out (DRAM output, real size)."""
-    d = tile_domain(spec, t, cfg)
+def primfunc_shapes(spec: ConvSpec, t: Tiling, cfg: NPUConfig = DEFAULT_CONFIG,
+                    cp: int | None = None) -> dict[str, tuple[int, ...]]:
+    """Buffer shapes of :func:`conv_primfunc`'s arguments: x (DRAM input, group order; a depthwise conv's
+    in the stored order of ``cp`` channels), w (DRAM weights, the builder's layout), m (= b, = g: the
+    per-channel ISG signs of a depthwise conv), out (DRAM output, real size)."""
+    d = tile_domain(spec, t, cfg, cp)
     oh, ow, kb, _ = conv_geometry(spec)
     cbn = channel_slots(spec.c, spec.isg_groups, cfg)[0].size // B
+    if d["depthwise"] and cp:
+        kb = cbn = cp // B
     kp = d["kb"] * B
     w = (spec.kh, spec.kw, kp) if d["depthwise"] else (cbn, spec.kh, spec.kw, B, kp)
     return {"x": (spec.n, spec.h, spec.w, cbn, B), "w": w, "m": (d["kb"], B), "out": (spec.n, oh, ow, kb, B)}
@@ -114,12 +122,12 @@ def _guard(conds: list[Any], then: Any) -> Any:
     return tirx.if_then_else(tirx.all(*conds), then, tirx.const(0, then.dtype))
 
 
-def conv_primfunc(spec: ConvSpec, t: Tiling, cfg: NPUConfig = DEFAULT_CONFIG) -> tirx.PrimFunc:
+def conv_primfunc(spec: ConvSpec, t: Tiling, cfg: NPUConfig = DEFAULT_CONFIG, cp: int | None = None) -> tirx.PrimFunc:
     """The layer as a PrimFunc (see the module docstring for stages and layouts)."""
-    d = tile_domain(spec, t, cfg)
+    d = tile_domain(spec, t, cfg, cp)
     (sh, sw), (dh, dw) = spec.stride, spec.dilation
     pt, pl = spec.pads[0], spec.pads[1]
-    shapes = primfunc_shapes(spec, t, cfg)
+    shapes = primfunc_shapes(spec, t, cfg, cp)
     shape = (d["n"], d["oh"], d["ow"], d["kb"], B)
     hp = (d["oh"] - 1) * sh + dh * (spec.kh - 1) + 1
     wp = (d["ow"] - 1) * sw + dw * (spec.kw - 1) + 1
@@ -159,7 +167,13 @@ def conv_primfunc(spec: ConvSpec, t: Tiling, cfg: NPUConfig = DEFAULT_CONFIG) ->
 
     d1 = [dw_mac()] if d["depthwise"] else [mac(j, blocks) for j, (_, _, blocks, _) in enumerate(d["segs"])]
     acc = d1[0]
-    if not single_unity(d, cfg):
+    extra = []
+    if d.get("dw_isg"):  # D2 = D1 + g * (D1 >> n), g the sign of each channel's group (stored order)
+        g = te.placeholder(shapes["m"], "int32", name="g")
+        acc = te.compute(shape, lambda n, y, x, kb, k: d1[0][n, y, x, kb, k] + g[kb, k] * (
+            d1[0][n, y, x, kb, k] >> cfg.isg_shift), name="shift_add_0")
+        extra = [g]
+    elif not single_unity(d, cfg):
         acc = None
         for j, (g, *_rest) in enumerate(d["segs"]):
             acc = _shift_add_stage(j, d1[j], acc, cfg.isg_group_signs[g], cfg.isg_shift)
@@ -172,7 +186,7 @@ def conv_primfunc(spec: ConvSpec, t: Tiling, cfg: NPUConfig = DEFAULT_CONFIG) ->
         acc[n, y, x, kb, k].astype("float32") * ms[kb, k] + bs[kb, k]).astype("int32"), clip[1]),
         clip[0]).astype(spec.out_dtype), name="norm_act_quant")
     out = te.compute(shapes["out"], lambda *i: norm(*i), name="store_out")
-    return te.create_prim_func([xin, w, m, bias, clip, out])
+    return te.create_prim_func([xin, w, m, bias, clip, *extra, out])
 
 
 def var_names(expr: Any) -> list[str]:
@@ -197,14 +211,14 @@ def _loops_by_var(sch: Schedule, blk: Any, skip: int) -> dict[str, Any]:
     return out
 
 
-def schedule_conv(spec: ConvSpec, t: Tiling, cfg: NPUConfig = DEFAULT_CONFIG) -> Schedule:
+def schedule_conv(spec: ConvSpec, t: Tiling, cfg: NPUConfig = DEFAULT_CONFIG, cp: int | None = None) -> Schedule:
     """One loop nest per output tile, as the hardware runs it: the NORM/ACT/QUANT stage is tiled by
     (rows, ob_tile) in ``loop_order``; every MAC and shift-add stage is computed at the tile loop;
     each MAC stage splits its input blocks by ``cb_tile`` and is decomposed (init, update); every
     stage is tensorized with its intrinsic."""
     t.check()
-    d = tile_domain(spec, t, cfg)
-    sch = Schedule(conv_primfunc(spec, t, cfg))
+    d = tile_domain(spec, t, cfg, cp)
+    sch = Schedule(conv_primfunc(spec, t, cfg, cp))
     blk = sch.get_sblock("norm_act_quant")
     n, y, x, kb, k = sch.get_loops(blk)
     y_o, y_i = sch.split(y, [None, d["rows"]])
@@ -238,18 +252,19 @@ def schedule_conv(spec: ConvSpec, t: Tiling, cfg: NPUConfig = DEFAULT_CONFIG) ->
         sch.annotate(upd, CB_TILE_ATTR, int(t.cb_tile))
         if not unity:
             blk = sch.get_sblock(f"shift_add_{j}")
-            sch.tensorize(sch.get_loops(blk)[-1], intrinsics.shift_add_intrin(cfg.isg_group_signs[g], j == 0,
-                                                                             cfg.isg_shift))
+            sch.tensorize(sch.get_loops(blk)[-1], intrinsics_alu.shift_ch_intrin(cfg.isg_shift) if d.get("dw_isg") else
+                          intrinsics.shift_add_intrin(cfg.isg_group_signs[g], j == 0, cfg.isg_shift))
     sch.compute_at(sch.get_sblock("load_m"), anchor)
     sch.compute_at(sch.get_sblock("load_b"), anchor)
     sch.tensorize(k, intrinsics.norm_name(spec.out_dtype))
     return sch
 
 
-def tiling_key(spec: ConvSpec, t: Tiling, cfg: NPUConfig = DEFAULT_CONFIG) -> tuple[Any, ...]:
-    """Cache key of a lowered layer: its shape, group layout, out dtype and the knobs (not the weights)."""
+def tiling_key(spec: ConvSpec, t: Tiling, cfg: NPUConfig = DEFAULT_CONFIG, cp: int | None = None) -> tuple[Any, ...]:
+    """Cache key of a lowered layer: its shape, group layout, stored width ``cp`` (depthwise), out dtype and
+    the knobs (not the weights)."""
     segs = tuple((cfg.isg_group_signs[g], a, e) for g, a, e in group_segments(spec, cfg))
     return (spec.n, spec.c, spec.h, spec.w, spec.k, spec.kh, spec.kw, tuple(spec.stride), tuple(spec.pads),
             tuple(spec.dilation), spec.groups, spec.out_dtype, segs, cfg.isg_shift,
-            tuple(sorted(t.to_dict().items())))
+            tuple(sorted(t.to_dict().items())), cp if spec.is_depthwise else None)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import onnx
@@ -217,3 +218,21 @@ def test_quant_model_compiles_bit_exact_with_deploy():
     cm = ioso_tvm.compile(qm)
     x = torch.randn(1, 1, 16, 16)
     assert np.array_equal(cm.run(x.numpy()), qm.deploy(x).numpy())
+
+
+def test_a_float_model_gets_a_warning_and_runs_on_the_cpu(tmp_path, caplog):
+    """A float ONNX file (no QDQ) compiles, but the user is told that nothing reaches the NPU."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["input", "w"], ["y"], pads=[1, 1, 1, 1])], "float",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], [w])
+    path = tmp_path / "float.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    with caplog.at_level(logging.WARNING, logger="ioso_tvm.compiler"):
+        cm = ioso_tvm.compile(path)
+    assert any("nothing runs on the NPU" in r.getMessage() for r in caplog.records)
+    x = np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    y = cm.run(x)
+    assert y.shape == (1, 4, 8, 8) and all(r["device"] != "npu" for r in cm.report()["layers"])

@@ -1,6 +1,7 @@
 """BYOC partition: pattern checks decide NPU vs CPU per layer; both paths equal hw_model.reference."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -11,7 +12,8 @@ from tvm import relax
 
 import ioso_tvm
 from hw_model.config import NPUConfig
-from ioso_tvm.passes.fold_qdq import Layer
+from hw_model.layer_specs import ConvSpec
+from target_npu.layer import Layer
 from target_npu.patterns import KINDS, npu_limits
 from target_npu.runtime import to_spec
 
@@ -81,7 +83,7 @@ def test_partitioned_module_calls_npu_and_cpu_functions():
     b, y = _two_convs(rng, 64)
     mod, _ = import_onnx(b.model([y]), Cfg(), None)
     layers, _ = find_layers(mod, TINY)
-    mod = fold_qdq(mod, layers, "ioso_npu.tpart")
+    mod = fold_qdq(mod, layers, "ioso_npu.tpart", TINY)
     ctx = PartitionContext(layers, TINY, [None] * len(layers), profile=runtime.Profile())
     out = partition(mod, ctx, "ioso_npu.tpart")
     names = _packed_names(out)
@@ -93,22 +95,19 @@ def test_partitioned_module_calls_npu_and_cpu_functions():
 
 
 def _layer(**over) -> Layer:
-    consts = {"in_dtypes": ["int8"], "lo": -128, "hi": 127, "w": np.ones((16, 16, 3, 3), np.int8),
-              "in_shape": [1, 16, 8, 8], "groups": 1, "stride": [1, 1], "pads": [1, 1, 1, 1],
-              "m": np.ones(16, np.float32), "b": np.zeros(16, np.float32), "x_zp": 0,
-              "isg_groups": np.zeros(16, np.int64)}
-    consts.update(over.pop("consts", {}))
-    return Layer(over.pop("kind", "conv"), "convX", [], over.pop("out_shape", (1, 16, 8, 8)),
-                 over.pop("out_dtype", "int8"), consts)
+    spec = ConvSpec(1, 16, 8, 8, 16, np.ones((16, 16, 3, 3), np.int8), np.ones(16, np.float32),
+                    np.zeros(16, np.float32), pads=(1, 1, 1, 1), isg_groups=np.zeros(16, np.int64))
+    spec = dataclasses.replace(spec, **over)
+    return Layer("conv", "convX", spec, [(1, 16, 8, 8)], [spec.in_dtype], (1, 16, 8, 8), spec.out_dtype)
 
 
 @pytest.mark.parametrize("layer, words", [
-    (_layer(consts={"in_dtypes": ["int16"]}), "int16"),
+    (_layer(in_dtype="int16"), "int16"),
     (_layer(out_dtype="int32"), "output dtype"),
-    (_layer(consts={"lo": 5, "hi": 4}), "clip"),
-    (_layer(consts={"w": np.ones((16, 16, 9, 9), np.int8)}), "kernel"),
-    (_layer(consts={"stride": [5, 5]}), "stride"),
-    (_layer(consts={"groups": 3}), "groups"),
+    (_layer(lo=5, hi=4), "clip"),
+    (_layer(weight=np.ones((16, 16, 9, 9), np.int8)), "kernel"),
+    (_layer(stride=(5, 5)), "stride"),
+    (_layer(groups=3), "groups"),
 ])
 def test_limits_name_the_violation(layer, words):
     why = npu_limits(to_spec(layer))
@@ -162,7 +161,7 @@ def test_a_cpu_layer_splits_the_npu_regions():
     y = b.conv(b.conv(x, 64, kernel=3), 16, kernel=1, pad=0)  # the 3x3 64-channel conv does not fit TINY
     mod, _ = import_onnx(b.model([y]), Cfg(), None)
     layers, _ = find_layers(mod, TINY)
-    mod = fold_qdq(mod, layers, "ioso_npu.tsplit")
+    mod = fold_qdq(mod, layers, "ioso_npu.tsplit", TINY)
     ctx = PartitionContext(layers, TINY, [None] * len(layers), profile=runtime.Profile())
     out = partition(mod, ctx, "ioso_npu.tsplit")
     assert set(ctx.rejected) == {2}

@@ -62,8 +62,8 @@ def test_permuted_networks_stay_bit_exact(build, seed):
     assert rep["permuted_tensors"] > 0
     gathered = 0
     for ly in cm.layers:
-        if ly.kind == "conv" and ly.consts["groups"] == 1 and len(np.unique(ly.consts["isg_groups"])) > 1:
-            gathered += not is_contiguous(ly.consts["isg_groups"], CFG)
+        if ly.kind == "conv" and (ly.is_linear or ly.spec.groups == 1) and len(np.unique(ly.isg_groups)) > 1:
+            gathered += not is_contiguous(ly.isg_groups, CFG)
     assert gathered == rep["gathered_loads"]
 
 
@@ -87,10 +87,10 @@ def test_fanout_counts(same, expose):
     x = rng.standard_normal(b.shape).astype(np.float32)
     for got, want in zip(cm.run(x), b.run_reference(x, outs)):
         assert np.array_equal(got, want)
-    convs = [ly for ly in cm.layers if ly.kind == "conv" and len(np.unique(ly.consts["isg_groups"])) > 1]
+    convs = [ly for ly in cm.layers if ly.kind == "conv" and len(np.unique(ly.isg_groups)) > 1]
     if expose:  # the shared tensor is a graph output: original order kept, consumers gather
         assert rep["permuted_tensors"] == 0
-        assert rep["gathered_loads"] == sum(not is_contiguous(c.consts["isg_groups"], CFG) for c in convs)
+        assert rep["gathered_loads"] == sum(not is_contiguous(c.isg_groups, CFG) for c in convs)
         assert rep["permutes_needed"] == (rep["gathered_loads"] > 0)
     elif same:
         assert rep["gathered_loads"] == 0 and rep["permutes_needed"] == 0

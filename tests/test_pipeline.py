@@ -2,6 +2,7 @@
 extensible with user passes, order checked, planner switchable."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -26,7 +27,8 @@ from ioso_tvm.passes.pipeline import (
     pass_names,
 )
 from target_npu import runtime
-from target_npu.partition import partition
+from target_npu.integer_ops import emit_layer, rewrite_layers
+from target_npu.partition import layers_to_cpu, partition
 from target_npu.patterns import PartitionContext
 
 NAMES = ["ioso_npu.FoldQDQ", "ioso_npu.PlanGroupPermutation", "ioso_npu.PartitionForNPU"]
@@ -60,14 +62,18 @@ def _state(wbits: dict, **kw) -> NPUCompileState:
 def _hand_sequence(mod: tvm.IRModule, wbits: dict, offload: bool = True):
     """compile()'s ioso_npu branch as it calls the passes by hand today."""
     layers, fallbacks = find_layers(mod, CFG, wbits)
-    mod = fold_qdq(mod, layers, PREFIX)
-    plan = plan_permutations(layers, external_tensors(mod), {"input"}, CFG)
+    mod = fold_qdq(mod, layers, PREFIX, CFG)
+    plan = plan_permutations(layers, external_tensors(mod, layers), {"input"}, CFG)
     assert not plan.granularity_violations
-    layers, permutes = apply_plan(layers, plan), plan.counts()
+    old, (layers, permutes) = layers, (apply_plan(layers, plan), plan.counts())
+    changed = {i for i, (a, b) in enumerate(zip(old, layers)) if a.spec is not b.spec}
+    mod = rewrite_layers(mod, layers, lambda i, ly, ops, emit: emit_layer(emit, ly, ops, CFG), changed)
     ctx = PartitionContext(layers, CFG, [None] * len(layers), profile=runtime.Profile())
-    mod = partition(mod, ctx, PREFIX) if offload else mod
-    if not offload:
+    if offload:
+        mod = partition(mod, ctx, PREFIX)
+    else:
         ctx.rejected.update({i: "offload=False" for i, ly in enumerate(layers) if ly.kind != "input"})
+        mod = layers_to_cpu(mod, layers, PREFIX, set(ctx.rejected))
     return mod, layers, fallbacks, plan, permutes, ctx
 
 
@@ -75,9 +81,10 @@ def _same_layers(a: list, b: list) -> None:
     assert [(x.kind, x.name, x.out_name, x.out_shape, x.out_dtype) for x in a] == \
         [(y.kind, y.name, y.out_name, y.out_shape, y.out_dtype) for y in b]
     for x, y in zip(a, b):
-        assert x.consts.keys() == y.consts.keys()
-        for k in x.consts:
-            assert np.array_equal(np.asarray(x.consts[k]), np.asarray(y.consts[k])), (x.name, k)
+        assert type(x.spec) is type(y.spec)
+        for f in dataclasses.fields(x.spec):
+            assert np.array_equal(np.asarray(getattr(x.spec, f.name)), np.asarray(getattr(y.spec, f.name))), \
+                (x.name, f.name)
 
 
 def _packed_calls(mod: tvm.IRModule) -> list[str]:
@@ -152,14 +159,35 @@ def test_user_pass_after_the_pipeline_sees_the_partitioned_module(how):
     assert _packed_calls(out).count(seen["npu"][0]) == 1
 
 
-def test_user_pass_between_fold_and_partition_sees_the_markers():
+def _ops(mod: tvm.IRModule) -> dict[str, str]:
+    """Var name -> op name of each op call in main."""
+    return {b.var.name: b.value.op.name for blk in mod["main"].body.blocks for b in blk.bindings
+            if isinstance(b.value, relax.Call) and isinstance(b.value.op, tvm.ir.Op)}
+
+
+def test_user_pass_between_fold_and_partition_sees_the_integer_ops():
     _, model, _ = _resnet_like(5)
     mod, wbits = _import(model)
     state, seen = _state(wbits), {}
     fold, plan, part = npu_pipeline(state).passes
-    tvm.transform.Sequential([fold, _counter(seen, state), plan, part])(mod)
+    after_fold = {}
+
+    @tvm.transform.module_pass(opt_level=0, name="user.Look")
+    def look(m: tvm.IRModule, _ctx) -> tvm.IRModule:
+        after_fold["ops"] = _ops(m)
+        return m
+
+    tvm.transform.Sequential([fold, _counter(seen, state), look, plan, part])(mod)
     assert seen["ran"] == NAMES[:1]
-    assert seen["npu"] == [] and seen["cpu"] == [f"{PREFIX}.{i}" for i in range(len(state.layers))]
+    assert seen["npu"] == [] and seen["cpu"] == [f"{PREFIX}.0"]  # only the input quantizer is a CPU call
+    ops = after_fold["ops"]
+    assert "relax.quantize" not in ops.values()  # (the model's float output is still a dequantize)
+    assert list(ops.values()).count("relax.dequantize") == 1
+    for ly in state.layers[1:]:  # every layer's output is its integer form's cast, its operands int16
+        assert ops[ly.out_name] == "relax.astype" and ops[f"{ly.name}_clip"] == "relax.clip"
+        if ly.kind == "conv":
+            assert ops[f"{ly.name}_in0"] == "relax.astype" and ops[f"{ly.name}_xs0"] == "relax.subtract"
+            assert any(ops.get(f"{ly.name}_d1_g{g}") in ("relax.nn.conv2d", "relax.matmul") for g in range(3))
     assert state.ran == NAMES and len(state.ctx.regions) == 1
 
 
@@ -210,7 +238,7 @@ def _npu_layers(state: NPUCompileState) -> list[int]:
 
 
 def _wants_a_permutation(layers: list) -> int:
-    return sum(ly.kind == "conv" and ly.consts["groups"] == 1 and not is_contiguous(ly.consts["isg_groups"], CFG)
+    return sum(ly.kind == "conv" and not ly.is_linear and ly.spec.groups == 1 and not is_contiguous(ly.isg_groups, CFG)
                for ly in layers)
 
 

@@ -223,14 +223,33 @@ def test_a_tir_lowering_failure_falls_back_to_the_builder(monkeypatch, caplog):
     """A layer the TIR path cannot lower (a bug, an unsupported shape) is built by hw_model's builder, with a
     warning naming the layer; the compile goes on and stays exact."""
     from target_npu import runtime
+    from target_npu.schedule import NotLowerable
 
     def broken(*a, **k):
-        raise ValueError("emitter cannot map this nest")
+        raise NotLowerable("emitter cannot map this nest")
 
-    monkeypatch.setattr(runtime, "conv_program", broken)
+    monkeypatch.setattr(runtime, "layer_program", broken)
     b, out = _isg_chain(np.random.default_rng(2))
     with caplog.at_level("WARNING", logger="target_npu.runtime"):
         cm, got, want = _run_both(b, [out], 2)
     assert np.array_equal(got[0], want[0])
     assert "TIR lowering failed (emitter cannot map this nest)" in caplog.text
     assert all(s["lowering"] == "build_layer" for s in cm.streams[0].meta["layers"])
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_every_kind_is_emitted_from_tir(seed):
+    """Convs, depthwise convs with scaled ISG groups, adds, pools and the classifier: every NPU layer's
+    program comes from its tensorized TIR (hw_model's builder is only the test oracle), exactly."""
+    rng = np.random.default_rng(seed)
+    b = QDQBuilder((1, 32, 8, 8), rng)
+    x = b.conv(b.input, 32, isg=False)
+    d = b.conv(x, 32, groups=32, group_vec=granular_groups(32, rng, CFG))  # depthwise, scaled groups
+    y = b.maxpool(b.add(d, x))
+    out = b.linear(b.gap(b.conv(y, 16)), 10)
+    cm, got, want = _run_both(b, [out], seed)
+    assert np.array_equal(got[0], want[0])
+    rows = [r for r in cm.report()["layers"] if r["device"] == "npu"]
+    assert {r["kind"] for r in rows} == {"conv", "add", "maxpool", "gap"} and len(rows) == 7
+    assert all(r["lowering"] == "tir" for r in rows), [(r["name"], r["lowering"]) for r in rows]
+    assert len(np.unique(cm.layers[2].isg_groups)) > 1  # the depthwise conv has scaled groups

@@ -19,7 +19,7 @@ from hw_model.layer_specs import ConvSpec, LinearSpec, Tiling
 from hw_model.layers import build_conv
 from hw_model.layers_alu import pack_inputs, unpack_output
 from target_npu import codegen, emit, intrinsics
-from target_npu.schedule import NotLowerable, schedule_conv
+from target_npu.schedule import schedule_conv
 
 CFG = NPUConfig()
 
@@ -228,12 +228,16 @@ def test_linear_layers_emit_from_tir():
         assert np.array_equal(got.reshape(-1), want.reshape(-1))
 
 
-def test_depthwise_with_scaled_groups_falls_back_to_the_builder():
+def test_depthwise_with_scaled_groups_lowers_through_tir():
+    """No builder fallback left: conv_program is lower_conv; one GROUP_SHIFT_ADD per run of one group."""
     rng = np.random.default_rng(6)
     w = rng.integers(-8, 8, (32, 1, 3, 3)).astype(np.int8)
     spec = ConvSpec(1, 32, 5, 5, 32, w, np.full(32, 0.01, np.float32), np.zeros(32, np.float32), pads=(1, 1, 1, 1),
                     groups=32, isg_groups=np.repeat([1, 0], 16))
-    with pytest.raises(NotLowerable):
-        codegen.lower_conv(spec, None, CFG)
     prog = codegen.conv_program(spec, None, CFG)
-    assert [repr(i) for i in prog.instrs] == [repr(i) for i in build_conv(spec, None, CFG).instrs]
+    assert "tir" in prog.meta
+    oracle = build_conv(spec, None, CFG)
+    assert Counter(type(i) for i in prog.instrs) == Counter(type(i) for i in oracle.instrs)
+    assert [(g.sign, g.cols) for g in prog.instrs if isinstance(g, GroupShiftAdd)][:2] == [(-1, 16), (0, 16)]
+    x = rng.integers(-128, 128, (1, 32, 5, 5)).astype(np.int8)
+    assert np.array_equal(_run(prog, x), _want(spec, x))

@@ -170,15 +170,19 @@ def test_grouped_and_depthwise_convs_lower_through_tir(c, groups, stride):
         assert np.array_equal(_run(prog, spec, x), want)
 
 
-def test_depthwise_with_scaled_groups_is_left_to_the_builder():
-    from target_npu.schedule import NotLowerable
-
+def test_depthwise_with_scaled_groups_lowers_through_tir():
+    """D2 = D1 + g * (D1 >> n) with g the per-channel group sign: one stage, tensorized with shift_add_ch."""
     rng = np.random.default_rng(4)
     spec = _spec(rng, 32, 32, 5, 3, 1, False)
     spec = dataclasses.replace(spec, groups=32, weight=spec.weight[:, :1].copy(),
                                isg_groups=np.repeat([1, 0], 16))
-    with pytest.raises(NotLowerable):
-        codegen.lower_conv(spec, None, CFG)
+    prog = codegen.lower_conv(spec, Tiling(ob_tile=1, rows=2), CFG)
+    assert prog.meta["tir"]["shift_adds"] == [["ch", True]]
+    assert any(s["extern"].startswith("ioso_npu_shift_add_ch_s") for s in prog.meta["tir"]["stages"])
+    x = _x(rng, spec)
+    want = ref.conv2d(x, spec.x_zp, spec.weight, spec.m, spec.b, spec.lo, spec.hi, np.dtype(spec.out_dtype),
+                      pads=spec.pads, groups=32, isg_groups=spec.isg_groups, cfg=CFG)
+    assert np.array_equal(_run(prog, spec, x), want)
 
 
 def test_lowered_nests_are_cached_by_shape_and_knobs():

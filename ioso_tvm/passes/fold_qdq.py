@@ -13,54 +13,35 @@ integers and constants of the contract (``hw_model.reference``):
 - max pool: kernel/stride/pads (same scale and zero point in and out);
 - the graph input's quantizer (a CPU step: ``reference.quantize``).
 
-Representation: :class:`FoldQDQ` replaces the ``quantize`` of each layer by the marker
-``R.call_dps_packed("<prefix>.<index>", (*integer inputs, R.const(index, "int64")))`` that
-``target_npu.patterns`` matches (the CPU function of that name computes the layer with
-``hw_model.reference`` when the partition keeps it on the CPU); the float ops it made dead are
-removed by ``DeadCodeElimination``. The constants live in the :class:`Layer` objects, which
-``target_npu.runtime`` packs once at compile time into the registered global function.
-A chain that is not recognised, or that fails an NPU check, stays a float QDQ chain that
+Representation: each recognised chain becomes a :class:`target_npu.layer.Layer` (its typed
+``hw_model`` spec), and :func:`fold_qdq` replaces the layer's ``quantize`` by the layer's integer form
+(``target_npu.integer_ops``: ``conv2d`` / ``matmul`` over int16 operands ``x - zp`` into int32, the ISG
+shift-adds, NORM, round and clip), which ``target_npu.patterns`` matches; the input quantizer becomes
+the CPU call ``R.call_dps_packed("<prefix>.<index>", x)`` (``hw_model.reference.quantize``). The float
+ops it made dead are removed by ``DeadCodeElimination``.
+A chain that is not recognised stays a float QDQ chain that
 the Relax VM runs on the CPU (llvm); :func:`find_layers` returns it with the reason (naming the
 op that is there), as it does a conv / Gemm whose int32 accumulator ``hw_model.reference.acc_overflow`` cannot
 prove in range. Derived constants that overflow float32 are a ValueError naming the layer.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import tvm
 from tvm import relax
-from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from hw_model import reference as ref
 from hw_model.config import NPUConfig
+from hw_model.layer_specs import AddSpec, ConvSpec, LinearSpec, PoolSpec, QuantizeSpec
+from target_npu.integer_ops import emit_layer, rewrite_layers
+from target_npu.layer import Layer
 
 MAX_KERNEL = 7
 """Largest conv kernel side offloaded. Chosen: covers 7x7 stems; larger kernels go to the CPU."""
-
-
-@dataclass
-class Layer:
-    """One folded integer layer: ``kind`` in conv/add/maxpool/gap/input; ``inputs`` are Relax vars."""
-
-    kind: str
-    name: str
-    inputs: list[Any]
-    out_shape: tuple[int, ...]
-    out_dtype: str
-    consts: dict[str, Any] = field(default_factory=dict)
-    quant: Any = None  # the relax.quantize call this layer replaces
-    out_name: str = ""  # name of the Relax var holding the output
-
-    def macs(self) -> int:
-        """Multiply-accumulates of one run (convs only; 0 otherwise)."""
-        if self.kind != "conv":
-            return 0
-        k, cg, kh, kw = self.consts["w"].shape
-        return int(np.prod(self.out_shape)) * cg * kh * kw
 
 
 class NotFoldable(Exception):
@@ -228,7 +209,7 @@ def _norm(s_x: float, s_w: np.ndarray, s_out: float, zp_out: int, bias: Any, g: 
 
 
 def _linear(gr: _Graph, c: Any, chain: list, s_out: float, zp_out: int, cfg: NPUConfig, name: str,
-            wbits: dict[str, int]) -> tuple[list[Any], dict[str, Any]]:
+            wbits: dict[str, int]) -> tuple[Any, LinearSpec]:
     """Gemm (``matmul(x, permute_dims(DQ(w)))``), run as a 1x1 conv on the flattened input."""
     pt = gr.prod(c.args[1])
     if not _op(pt, "relax.permute_dims") or [int(v) for v in pt.attrs.axes] != [1, 0]:
@@ -251,18 +232,24 @@ def _linear(gr: _Graph, c: Any, chain: list, s_out: float, zp_out: int, cfg: NPU
     if why:
         raise NotFoldable(f"linear: {why}")
     m, b = _norm(s_x, s_w, s_out, zp_out, bias, g, phi, name)
-    return [xq], {"x_zp": zp_x, "w": w[:, :, None, None], "m": m, "b": b, "isg_groups": gvec,
-                  "stride": [1, 1], "pads": [0, 0, 0, 0], "groups": 1}
+    return xq, LinearSpec(int(xq.ty.shape[0]), cin, int(w.shape[0]), w, m, b, x_zp=zp_x,
+                          in_dtype=str(xq.ty.dtype), isg_groups=gvec)
 
 
-def _conv(gr: _Graph, body: Any, s_out: float, zp_out: int, cfg: NPUConfig, name: str,
-          wbits: dict[str, int]) -> tuple[list[Any], dict[str, Any]]:
+def _affine_chain(gr: _Graph, body: Any) -> tuple[Any, list[tuple[str, np.ndarray]]]:
+    """(the op under the constant add / multiply chain of ``body``, the chain's (op, constant) from the op up)."""
     chain = []
     c = gr.prod(body)
     while (_op(c, "relax.add") or _op(c, "relax.multiply")) and gr.value(c.args[1]) is not None:
         chain.append((c.op.name, gr.value(c.args[1])))
         c = gr.prod(c.args[0])
-    chain.reverse()
+    return c, chain[::-1]
+
+
+def _conv(gr: _Graph, body: Any, s_out: float, zp_out: int, cfg: NPUConfig, name: str,
+          wbits: dict[str, int]) -> tuple[Any, ConvSpec | LinearSpec]:
+    """(integer input, spec without clip / out dtype) of a conv or Gemm under a quantizer."""
+    c, chain = _affine_chain(gr, body)
     if _op(c, "relax.matmul"):
         return _linear(gr, c, chain, s_out, zp_out, cfg, name, wbits)
     if not _op(c, "relax.nn.conv2d"):
@@ -293,9 +280,10 @@ def _conv(gr: _Graph, body: Any, s_out: float, zp_out: int, cfg: NPUConfig, name
     if why:
         raise NotFoldable(f"conv: {why}")
     m, b = _norm(s_x, s_w, s_out, zp_out, bias, g, phi, name)
-    return [xq], {"x_zp": zp_x, "w": w, "m": m, "b": b, "isg_groups": gvec,
-                  "stride": [int(v) for v in a.strides], "pads": [int(v) for v in a.padding],
-                  "groups": int(a.groups)}
+    n, _, h, wd = (int(v) for v in xq.ty.shape)
+    return xq, ConvSpec(n, cin, h, wd, k, w, m, b, stride=tuple(int(v) for v in a.strides),
+                        pads=tuple(int(v) for v in a.padding), groups=int(a.groups), x_zp=zp_x,
+                        in_dtype=str(xq.ty.dtype), isg_groups=gvec)
 
 
 def _not_a_layer(c: Any) -> str:
@@ -328,18 +316,22 @@ def _global_pool(gr: _Graph, c: Any) -> tuple[Any, float, int]:
     return xq, s, zp
 
 
+def _layer(kind: str, name: str, spec: Any, inputs: list[Any], q: Any) -> Layer:
+    return Layer(kind, name, spec, [tuple(int(d) for d in v.ty.shape) for v in inputs],
+                 [str(v.ty.dtype) for v in inputs], tuple(int(v) for v in q.ty.shape), str(q.ty.dtype),
+                 inputs=list(inputs), quant=q)
+
+
 def _classify(gr: _Graph, q: Any, idx: int, cfg: NPUConfig, wbits: dict[str, int]) -> Layer:
     s_out = float(np.float32(gr.const(q.args[1], "output scale").reshape(())))
     zp_out = int(gr.const(q.args[2], "output zero point").reshape(()))
     dtype = str(q.ty.dtype)
     body, lo_f, hi_f = gr.strip_clip(q.args[0])
     lo, hi = _int_bounds(lo_f, hi_f, s_out, zp_out, dtype)
-    out = dict(out_shape=tuple(int(v) for v in q.ty.shape), out_dtype=dtype, quant=q)
     c = gr.prod(body)
-    clip = {"lo": lo, "hi": hi}
+    clip = {"lo": lo, "hi": hi, "out_dtype": dtype}
     if isinstance(body, relax.Var) and body in gr.params:
-        return Layer("input", f"quantize_{body.name}", [body],
-                     consts={"scale": s_out, "zp": zp_out, **clip}, **out)
+        return _layer("input", f"quantize_{body.name}", QuantizeSpec(s_out, zp_out, **clip), [body], q)
     if _op(c, "relax.nn.max_pool2d"):
         xq, s, zp = gr.dq(c.args[0], "max pool input")
         a = c.attrs
@@ -347,19 +339,22 @@ def _classify(gr: _Graph, q: Any, idx: int, cfg: NPUConfig, wbits: dict[str, int
             raise NotFoldable(f"max pool requantizes (scale/zero point {s}/{zp} in, {s_out}/{zp_out} out)")
         if a.ceil_mode or [int(v) for v in a.dilation] != [1, 1]:
             raise NotFoldable(f"max pool with ceil_mode={bool(a.ceil_mode)}, dilation {[int(v) for v in a.dilation]}")
-        return Layer("maxpool", f"maxpool{idx}", [xq], consts={
-            "kernel": [int(v) for v in a.pool_size], "stride": [int(v) for v in a.strides],
-            "pads": [int(v) for v in a.padding], **clip}, **out)
+        spec = PoolSpec("max", *(int(v) for v in xq.ty.shape), kernel=tuple(int(v) for v in a.pool_size),
+                        stride=tuple(int(v) for v in a.strides), pads=tuple(int(v) for v in a.padding),
+                        in_dtype=str(xq.ty.dtype), **clip)
+        return _layer("maxpool", f"maxpool{idx}", spec, [xq], q)
     if _op(c, "relax.mean") or _op(c, "relax.nn.avg_pool2d"):
         xq, s, zp = _global_pool(gr, c)
-        h, w = (int(v) for v in list(xq.ty.shape)[2:])
+        n, ch, h, w = (int(v) for v in xq.ty.shape)
         info = np.iinfo(np.dtype(str(xq.ty.dtype)))
         if h * w * max(zp - int(info.min), int(info.max) - zp) > ref.INT32_MAX:
             raise NotFoldable(f"global average pool over {h}x{w}: the int32 window sum could overflow")
         with np.errstate(over="ignore"):
             m, b = ref.avg_pool_constants(s, s_out, zp_out, h * w)
         _finite(f"gap{idx}", m=m)
-        return Layer("gap", f"gap{idx}", [xq], consts={"x_zp": zp, "m": m, "b": b, **clip}, **out)
+        spec = PoolSpec("global_avg", n, ch, h, w, x_zp=zp, m=float(m), b=float(b),
+                        in_dtype=str(xq.ty.dtype), **clip)
+        return _layer("gap", f"gap{idx}", spec, [xq], q)
     if _op(c, "relax.add") and _op(gr.prod(c.args[0]), "relax.dequantize") \
             and _op(gr.prod(c.args[1]), "relax.dequantize"):
         if gr.is_const(gr.prod(c.args[0]).args[0]) or gr.is_const(gr.prod(c.args[1]).args[0]):
@@ -367,14 +362,17 @@ def _classify(gr: _Graph, q: Any, idx: int, cfg: NPUConfig, wbits: dict[str, int
         (aq, sa, za), (bq, sb, zb) = gr.dq(c.args[0], "add input"), gr.dq(c.args[1], "add input")
         if tuple(aq.ty.shape) != tuple(bq.ty.shape):
             raise NotFoldable("add with broadcasting")
+        if len(aq.ty.shape) != 4:
+            raise NotFoldable(f"add of {len(aq.ty.shape)}-D tensors (the NPU adds (N, C, H, W) tensors)")
         with np.errstate(over="ignore"):
             ma, mb, bias = ref.add_constants(sa, sb, s_out, zp_out)
         _finite(f"add{idx}", ma=ma, mb=mb)
-        return Layer("add", f"add{idx}", [aq, bq], consts={
-            "a_zp": za, "b_zp": zb, "ma": ma, "mb": mb, "bias": bias, **clip}, **out)
-    name = f"conv{idx}"
-    inputs, consts = _conv(gr, body, s_out, zp_out, cfg, name, wbits)
-    return Layer("conv", name, inputs, consts={**consts, **clip}, **out)
+        spec = AddSpec(*(int(v) for v in aq.ty.shape), za, zb, ma, mb, bias, a_dtype=str(aq.ty.dtype),
+                       b_dtype=str(bq.ty.dtype), **clip)
+        return _layer("add", f"add{idx}", spec, [aq, bq], q)
+    kind_name = f"linear{idx}" if _op(_affine_chain(gr, body)[0], "relax.matmul") else f"conv{idx}"
+    xq, spec = _conv(gr, body, s_out, zp_out, cfg, kind_name, wbits)
+    return _layer("conv", kind_name, dataclasses.replace(spec, **clip), [xq], q)
 
 
 def find_layers(mod: tvm.IRModule, cfg: NPUConfig, wbits: dict[str, int] | None = None
@@ -389,34 +387,21 @@ def find_layers(mod: tvm.IRModule, cfg: NPUConfig, wbits: dict[str, int] | None 
         try:
             layers.append(_classify(gr, val, len(layers), cfg, wbits or {}))
             layers[-1].out_name = var.name
-            layers[-1].consts["in_dtypes"] = [str(v.ty.dtype) for v in layers[-1].inputs]
-            layers[-1].consts["in_shape"] = [int(d) for d in layers[-1].inputs[0].ty.shape]
         except NotFoldable as e:
             fallbacks.append((var.name, str(e)))
     return layers, fallbacks
 
 
-@mutator
-class FoldQDQ(PyExprMutator):
-    """Replace each layer's ``quantize`` call by ``call_dps_packed(f"{prefix}.{i}", (*inputs, const(i)))``."""
+def fold_qdq(mod: tvm.IRModule, layers: list[Layer], prefix: str, cfg: NPUConfig) -> tvm.IRModule:
+    """``mod`` with each layer's ``quantize`` replaced by its integer form (``target_npu.integer_ops``), the
+    input quantizers by the CPU call ``call_dps_packed("<prefix>.<i>", x)``; dead float ops removed."""
 
-    def __init__(self, mod: tvm.IRModule, layers: list[Layer], prefix: str) -> None:
-        super().__init__(mod)
-        self.repl = {ly.quant: (f"{prefix}.{i}", ly) for i, ly in enumerate(layers)}
+    def make(i: int, ly: Layer, ops: list[Any], emit: Any) -> relax.Expr:
+        if ly.kind == "input":
+            return relax.call_dps_packed(f"{prefix}.{i}", ops, relax.TensorType(ly.out_shape, ly.out_dtype))
+        return emit_layer(emit, ly, ops, cfg)
 
-    def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: D102
-        hit = self.repl.get(call)
-        if hit is None:
-            return super().visit_call_(call)
-        (fname, ly), idx = hit, int(hit[0].rsplit(".", 1)[1])
-        return relax.call_dps_packed(fname, [*(self.visit_expr(v) for v in ly.inputs), relax.const(idx, "int64")],
-                                     relax.TensorType(ly.out_shape, ly.out_dtype))
-
-
-def fold_qdq(mod: tvm.IRModule, layers: list[Layer], prefix: str) -> tvm.IRModule:
-    """``mod`` with ``layers`` replaced by packed calls and dead float ops removed."""
-    m = FoldQDQ(mod, layers, prefix)
-    new = m.visit_expr(mod["main"])
-    out = tvm.IRModule({**{gv: mod[gv] for gv in mod.get_global_vars() if gv.name_hint != "main"}})
-    out["main"] = new
-    return relax.transform.DeadCodeElimination()(out)
+    names = [ly.out_name for ly in layers]
+    if len(set(names)) != len(names):
+        raise ValueError("two folded layers bind the same output variable")
+    return rewrite_layers(mod, layers, make, set(range(len(layers))))

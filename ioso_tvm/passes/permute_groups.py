@@ -45,16 +45,18 @@ class Plan:
                 "permuted_tensors": sum(not np.array_equal(p, np.arange(p.size)) for p in self.perms.values())}
 
 
-def external_tensors(mod: tvm.IRModule) -> set[str]:
-    """Names of the vars of ``main`` read by anything but a packed NPU call (CPU ops, outputs)."""
+def external_tensors(mod: tvm.IRModule, layers: list) -> set[str]:
+    """Names of the vars of ``main`` read by anything but the layers' integer forms (CPU ops, outputs)."""
     func = mod["main"]
+    roots = {ly.out_name for ly in layers}
+    prefixes = tuple(f"{ly.name}_" for ly in layers)
     used: set[str] = set()
     for blk in func.body.blocks:
         for b in blk.bindings:
-            v = b.value
-            if isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op) and v.op.name == "relax.call_dps_packed":
+            name = b.var.name
+            if name in roots or name.startswith(prefixes):
                 continue
-            used |= {x.name for x in relax.analysis.free_vars(v)}
+            used |= {x.name for x in relax.analysis.free_vars(b.value)}
     used |= {x.name for x in relax.analysis.free_vars(func.body.body)}
     return used
 
@@ -86,12 +88,12 @@ def is_contiguous(gvec: np.ndarray, cfg: NPUConfig) -> bool:
 
 
 def _dense(ly) -> bool:
-    return ly.kind == "conv" and ly.consts["groups"] == 1
+    return ly.kind == "conv" and (ly.is_linear or ly.spec.groups == 1)
 
 
 def _depthwise(ly) -> bool:
-    return ly.kind == "conv" and ly.consts["groups"] > 1 and ly.consts["groups"] == ly.consts["w"].shape[0] \
-        and ly.consts["w"].shape[1] == 1
+    return ly.kind == "conv" and not ly.is_linear and ly.spec.groups > 1 \
+        and ly.spec.groups == np.shape(ly.spec.weight)[0] and np.shape(ly.spec.weight)[1] == 1
 
 
 def _spatial(ly) -> int:
@@ -131,23 +133,23 @@ def plan_permutations(layers: list, external: set[str], input_names: set[str], c
         if _dense(ly):
             classes.setdefault(find(names[id(ly.inputs[0])]), []).append(ly)
         if ly.kind == "conv":
-            counts = np.bincount(ly.consts["isg_groups"], minlength=cfg.num_groups)
+            counts = np.bincount(ly.isg_groups, minlength=cfg.num_groups)
             if sum(c % cfg.granularity != 0 for c in counts) > 1:
                 plan.granularity_violations.append(ly.name)
     chosen: dict[str, np.ndarray] = {}
     for root, consumers in classes.items():
-        isg = [c for c in consumers if len(np.unique(c.consts["isg_groups"])) > 1]
+        isg = [c for c in consumers if len(np.unique(c.isg_groups)) > 1]
         if not isg:
             continue
         best = max(isg, key=lambda c: c.macs())
-        perm = wished_order(best.consts["isg_groups"], cfg)
+        perm = wished_order(best.isg_groups, cfg)
         if root in fixed:
             perm = np.arange(perm.size)
-            if not is_contiguous(best.consts["isg_groups"], cfg):
+            if not is_contiguous(best.isg_groups, cfg):
                 plan.permutes_needed += 1
         chosen[root] = perm
         for c in isg:
-            if not is_contiguous(c.consts["isg_groups"][perm], cfg):
+            if not is_contiguous(c.isg_groups[perm], cfg):
                 plan.gathered.add(c.name)
     for ly in layers:
         r = find(ly.out_name)
@@ -157,20 +159,21 @@ def plan_permutations(layers: list, external: set[str], input_names: set[str], c
 
 
 def apply_plan(layers: list, plan: Plan) -> list:
-    """Layers with permuted constants (new objects); each consumer keeps its own original order."""
+    """Layers with permuted specs (new objects); each consumer keeps its own original order."""
     names = {id(v): v.name for ly in layers for v in ly.inputs}
     out = []
     for ly in layers:
-        c = dict(ly.consts)
+        spec = ly.spec
         po = plan.perms.get(ly.out_name)
         if ly.kind == "conv":
             pin = plan.perms.get(names[id(ly.inputs[0])])
-            w = c["w"]
+            gvec = ly.isg_groups
             if pin is not None and _dense(ly):
-                c["w"], c["isg_groups"] = w[:, pin], c["isg_groups"][pin]
+                spec = replace(spec, weight=np.asarray(spec.weight)[:, pin], isg_groups=gvec[pin])
             elif pin is not None:  # depthwise: input and output share the order
-                c["isg_groups"] = c["isg_groups"][pin]
+                spec = replace(spec, isg_groups=gvec[pin])
             if po is not None:
-                c["w"], c["m"], c["b"] = c["w"][po], c["m"][po], c["b"][po]
-        out.append(replace(ly, consts=c))
+                spec = replace(spec, weight=np.asarray(spec.weight)[po], m=np.asarray(spec.m)[po],
+                               b=np.asarray(spec.b)[po])
+        out.append(replace(ly, spec=spec))
     return out

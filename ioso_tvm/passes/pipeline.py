@@ -2,11 +2,12 @@
 
 Three ``tvm.transform`` module passes share one :class:`NPUCompileState` (one per compile):
 
-1. :func:`FoldQDQ` (``ioso_npu.FoldQDQ``): ``find_layers`` + ``fold_qdq``: QDQ chains -> integer
-   layer markers ``call_dps_packed("<prefix>.<i>", ...)``; fills ``state.layers`` / ``state.fallbacks``.
+1. :func:`FoldQDQ` (``ioso_npu.FoldQDQ``): ``find_layers`` + ``fold_qdq``: QDQ chains -> the layers'
+   integer forms (``target_npu.integer_ops``); fills ``state.layers`` / ``state.fallbacks``.
 2. :func:`PlanGroupPermutation` (``ioso_npu.PlanGroupPermutation``): ``plan_permutations`` +
-   ``apply_plan`` (ISG groups made contiguous); fills ``state.plan`` / ``state.permutes`` and replaces
-   ``state.layers`` by the permuted layers. The module itself is unchanged: the constants live in the layers.
+   ``apply_plan`` (ISG groups made contiguous); fills ``state.plan`` / ``state.permutes``, replaces
+   ``state.layers`` by the permuted layers and re-emits their integer forms with the permuted
+   constants (a producer writes its channels in the order its consumers read them).
 3. :func:`PartitionForNPU` (``ioso_npu.PartitionForNPU``): ``target_npu.partition.partition`` with a
    :class:`PartitionContext` (``state.ctx``): NPU regions ``<prefix>.npu.r<k>``, CPU layers ``<prefix>.<i>``.
 
@@ -30,7 +31,8 @@ from hw_model.config import NPUConfig
 from ioso_tvm.passes.fold_qdq import find_layers, fold_qdq
 from ioso_tvm.passes.permute_groups import Plan, apply_plan, external_tensors, plan_permutations
 from target_npu import runtime
-from target_npu.partition import partition
+from target_npu.integer_ops import emit_layer, rewrite_layers
+from target_npu.partition import layers_to_cpu, partition
 from target_npu.patterns import PartitionContext
 
 FOLD, PLAN, PARTITION, PIPELINE = ("ioso_npu.FoldQDQ", "ioso_npu.PlanGroupPermutation",
@@ -79,7 +81,7 @@ def FoldQDQ(state: NPUCompileState) -> tvm.transform.Pass:
     def run(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         _check(state, FOLD)
         state.layers, state.fallbacks = find_layers(mod, state.config, state.wbits)
-        mod = fold_qdq(mod, state.layers, state.prefix)
+        mod = fold_qdq(mod, state.layers, state.prefix, state.config)
         state.ran.append(FOLD)
         return mod
 
@@ -97,12 +99,15 @@ def PlanGroupPermutation(state: NPUCompileState) -> tvm.transform.Pass:
     def run(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         _check(state, PLAN, needs=(FOLD,), before=(PARTITION,))
         cfg, layers = state.config, state.layers
-        plan = plan_permutations(layers, external_tensors(mod), set(state.input_names), cfg) if state.permute \
-            else Plan()
+        plan = plan_permutations(layers, external_tensors(mod, layers), set(state.input_names), cfg) \
+            if state.permute else Plan()
         if plan.granularity_violations:
             raise ValueError(f"layers {plan.granularity_violations}: more than one ISG group is not a multiple "
                              f"of the granularity {cfg.granularity}")
         state.plan, state.layers, state.permutes = plan, apply_plan(layers, plan), plan.counts()
+        changed = {i for i, (a, b) in enumerate(zip(layers, state.layers)) if a.spec is not b.spec}
+        if changed:  # the permuted layers' integer forms get the permuted constants
+            mod = rewrite_layers(mod, state.layers, lambda i, ly, ops, emit: emit_layer(emit, ly, ops, cfg), changed)
         state.ran.append(PLAN)
         return mod
 
@@ -112,8 +117,8 @@ def PlanGroupPermutation(state: NPUCompileState) -> tvm.transform.Pass:
 def PartitionForNPU(state: NPUCompileState) -> tvm.transform.Pass:
     """``ioso_npu.PartitionForNPU``: offload the layers passing the NPU checks into ``<prefix>.npu.r<k>`` regions.
 
-    ``state.offload`` False leaves the module as is and records every non-input layer in
-    ``ctx.rejected`` with the reason ``"offload=False"``.
+    ``state.offload`` False puts every layer on the CPU (``layers_to_cpu``) and records every non-input
+    layer in ``ctx.rejected`` with the reason ``"offload=False"``.
     """
 
     def run(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
@@ -126,6 +131,7 @@ def PartitionForNPU(state: NPUCompileState) -> tvm.transform.Pass:
                                                 **{"profile": runtime.Profile(), **state.ctx_options})
         if not state.offload:
             ctx.rejected.update({i: "offload=False" for i, ly in enumerate(layers) if ly.kind != "input"})
+            mod = layers_to_cpu(mod, layers, state.prefix, set(ctx.rejected))
         else:
             mod = partition(mod, ctx, state.prefix)
         state.ran.append(PARTITION)
