@@ -6,8 +6,14 @@ the same images go through torch deploy mode, and both top-1 values are recorded
 equal: ``logit_mismatches`` counts differing logits). Rows are merged into ``--out`` as they
 finish, so an interrupted run resumes where it stopped (rows already present are skipped).
 
+The rows are independent jobs, dispatched as Ray tasks (one CPU each, ``--threads`` threads inside):
+by default on a local Ray started in this process with ``--workers`` CPUs, with ``--ray-address`` on
+an existing cluster (its nodes need this package installed, e.g. ``pip install -e ".[sweep]"``), with
+``--serial`` in this process without Ray. This process writes every finished row into ``--out``.
+
     python benchmarks/accuracy.py --models resnet20 --bits W2A4 W4A4 --methods brecq ioso_brecq
     python benchmarks/accuracy.py --quick          # a tiny smoke run
+    python benchmarks/accuracy.py --ray-address auto --seeds 0 1 2 3 4   # on a running Ray cluster
 
 Prints one JSON line at the end: rows written, mismatching rows, wall seconds.
 """
@@ -15,9 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,6 +37,7 @@ from hw_model.config import NPUConfig
 from ioso_tvm import datasets, models
 from ioso_tvm.calib.methods import default_lr_act
 from ioso_tvm.calib.qmodules import NotDeployableError
+from target_npu.threads import set_threads
 
 METHODS = {  # row key -> (calibrate's method, CalibConfig overrides)
     "rtn": ("rtn", {}),
@@ -309,6 +319,57 @@ def plot(rows: list[dict], png: str | Path) -> Path:
     return Path(png)
 
 
+def plan_jobs(models_: Sequence[str], bits: Sequence[str], methods: Sequence[str], seeds: Sequence[int],
+              done: set[tuple]) -> list[tuple]:
+    """The grid's jobs (model, wbits, abits, method, seed) in grid order, less those whose row is in ``done``."""
+    todo = [(m, *parse_bits(b), k, s) for m in models_ for b in bits for k in methods for s in seeds]
+    return [t for t in todo if t not in done]
+
+
+def run_job(job: tuple, args: argparse.Namespace, x_test: np.ndarray, y_test: np.ndarray,
+            full: tuple[np.ndarray, np.ndarray] | None) -> dict:
+    """One grid row in this process (a Ray worker or the driver) with ``args.threads`` threads."""
+    set_threads(args.threads)
+    return run_one(*job, args, x_test, y_test, full)
+
+
+def dispatch(fn: Callable[..., Any], jobs: Sequence[tuple], on_result: Callable[[tuple, Any], None], shared: tuple = (),
+             serial: bool = False, address: str | None = None, workers: int | None = None) -> None:
+    """Run ``fn(job, *shared)`` for every job; ``on_result(job, result)`` in this process as each one ends.
+
+    ``serial``: one after the other here. Else as Ray tasks (1 CPU each): on the cluster at ``address``,
+    or on a local Ray started here with ``workers`` CPUs (default: all) and shut down at the end.
+    ``shared`` values go to the object store once. A failing job raises here (finished jobs are reported)."""
+    bar = tqdm(total=len(jobs), desc="accuracy grid", file=sys.stderr)
+    if serial or not jobs:
+        for job in jobs:
+            on_result(job, fn(job, *shared))
+            bar.update()
+        bar.close()
+        return
+    import ray
+
+    if __name__ in sys.modules and __name__ != "__main__":  # loaded by path (tests): workers cannot import it
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, num_cpus=None if address else workers, include_dashboard=False,
+                 log_to_driver=False, configure_logging=False)
+    try:
+        task = ray.remote(num_cpus=1)(fn)
+        refs = [ray.put(v) for v in shared]
+        pending = {task.remote(job, *refs): job for job in jobs}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            job = pending.pop(ready[0])
+            on_result(job, ray.get(ready[0]))
+            bar.update()
+    finally:
+        bar.close()
+        if started:
+            ray.shutdown()
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["resnet20", "mobilenetv2_small"])
@@ -330,6 +391,14 @@ def main(argv: list[str] | None = None) -> dict:
                    help="use the shipped subsets instead of drawing from the Debian package's data")
     p.add_argument("--out", default="benchmarks/results/accuracy.json")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny sizes")
+    p.add_argument("--serial", action="store_true", help="run the jobs one after the other in this process, no Ray")
+    p.add_argument("--ray-address", metavar="ADDR",
+                   help="run the jobs on this Ray cluster (e.g. 'auto' or 'ray://host:10001'); "
+                        "default: a local Ray started here")
+    p.add_argument("--workers", type=int, default=os.cpu_count(),
+                   help="CPUs of the local Ray, one job each (default: all cores)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch / BLAS threads per job (default 1, chosen: the jobs are the parallelism)")
     p.add_argument("--report", metavar="PNG", help="no runs: print the Markdown table of --out and plot it to PNG")
     p.add_argument("--merge", nargs="+", metavar="JSON", default=[],
                    help="first add the rows of these files (written by parallel runs) to --out; rows in --out win")
@@ -350,7 +419,9 @@ def main(argv: list[str] | None = None) -> dict:
     bad = [m for m in args.methods if m not in METHODS and m not in ABLATIONS]
     if bad:
         p.error(f"unknown --methods {bad}; known: {sorted(METHODS) + sorted(ABLATIONS)}")
-    torch.set_num_threads(1)
+    if args.workers is not None and args.workers < 1 or args.threads < 1:
+        p.error("--workers and --threads must be >= 1")
+    set_threads(args.threads)
     out = Path(args.out)
     rows = load_rows(out)
     done = {row_key(r) for r in rows}
@@ -361,9 +432,7 @@ def main(argv: list[str] | None = None) -> dict:
     x_all, y_all = datasets.to_model_input(images), labels
     x_test, y_test = (x_all[:args.test_images], y_all[:args.test_images]) if args.test_images else (x_all, y_all)
     full = (x_all, y_all) if args.deploy_full and len(y_all) > len(y_test) else None  # deploy mode on all
-    todo = [(m, *parse_bits(b), k, s) for m in args.models for b in args.bits for k in args.methods
-            for s in args.seeds]
-    todo = [t for t in todo if t not in done]
+    todo = plan_jobs(args.models, args.bits, args.methods, args.seeds, done)
     t_start, mismatching = time.perf_counter(), 0
     for m in args.models:
         if (m, None, None, None, None) not in done:
@@ -372,13 +441,16 @@ def main(argv: list[str] | None = None) -> dict:
                 rows[-1].update(fp_top1_full=fp_row(m, *full)["fp_top1"], test_images_full=int(len(y_all)))
             done.add((m, None, None, None, None))
     save_rows(out, rows)
-    for m, w, a, k, s in tqdm(todo, desc="accuracy grid", file=sys.stderr):
-        row = run_one(m, w, a, k, s, args, x_test, y_test, full)
+    def finished(job: tuple, row: dict) -> None:  # in this process: the one writer of --out
+        nonlocal mismatching
         if row["eval"] == "npu_simulator":
             mismatching += row["top1"] != row["top1_deploy"] or row["logit_mismatches"] > 0
         tqdm.write(json.dumps(row), file=sys.stderr)
         rows.append(row)
         save_rows(out, rows)
+
+    dispatch(run_job, todo, finished, (args, x_test, y_test, full), serial=args.serial, address=args.ray_address,
+             workers=args.workers)
     summary = {"rows_written": len(todo), "rows_total": len(rows), "simulator_vs_deploy_mismatching_rows": mismatching,
                "seconds": round(time.perf_counter() - t_start, 1)}
     print(json.dumps(summary))

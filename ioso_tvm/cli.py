@@ -3,7 +3,7 @@
 ::
 
     ioso-calibrate --model resnet20 --pretrained --data shipped --method ioso --wbits 4 --abits 4 \\
-                   [--iters N] [--seed S] [--num-samples N] -o model.onnx
+                   [--iters N] [--seed S] [--num-samples N] [--device cuda] [--threads N] -o model.onnx
 
 ``--data`` is ``shipped`` (the 1024-image Fashion-MNIST calibration subset shipped with the
 package) or an ``.npz`` holding either ``x`` (float32 model inputs, N x C x H x W) or
@@ -69,7 +69,7 @@ def _calib_config(calib: Any, args: argparse.Namespace) -> Any:
         return None
     names = {f.name for f in dataclasses.fields(cls)}
     wanted = {"iters": args.iters, "act_iters": args.act_iters, "seed": args.seed, "num_samples": args.num_samples,
-              "checkpoint_dir": args.resume}
+              "checkpoint_dir": args.resume, "device": args.device}
     missing = [k for k, v in wanted.items() if v is not None and k not in names]
     if missing:
         raise CLIError(f"this calibration engine has no setting for {', '.join(missing)}")
@@ -88,6 +88,18 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     out = check_output(args.output, "-o/--output", {"--data file": data}, (".onnx",))
     if args.resume is not None and Path(args.resume).exists() and not Path(args.resume).is_dir():
         raise CLIError(f"--resume {args.resume!r} is not a folder")
+    from target_npu.threads import set_threads
+
+    try:
+        threads = set_threads(args.threads)  # before torch starts its thread pool
+    except ValueError as e:
+        raise CLIError(f"--{e}") from None
+    from ioso_tvm.calib.device import resolve_device
+
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        raise CLIError(f"--{e}") from None
     from ioso_tvm import models
 
     if args.model not in models.MODELS:
@@ -114,7 +126,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                                 config=calib_config)
     proto = ioso_tvm.export_onnx(qmodel, None, input_shape=(1, *models.INPUT_SHAPES[args.model]))
     write_atomic(out, proto.SerializeToString())
-    print(f"calibrated {args.model} ({args.method}, W{args.wbits}A{args.abits}, {len(x)} samples) -> {out}")
+    print(f"calibrated {args.model} ({args.method}, W{args.wbits}A{args.abits}, {len(x)} samples, on {device}, "
+          f"{threads} thread{'s' * (threads != 1)}) -> {out}")
     return 0
 
 
@@ -135,6 +148,10 @@ def build_parser() -> Parser:
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--resume", metavar="DIR", help="checkpoint folder: one checkpoint per finished block; "
                    "running again with the same folder and arguments resumes after the last finished block")
+    p.add_argument("--device", help="where calibration runs: cpu, cuda or cuda:N (default: cuda when torch sees a "
+                   "GPU, else cpu); the exported file does not depend on it")
+    p.add_argument("--threads", type=int, help="CPU threads of torch, BLAS/OpenMP and TVM (default: "
+                   "target_npu.threads.DEFAULT_THREADS, measured by benchmarks/threads.py)")
     p.add_argument("-o", "--output", required=True, help="quantized ONNX file to write")
     p.set_defaults(func=cmd_calibrate)
     return p

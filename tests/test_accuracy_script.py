@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,13 +15,15 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy.py"
 def accuracy():
     spec = importlib.util.spec_from_file_location("accuracy_benchmark", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # Ray pickles its functions by value from here
     spec.loader.exec_module(mod)
-    return mod
+    yield mod
+    sys.modules.pop(spec.name, None)
 
 
 def test_quick_run_rows_resume_and_report(accuracy, tmp_path, capsys):
     out = tmp_path / "acc.json"
-    first = accuracy.main(["--quick", "--out", str(out)])
+    first = accuracy.main(["--quick", "--serial", "--out", str(out)])
     rows = json.loads(out.read_text())
     run = [r for r in rows if "method" in r]
     assert first["rows_written"] == len(run) == 1 and first["simulator_vs_deploy_mismatching_rows"] == 0
@@ -29,7 +32,7 @@ def test_quick_run_rows_resume_and_report(accuracy, tmp_path, capsys):
             "calib_seconds"} <= set(r)
     assert r["top1"] == r["top1_deploy"] and r["logit_mismatches"] == 0 and 0 <= r["top1"] <= 1
     assert any("fp_top1" in x for x in rows)
-    again = accuracy.main(["--quick", "--out", str(out)])
+    again = accuracy.main(["--quick", "--out", str(out)])  # nothing to run: no Ray started
     assert again["rows_written"] == 0 and len(json.loads(out.read_text())) == len(rows)  # resumed: nothing re-run
     capsys.readouterr()
     accuracy.main(["--out", str(out), "--report", str(tmp_path / "acc.png")])
@@ -64,7 +67,7 @@ def test_not_deployable_ablation_is_marked_fake_quant(accuracy, tmp_path, capsys
     out = tmp_path / "acc.json"
     res = accuracy.main(["--models", "resnet20", "--bits", "W4A4", "--methods", "ioso_oso_after_act", "--seeds", "0",
                          "--iters", "2", "--act-iters", "2", "--calib-images", "32", "--test-images", "50",
-                         "--shipped-data", "--out", str(out)])
+                         "--shipped-data", "--serial", "--out", str(out)])
     row = next(r for r in json.loads(out.read_text()) if "method" in r)
     assert res["rows_written"] == 1 and res["simulator_vs_deploy_mismatching_rows"] == 0
     assert row["eval"] == "fake_quant" and row["top1_deploy"] is None and row["top1"] == row["top1_fakequant"]
@@ -89,3 +92,32 @@ def test_target_table_compares_gain_with_spread_and_gap_with_float(accuracy):
     assert lines["ioso_qdrop - qdrop"].endswith("| no |")  # +1.7 pp < 5 pp spread
     assert lines["float - ioso_brecq"].endswith("| yes |")  # 1.0 pp gap, 3 seeds
     assert lines["float - ioso_qdrop"].endswith("| no |")  # 2.5 pp gap, 2 seeds
+
+
+def test_plan_skips_finished_rows_and_dispatch_reports_every_job(accuracy):
+    done = {("m", 4, 4, "rtn", 1)}
+    jobs = accuracy.plan_jobs(["m"], ["W4A4", "W2A4"], ["rtn", "brecq"], [0, 1], done)
+    assert len(jobs) == 7 and ("m", 4, 4, "rtn", 1) not in jobs and jobs[0] == ("m", 4, 4, "rtn", 0)
+    seen = {}
+    accuracy.dispatch(lambda job, k: {"job": job, "k": k}, jobs, seen.__setitem__, shared=(3,), serial=True)
+    assert seen == {j: {"job": j, "k": 3} for j in jobs}
+
+
+RAY_GRID = ["--models", "resnet20", "--bits", "W4A4", "--methods", "brecq", "--seeds", "0", "1", "--iters", "2",
+            "--act-iters", "2", "--calib-images", "32", "--test-images", "50", "--shipped-data"]
+TIMING = {"calib_seconds"}
+
+
+@pytest.mark.slow
+def test_ray_sweep_equals_the_serial_one(accuracy, tmp_path):
+    """Two jobs as Ray tasks on a local Ray (2 CPUs) give the rows of the serial path (timings aside)."""
+    pytest.importorskip("ray")
+    serial, remote = tmp_path / "serial.json", tmp_path / "ray.json"
+    assert accuracy.main([*RAY_GRID, "--serial", "--out", str(serial)])["rows_written"] == 2
+    assert accuracy.main([*RAY_GRID, "--workers", "2", "--out", str(remote)])["rows_written"] == 2
+
+    def rows(path):
+        return [{k: v for k, v in r.items() if k not in TIMING} for r in json.loads(path.read_text())]
+
+    a, b = rows(serial), rows(remote)
+    assert len(a) == 3 and a == b  # the float row and both seeds, in one file

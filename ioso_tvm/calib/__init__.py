@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .data import gather_calib_data
+from .device import resolve_device
 from .methods import (
     METHODS,
     CalibConfig,
@@ -40,7 +41,7 @@ class CalibrationWarning(UserWarning):
 
 
 def calibrate(model: nn.Module, calib_data: torch.Tensor | np.ndarray | Iterable, method: str = "ioso", wbits: int = 4,
-              abits: int = 4, config: CalibConfig | None = None) -> QuantModel:
+              abits: int = 4, config: CalibConfig | None = None, threads: int | None = None) -> QuantModel:
     """Calibrate float ``model`` on ``calib_data`` (float32 (N, C, H, W), N >= batch size; also a list of
     tensors or a ``DataLoader`` yielding tensors or ``(x, y)`` tuples, concatenated: ``data.gather_calib_data``).
     A model in train mode is calibrated in eval mode (a copy; CalibrationWarning); integer images are refused.
@@ -50,8 +51,16 @@ def calibrate(model: nn.Module, calib_data: torch.Tensor | np.ndarray | Iterable
     lends QFT its seed, progress and the fields of the same meaning the user changed, see ``qft._SHARED``,
     and ``num_samples``). ``CalibConfig.reg_weight=None`` becomes 0.1 for a MobileNetV2, else 0.01 (logged).
     Returns a QuantModel with hardened rounding and groups (``forward`` fake-quant, ``deploy``
-    integer mode, ``ioso_tvm.export_onnx``). Seeded by ``config.seed``: CPU runs are bit-identical.
+    integer mode, ``ioso_tvm.export_onnx``), always on the CPU whatever ``config.device`` calibrated.
+    Seeded by ``config.seed``: runs on one device are bit-identical.
+
+    ``threads``: CPU threads for torch and BLAS/OpenMP (``target_npu.threads.set_threads``; the setting
+    stays for the process, as ``torch.set_num_threads`` does); None leaves the current setting.
     """
+    if threads is not None:
+        from target_npu.threads import set_threads
+
+        set_threads(threads)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     wbits, abits = check_bits(wbits, "wbits"), check_bits(abits, "abits")
@@ -96,6 +105,7 @@ def calibrate(model: nn.Module, calib_data: torch.Tensor | np.ndarray | Iterable
 
     torch.manual_seed(config.seed)
     qm = build_qmodel(model, tuple(data.shape[1:]), wbits, abits, config.first_last_bits, config.npu)
+    qm.to(resolve_device(config.device))  # weight scales are initialised on the CPU: the same on every device
     try:
         qm.float_forward(data[:1])
     except RuntimeError as e:
@@ -111,4 +121,4 @@ def calibrate(model: nn.Module, calib_data: torch.Tensor | np.ndarray | Iterable
         engine.run(data)
     qm.calib_history = engine.history
     qm.set_act_quant(True)
-    return qm.eval()
+    return qm.cpu().eval()

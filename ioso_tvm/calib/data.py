@@ -1,5 +1,6 @@
 """Calibration data as one float tensor: from a tensor, a numpy array, a list / tuple of tensors, a
-``torch.utils.data.DataLoader`` or ``Dataset`` (or any iterable) yielding tensors or ``(x, y)`` tuples.
+``torch.utils.data.DataLoader`` or ``Dataset`` (or any iterable, also an endless one: reading stops at
+the sample limit) yielding tensors or ``(x, y)`` tuples, or one ``(inputs, labels)`` pair.
 
 Every refusal is one line that says what to change.
 """
@@ -11,8 +12,18 @@ from typing import Any
 import numpy as np
 import torch
 
-ACCEPTED = ("a float torch.Tensor or numpy array (N, C, H, W), a list of such tensors, or a DataLoader / "
-            "Dataset / iterable yielding tensors or (x, y) tuples")
+ACCEPTED = ("a float torch.Tensor or numpy array (N, C, H, W), a list of such tensors, an (inputs, labels) pair, "
+            "or a DataLoader / Dataset / iterable yielding tensors or (x, y) tuples")
+
+
+def _is_labelled_pair(data: Any) -> bool:
+    """``(inputs (N, C, H, W), labels (N,) or (N, K))``: one batch with its labels, not two batches."""
+    if not isinstance(data, (tuple, list)) or len(data) != 2:
+        return False
+    x, y = data
+    arrays = (torch.Tensor, np.ndarray)
+    return (isinstance(x, arrays) and isinstance(y, arrays) and x.ndim == 4 and y.ndim in (1, 2)
+            and len(x) == len(y))
 
 
 def _as_tensor(item: Any, where: str) -> torch.Tensor:
@@ -34,6 +45,8 @@ def gather_calib_data(data: Any, limit: int | None = None, seed: int = 0) -> tor
     read. A DataLoader is iterated under a private torch generator seeded with ``seed`` (a shuffled
     loader gives the same samples each run; the global generator is left untouched).
     """
+    if _is_labelled_pair(data):
+        data = data[0]
     if isinstance(data, (torch.Tensor, np.ndarray)):
         return data
     if not isinstance(data, Iterable) and hasattr(data, "__getitem__") and hasattr(data, "__len__"):

@@ -10,6 +10,12 @@ With ``CalibConfig.checkpoint_dir`` every finished block writes ``block<i>.pt`` 
 tensors, the generator state and the rounding modes; no pickled objects) tagged with a
 fingerprint of the run; a new run with the same fingerprint loads the last one, recomputes the
 caches by forward passes and goes on with the next block.
+
+Device (``CalibConfig.device``): the model, the in-memory caches and the optimiser state live on it;
+spilled caches stay on disk and are moved per mini-batch. Checkpoints hold CPU tensors and are loaded
+with ``map_location="cpu"``, so a run resumes on any device. The batch order comes from a CPU
+generator (the one state a checkpoint keeps); QDrop masks are drawn on the device, on a non-CPU device
+from a generator seeded per iteration by the CPU one.
 """
 from __future__ import annotations
 
@@ -22,30 +28,37 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .device import resolve_device
 from .methods import CalibConfig, MethodSpec
 from .qmodel import Block, QuantModel, _find_blocks
 from .qmodules import QLayer
 
 
 class TensorCache:
-    """N samples of one tensor kept in memory, or in a ``np.memmap`` file when ``spill_to`` is given."""
+    """N samples of one float32 tensor kept in memory on ``device``, or in a ``np.memmap`` file when
+    ``spill_to`` is given (rows read by ``[idx]`` are then moved to ``device``)."""
 
-    def __init__(self, t: torch.Tensor, spill_to: Path | None = None) -> None:
+    def __init__(self, t: torch.Tensor, spill_to: Path | None = None, device: torch.device | None = None) -> None:
+        self.device = t.device if device is None else torch.device(device)
         if spill_to is None:
-            self.data, self.mm = t.contiguous(), None
+            self.data, self.mm = t.to(self.device).contiguous(), None
         else:
             self.mm = np.memmap(spill_to, np.float32, "w+", shape=tuple(t.shape))
-            self.mm[:] = t.numpy()
+            self.mm[:] = t.detach().cpu().numpy()
             self.mm.flush()
             self.data = None
 
     def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
+        """Rows ``idx`` (int64 (B,), any device) on the cache's device."""
         if self.data is not None:
-            return self.data[idx]
-        return torch.from_numpy(np.ascontiguousarray(self.mm[np.sort(idx.numpy())]))[
-            torch.from_numpy(np.argsort(np.argsort(idx.numpy())))]
+            return self.data[idx.to(self.device)]
+        idx = idx.cpu().numpy()
+        rows = torch.from_numpy(np.ascontiguousarray(self.mm[np.sort(idx)]))[
+            torch.from_numpy(np.argsort(np.argsort(idx)))]
+        return rows.to(self.device)
 
     def full(self) -> torch.Tensor:
+        """All rows: on the device when in memory, a CPU view of the file when spilled."""
         return self.data if self.data is not None else torch.from_numpy(np.asarray(self.mm))
 
 
@@ -71,7 +84,10 @@ class Engine:
         if cfg.lr_isg is None or cfg.lr_oso_act is None:  # ``calibrate`` resolves the schedule rules
             raise ValueError("Engine needs CalibConfig.lr_isg and lr_oso_act resolved (calibrate() does this)")
         self.qm, self.spec, self.cfg = qm, spec, cfg
-        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.device = resolve_device(cfg.device)
+        qm.to(self.device)
+        self.gen = torch.Generator().manual_seed(cfg.seed)  # CPU: batch order (and masks on the CPU)
+        self.mask_gen = None if self.device.type == "cpu" else torch.Generator(self.device)
         self.blocks = qm.blocks if spec.blocks == "block" else _find_blocks(
             qm.program, [""] * len(qm.program), dict(qm.ops))
         self.spill = None
@@ -81,12 +97,12 @@ class Engine:
     def _cache(self, t: torch.Tensor, tag: str) -> TensorCache:
         mb = t.numel() * 4 / 2**20
         if mb <= self.cfg.memory_budget_mb / 3:
-            return TensorCache(t)
+            return TensorCache(t, device=self.device)
         try:
             if self.spill is None:
                 self.spill = Path(self.cfg.spill_dir or tempfile.mkdtemp(prefix="ioso_calib_"))
                 self.spill.mkdir(parents=True, exist_ok=True)
-            return TensorCache(t, self.spill / f"{tag}.f32")
+            return TensorCache(t, self.spill / f"{tag}.f32", self.device)
         except OSError as e:
             raise MemoryError(f"a calibration cache of {mb:.0f} MiB is over CalibConfig.memory_budget_mb / 3 "
                               f"({self.cfg.memory_budget_mb / 3:.0f} MiB) and cannot be spilled to {self.spill} "
@@ -97,7 +113,7 @@ class Engine:
     def _run_block(self, block: Block, x: torch.Tensor, quant: bool) -> torch.Tensor:
         outs = []
         for i in range(0, x.shape[0], 64):
-            env = self.qm.run({block.inp: x[i:i + 64]}, block.start, block.stop, quant=quant)
+            env = self.qm.run({block.inp: x[i:i + 64].to(self.device)}, block.start, block.stop, quant=quant)
             outs.append(env[block.out])
         return torch.cat(outs)
 
@@ -124,13 +140,13 @@ class Engine:
     def _fingerprint(self, data: torch.Tensor) -> str:
         """What must match to resume: method, settings, model structure and calibration data."""
         h = hashlib.sha256(repr((self.spec, {k: v for k, v in vars(self.cfg).items()
-                                             if k not in ("progress", "checkpoint_dir", "spill_dir")},
+                                             if k not in ("progress", "checkpoint_dir", "spill_dir", "device")},
                                  [b.name for b in self.blocks],
                                  [(n, m.bits) for n, m in self.qm.named_modules() if hasattr(m, "bits")],
                                  sorted((k, tuple(v.shape)) for k, v in self.qm.state_dict().items()
                                         if not k.endswith(".wq.v"))  # v exists once a block is calibrated
                                  )).encode())
-        h.update(data.detach().contiguous().numpy().tobytes())
+        h.update(data.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()
 
     def _checkpoint(self, bi: int, data: torch.Tensor) -> None:
@@ -141,7 +157,7 @@ class Engine:
         modes = {name: m.wq.mode for name, m in self.qm.ops.items() if isinstance(m, QLayer)}
         state = {"fingerprint": self._fingerprint(data), "block": bi, "generator": self.gen.get_state(),
                  "modes": modes, "history": self.history,
-                 "model": {k: v.detach().clone() for k, v in self.qm.state_dict().items()}}
+                 "model": {k: v.detach().cpu().clone() for k, v in self.qm.state_dict().items()}}
         tmp = folder / f"block{bi:04d}.pt.tmp"
         torch.save(state, tmp)
         tmp.replace(folder / f"block{bi:04d}.pt")
@@ -154,7 +170,7 @@ class Engine:
         if not files:
             return 0
         try:
-            state = torch.load(files[-1], weights_only=True)
+            state = torch.load(files[-1], map_location="cpu", weights_only=True)  # saved on any device
         except Exception as e:  # a truncated or foreign file: say which one
             raise ValueError(f"checkpoint {files[-1]} cannot be read ({e}); delete it to restart that block") from e
         if state.get("fingerprint") != self._fingerprint(data):
@@ -163,7 +179,7 @@ class Engine:
         for name, m in self.qm.ops.items():
             key = f"ops.{name}.wq.v"
             if isinstance(m, QLayer) and key in state["model"] and m.wq.v is None:
-                m.wq.v = torch.nn.Parameter(torch.zeros_like(state["model"][key]))
+                m.wq.v = torch.nn.Parameter(torch.zeros_like(state["model"][key], device=self.device))
         self.qm.load_state_dict(state["model"])
         for name, mode in state["modes"].items():
             self.qm.ops[name].wq.mode = mode
@@ -184,9 +200,17 @@ class Engine:
         idx = torch.randperm(n, generator=self.gen)[: self.cfg.batch_size]
         x = q_in[idx]
         if self.spec.qdrop:  # QDrop: keep the float input element-wise with probability drop_prob
-            keep = torch.rand(x.shape, generator=self.gen) < self.cfg.drop_prob
+            keep = self._uniform(x.shape) < self.cfg.drop_prob
             x = torch.where(keep, fp_in[idx], x)
         return x, target[idx]
+
+    def _uniform(self, shape: torch.Size) -> torch.Tensor:
+        """U[0, 1) float32 of ``shape`` on the device: from the CPU generator on the CPU, else from the
+        device generator seeded with a number the CPU generator draws (no device state to checkpoint)."""
+        if self.mask_gen is None:
+            return torch.rand(shape, generator=self.gen)
+        self.mask_gen.manual_seed(int(torch.randint(0, 2**62, (1,), generator=self.gen)))
+        return torch.rand(shape, generator=self.mask_gen, device=self.device)
 
     def calibrate_block(self, block: Block, q_in: TensorCache, fp_in: TensorCache, target: TensorCache) -> None:
         """Algorithm 1 for one block: weight step (V, R, OSO) then activation step (step sizes, OSO)."""

@@ -50,7 +50,7 @@ class ISG(nn.Module):
 
     def init_soft(self) -> None:
         """Create the logits R (C, G) and switch to soft mode."""
-        r = torch.zeros(self.channels, self.cfg.num_groups)
+        r = torch.zeros(self.channels, self.cfg.num_groups, device=self.groups.device)
         r[:, 0] = INIT_UNITY_LOGIT
         self.r = nn.Parameter(r)
         self.hard = False
@@ -71,7 +71,7 @@ class ISG(nn.Module):
     def reg(self, beta: float) -> torch.Tensor:
         """Group regulariser sum_i sum_p (1 - |2 s(R_ip) - 1|^beta) (journal f_reg, second term)."""
         if self.hard or self.r is None:
-            return torch.zeros(())
+            return torch.zeros((), device=self.groups.device)
         return (1 - (2 * self.probs() - 1).abs().pow(beta)).sum()
 
     @torch.no_grad()

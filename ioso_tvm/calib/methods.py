@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 from hw_model.config import DEFAULT_CONFIG, NPUConfig
 
+from .device import resolve_device
+
 
 @dataclass
 class CalibConfig:
@@ -79,6 +81,12 @@ class CalibConfig:
     last finished block and gives the same result as an uninterrupted run. None: no checkpoints."""
     progress: bool = True
     """Show a tqdm bar per block with the current loss."""
+    device: str | None = None
+    """Where the reconstruction runs: "cpu", "cuda", "cuda:N"; None: "cuda" when torch sees a GPU, else "cpu"
+    (``device.resolve_device``). The model, the cached block inputs / outputs (``memory_budget_mb`` then
+    counts device memory) and the optimiser state live there; checkpoints hold CPU tensors and resume on
+    any device. Seeded runs are bit-identical per device, not across devices (float reductions differ).
+    The calibrated model comes back on the CPU."""
     npu: NPUConfig = DEFAULT_CONFIG
     """Hardware description (ISG group factors)."""
 
@@ -106,6 +114,10 @@ class CalibConfig:
             raise ValueError(f"CalibConfig.oso_position must be 'before_act' or 'after_act', got {self.oso_position!r}")
         if self.granularity < 1:
             raise ValueError(f"CalibConfig.granularity must be >= 1, got {self.granularity}")
+        try:
+            resolve_device(self.device)
+        except ValueError as e:
+            raise ValueError(f"CalibConfig.{e}") from None
 
 
 @dataclass(frozen=True)

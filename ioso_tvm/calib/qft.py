@@ -19,6 +19,7 @@ from torch import fx, nn
 from tqdm import tqdm
 
 from ioso_tvm.calib import qft_init as qi
+from ioso_tvm.calib.device import module_device, resolve_device
 from ioso_tvm.calib.qft_offline import (
     ADD_TARGETS,
     InputQuant,
@@ -66,6 +67,10 @@ class QFTConfig:
     """Chosen: seed of the sample order."""
     progress: bool = True
     """Show a tqdm bar."""
+    device: str | None = None
+    """Where the distillation runs ("cpu", "cuda", "cuda:N"; None: cuda when available), as
+    ``CalibConfig.device``. The offline subgraph is built on the CPU and trained there; the result comes
+    back on the CPU."""
 
     def __post_init__(self) -> None:
         if self.mode not in ("layerwise", "channelwise"):
@@ -75,6 +80,10 @@ class QFTConfig:
                 raise ValueError(f"QFTConfig.{name} must be positive, got {getattr(self, name)}")
         if not self.lr > 0 or not 0 <= self.keep_8bit_fraction < 1:
             raise ValueError("QFTConfig.lr must be > 0 and keep_8bit_fraction in [0, 1)")
+        try:
+            resolve_device(self.device)
+        except ValueError as e:
+            raise ValueError(f"QFTConfig.{e}") from None
 
 
 def lr_at(epoch_pos: float, cfg: QFTConfig) -> float:
@@ -234,12 +243,12 @@ schedule, samples for the activation-range initialisation); forwarded when set a
 
 
 def _config(config) -> QFTConfig:
-    """QFTConfig as given; a CalibConfig lends ``seed``, ``progress`` and the fields of
+    """QFTConfig as given; a CalibConfig lends ``seed``, ``progress``, ``device`` and the fields of
     :data:`_SHARED` that the user changed from their defaults (QFT keeps its own published defaults
     otherwise); its other hyper-parameters belong to other methods."""
     if config is None or isinstance(config, QFTConfig):
         return config or QFTConfig()
-    kw = {k: getattr(config, k) for k in ("seed", "progress") if hasattr(config, k)}
+    kw = {k: getattr(config, k) for k in ("seed", "progress", "device") if hasattr(config, k)}
     if dataclasses.is_dataclass(config):
         defaults = {f.name: f.default for f in dataclasses.fields(config)}
         for src, dst in _SHARED.items():
@@ -262,8 +271,9 @@ def run_qft(model: nn.Module, calib_data, wbits: int = 4, abits: int = 8,
     if cfg.cle:
         qi.apply_cle(student, bits)
     qnet = build_qft_net(student, x[:cfg.calib_batch], bits, abits, cfg.mode, cfg.vector_act)
-    train_qft(qnet, teacher, x, cfg)
-    return qnet, student
+    device = resolve_device(cfg.device)
+    train_qft(qnet.to(device), teacher.to(device), x, cfg)
+    return qnet.cpu(), student
 
 
 def calibrate_qft(model: nn.Module, calib_data, wbits: int = 4, abits: int = 8, config: QFTConfig | None = None,
@@ -327,8 +337,10 @@ def to_quant_model(qnet: QFTNet, student: nn.Module, input_shape: tuple[int, ...
 
 
 def train_qft(qnet: QFTNet, teacher: nn.Module, x: torch.Tensor, cfg: QFTConfig) -> list[float]:
-    """Knowledge distillation: Adam on the L2 distance of the outputs; returns the loss per step."""
-    gen = torch.Generator().manual_seed(cfg.seed)
+    """Knowledge distillation: Adam on the L2 distance of the outputs; returns the loss per step.
+    Runs on the device of ``qnet`` (``teacher`` must be there too); mini-batches of ``x`` are moved there."""
+    gen = torch.Generator().manual_seed(cfg.seed)  # CPU: the sample order is the same on every device
+    device = module_device(qnet)
     isg_layers = [lay for lay in qnet.qft_layers().values() if cfg.isg and lay.wbits < 8]
     for lay in isg_layers:
         lay.isg.init_soft()
@@ -345,7 +357,7 @@ def train_qft(qnet: QFTNet, teacher: nn.Module, x: torch.Tensor, cfg: QFTConfig)
             g["lr"] = lr_at(step / steps_per_epoch, cfg)
         if pos + cfg.batch_size > order.numel():
             order, pos = torch.randperm(x.shape[0], generator=gen), 0
-        xb = x[order[pos:pos + cfg.batch_size]]
+        xb = x[order[pos:pos + cfg.batch_size].to(x.device)].to(device)
         pos += cfg.batch_size
         with torch.no_grad():
             target = teacher(xb)

@@ -22,6 +22,7 @@ from torch import fx, nn
 
 from hw_model.config import DEFAULT_CONFIG, NPUConfig
 
+from .device import module_device
 from .qmodules import QAdd, QFlatten, QGlobalAvgPool, QInput, QLayer, QMaxPool
 from .quantizers import ActQuantizer, WeightQuantizer, check_bits
 
@@ -121,11 +122,12 @@ class QuantModel(nn.Module):
         return x.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.run({"input": self._check_input(x)})[self.output]
+        """Fake-quant logits; ``x`` is moved to the model's device."""
+        return self.run({"input": self._check_input(x).to(module_device(self))})[self.output]
 
     @torch.no_grad()
     def float_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.run({"input": self._check_input(x)}, quant=False)[self.output]
+        return self.run({"input": self._check_input(x).to(module_device(self))}, quant=False)[self.output]
 
     def integer_model(self):
         """The integer (deploy) model with all constants computed once (``deploy.IntegerModel``)."""
@@ -133,17 +135,20 @@ class QuantModel(nn.Module):
         return IntegerModel(self)
 
     def deploy(self, x: torch.Tensor) -> torch.Tensor:
-        """Integer-mode inference (the numeric contract): float32 input -> dequantized float32 logits."""
-        return self.integer_model()(self._check_input(x))
+        """Integer-mode inference (the numeric contract): float32 input -> dequantized float32 logits.
+        The integer model is built once and reused until a parameter, buffer or setting changes
+        (``deploy.cached_integer_model``)."""
+        from .deploy import cached_integer_model
+        return cached_integer_model(self)(self._check_input(x))
 
     # ------------------------------------------------------------------- initialisation
     @torch.no_grad()
     def init_act_scales(self, x: torch.Tensor, batch: int = 64) -> None:
         """MSE-initialise every activation quantizer from the float model's activations on ``x``."""
-        x = self._check_input(x)
+        x, device = self._check_input(x), module_device(self)
         stats: dict[str, list[torch.Tensor]] = {}
         for i in range(0, x.shape[0], batch):
-            env = {"input": x[i:i + batch]}
+            env = {"input": x[i:i + batch].to(device)}
             for st in self.program:
                 op = self.ops[st.op]
                 args = [env[t] for t in st.inputs]

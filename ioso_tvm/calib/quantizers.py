@@ -49,7 +49,7 @@ def mse_weight_scale(w: torch.Tensor, bits: int) -> torch.Tensor:
     flat = w.detach().reshape(k, -1).double()
     qmax = 2 ** (bits - 1) - 1
     amax = flat.abs().amax(1).clamp_min(1e-8)
-    best_err = torch.full((k,), float("inf"), dtype=torch.float64)
+    best_err = torch.full((k,), float("inf"), dtype=torch.float64, device=w.device)
     best = amax / qmax
     for r in MSE_RATIOS:
         s = amax * r / qmax
@@ -130,7 +130,7 @@ class WeightQuantizer(nn.Module):
     def round_reg(self, beta: float) -> torch.Tensor:
         """AdaRound regulariser sum(1 - |2 h(V) - 1|^beta) (IOSO conference Eq. 11)."""
         if self.v is None:
-            return torch.zeros(())
+            return torch.zeros((), device=self.scale.device)
         return (1 - (2 * rectified_sigmoid(self.v) - 1).abs().pow(beta)).sum()
 
 
