@@ -2,11 +2,19 @@
 
 ::
 
+    tvmc --version
     tvmc compile model.onnx --target=ioso_npu [-o model.tar] [--input-shapes "input:[1,1,32,32]"]
                  [--tuning-records records.json] [--target-ioso_npu-<NPUConfig field>=VALUE ...]
-    tvmc run model.tar [--inputs in.npz] [--fill-mode random|zeros|ones] [--outputs out.npz]
-             [--print-top N] [--print-time] [--profile [--profile-json F] [--profile-plot F.png]]
-    tvmc tune model.onnx --target=ioso_npu [--trials N] [--input-shapes "input:[1,1,32,32]"] -o records.json
+                 [--pass-config KEY=VALUE] [--disabled-pass NAME] [--dump-code relax,npu,vm,asm,ll,tir]
+                 [-O 3] [--threads N]
+    tvmc run model.tar [-i in.npz] [--fill-mode random|zeros|ones] [-o out.npz] [--print-top N]
+             [--print-time [--number N] [--repeat N]] [--profile [--profile-json F] [--profile-plot F.png]
+             [--trace F.json]] [--threads N]
+    tvmc tune model.onnx --target=ioso_npu [--trials N] [--tuner xgb|random|gridsearch] [--early-stopping N]
+              [--tuning-records old.json] [--executor ray|serial] [--ray-address ADDR] -o records.json
+
+Compile flags that follow upstream tvmc but act differently here are described in
+``target_npu.cli_compile``; the ``tune`` measurement dispatch in ``target_npu.tuner.dispatch``.
 
 Every ``NPUConfig`` field is a target option (``--target-ioso_npu-pe_arrays=2``, or inline
 ``--target="ioso_npu -pe_arrays=2, llvm"``), parsed by the field's type. ``--target=llvm``
@@ -22,6 +30,7 @@ The command line is the top of the stack: the compile and run commands load the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import re
 import sys
@@ -31,21 +40,30 @@ from pathlib import Path
 from typing import Any
 
 from hw_model.config import NPUConfig
+from target_npu import cli_compile as cc
 from target_npu.cli_common import (
     CLIError,
     Parser,
     check_output,
+    check_outputs,
     compile_api,
     existing_file,
     one_line,
     run_main,
+    set_thread_count,
 )
-from target_npu.cli_run import cmd_run
+from target_npu.cli_run import add_run_args, cmd_run
 
 NPU_KIND, CPU_KIND = "ioso_npu", "llvm"
+TUNER_CHOICES = ("xgb", "random", "gridsearch", "grid")
+"""``tvmc tune --tuner`` names: upstream tvmc's (xgb, random, gridsearch) and the earlier alias grid."""
 TARGET_KINDS = (NPU_KIND, CPU_KIND)
 NPU_OPTIONS: dict[str, Any] = typing.get_type_hints(NPUConfig)
 """Target options of ioso_npu: NPUConfig field name -> type."""
+LLVM_OPTIONS_WHY = ("the host part is built for the generic llvm target, and tvmc run rebuilds it from the "
+                    "stored Relax IR on the machine that runs it, so llvm options (-mcpu, -mattr) chosen at "
+                    "compile time would not reach the code that runs")
+"""Why llvm target options (``llvm -mcpu=...``, ``--target-llvm-mcpu``) are refused."""
 _OPT_RE = re.compile(r"^--target-([A-Za-z0-9_]+?)-([A-Za-z0-9_-]+)(?:=(.*))?$")
 
 
@@ -94,7 +112,7 @@ def parse_target(text: str) -> tuple[list[str], dict[str, Any]]:
             if not m:
                 raise CLIError(f"bad target option {tok!r} in --target={text!r}; write -name=value")
             if kind != NPU_KIND:
-                raise CLIError(f"target {kind!r} takes no options here, got {tok!r}")
+                raise CLIError(f"target {kind!r} takes no options here, got {tok!r}: {LLVM_OPTIONS_WHY}")
             name = m.group(1).replace("-", "_")
             options[name] = parse_option_value(name, m.group(2))
     return kinds, options
@@ -117,6 +135,8 @@ def split_target_options(extra: Sequence[str]) -> tuple[dict[str, Any], list[str
             i += 1
             continue
         kind, name, value = m.group(1), m.group(2).replace("-", "_"), m.group(3)
+        if kind == CPU_KIND:
+            raise CLIError(f"target option {args[i].split('=')[0]!r} is not supported: {LLVM_OPTIONS_WHY}")
         if kind != NPU_KIND:
             raise CLIError(f"unknown target option {args[i].split('=')[0]!r}: only {NPU_KIND} has options; "
                            f"valid: {', '.join(f'--target-{NPU_KIND}-' + n for n in NPU_OPTIONS)}")
@@ -195,30 +215,57 @@ def check_model_inputs(model: Path, shapes: dict[str, tuple[int, ...]] | None) -
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    """``tvmc compile``: ONNX -> compiled-model .tar."""
+    """``tvmc compile``: ONNX -> compiled-model .tar (upstream flags: target_npu.cli_compile)."""
+    set_thread_count(args.threads)
     target, config = _target_and_config(args)
+    cc.check_opt_level(args.opt_level)
+    cc.check_desired_layout(args.desired_layout)
+    tvm_cfg, npu_kw = cc.parse_pass_config(args.pass_config)
+    if npu_kw and target != NPU_KIND:
+        raise CLIError(f"--pass-config {', '.join(k for k in cc.NPU_PASS_CONFIG if cc.NPU_PASS_CONFIG[k] in npu_kw)} "
+                       f"needs the {NPU_KIND} target, but --target={args.target!r}")
+    disabled = cc.parse_disabled_passes(args.disabled_pass)
+    fmts = cc.parse_dump_formats(args.dump_code)
     shapes = parse_input_shapes(args.input_shapes)
     model = existing_file(args.model, "model file", (".onnx",))
     records = existing_file(args.tuning_records, "tuning records file") if args.tuning_records else None
-    output = check_output(args.output, "-o/--output", {"model file": model, "tuning records file": records},
-                          (".tar",))
+    inputs = {"model file": model, "tuning records file": records}
+    output = check_output(args.output, "-o/--output", inputs, (".tar",))
+    dumps = cc.dump_paths(output, fmts)
+    check_outputs({f"--dump-code {f}": p for f, p in dumps.items()}, {**inputs, "-o/--output": output})
     check_model_inputs(model, shapes)
-    compiled = compile_api().compile(str(model), target=target, input_shapes=shapes, config=config,
-                                      tuning_records=None if records is None else str(records))
+    ctx = contextlib.nullcontext()
+    if tvm_cfg or disabled:
+        import tvm
+
+        ctx = tvm.transform.PassContext(opt_level=cc.OPT_LEVEL, config=tvm_cfg, disabled_pass=disabled)
+    with ctx:
+        compiled = compile_api().compile(str(model), target=target, input_shapes=shapes, config=config,
+                                          tuning_records=None if records is None else str(records), **npu_kw)
+    written = cc.dump_code(compiled, dumps)  # before export: a saved host library has no asm/ll source left
     compiled.export(output)  # save_artifact writes <output>.partial and renames it: atomic
     print(f"compiled {model} for {args.target!r} -> {output}")
+    for path in written:
+        print(f"code -> {path}")
     return 0
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
     """``tvmc tune``: search schedule knobs per layer and write tuning records (JSON lines)."""
+    set_thread_count(args.threads)
     target, config = _target_and_config(args)
     model = existing_file(args.model, "model file", (".onnx",))
     if target != NPU_KIND:
         raise CLIError(f"tvmc tune needs the {NPU_KIND} target (there is nothing to tune for {CPU_KIND})")
-    if args.trials <= 0:
-        raise CLIError(f"--trials must be positive, got {args.trials}")
+    for flag, value in (("--trials", args.trials), ("--early-stopping", args.early_stopping),
+                        ("--jobs", args.jobs)):
+        if value is not None and value <= 0:
+            raise CLIError(f"{flag} must be positive, got {value}")
+    if args.ray_address and args.executor != "ray":
+        raise CLIError("--ray-address needs --executor ray")
     shapes = parse_input_shapes(args.input_shapes)
+    warm = existing_file(args.tuning_records, "tuning records file") if args.tuning_records else None
+    # the output may be the warm-start file itself (records are read first, then replaced atomically)
     output = check_output(args.output, "-o/--output", {"model file": model})
     try:
         tuner = importlib.import_module("target_npu.tuner")
@@ -228,7 +275,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
         raise CLIError("tvmc tune is not available: the tuner has no tune_model()")
     check_model_inputs(model, shapes)
     tuner.tune_model(str(model), trials=args.trials, output=output, cfg=config, tuner=args.tuner,
-                     input_shapes=shapes)
+                     input_shapes=shapes, warm_start=None if warm is None else str(warm),
+                     early_stopping=args.early_stopping, executor=args.executor, ray_address=args.ray_address,
+                     jobs=args.jobs or 1)
     print(f"tuning records for {model} -> {output}")
     return 0
 
@@ -237,19 +286,25 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def _add_target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", required=True, help=f'compilation target: "{NPU_KIND}", "{CPU_KIND}" or '
                    f'"{NPU_KIND}, {CPU_KIND}" (NPU with CPU fallback, the same as "{NPU_KIND}")')
-    g = p.add_argument_group(f"target {NPU_KIND}", "NPUConfig fields (hw_model/config.py documents each)")
-    default = NPUConfig()
+    g = p.add_argument_group(f"target {NPU_KIND}", "NPUConfig fields (help: the field's documentation in "
+                             "hw_model/config.py, with its unit and source)")
+    default, docs = NPUConfig(), cc.npu_field_docs()
     for name, typ in NPU_OPTIONS.items():
-        shown = getattr(default, name)
-        shown = ",".join(map(str, shown)) if isinstance(shown, tuple) else shown
         g.add_argument(f"--target-{NPU_KIND}-{name}", metavar={int: "INT", float: "FLOAT"}.get(typ, "INTS"),
-                       dest=f"_opt_{name}", help=f"default {shown}")
+                       dest=f"_opt_{name}", help=cc.option_help(name, getattr(default, name), docs))
+
+
+def _add_threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, metavar="N", help="threads of torch, BLAS/OpenMP and the TVM runtime "
+                   "(target_npu.threads.set_threads; default: its measured DEFAULT_THREADS)")
 
 
 def build_parser() -> Parser:
     """The ``tvmc`` argument parser (subcommands compile, run, tune)."""
     parser = Parser(prog="tvmc", allow_abbrev=False, description="TVM command line for the ioso_npu target.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging; -vv shows tracebacks")
+    parser.add_argument("--version", action="version", version=cc.version_text(),
+                        help="print the ioso_npu and TVM versions and exit")
     sub = parser.add_subparsers(dest="command", metavar="{compile,run,tune}")
 
     c = sub.add_parser("compile", help="compile an ONNX model into a .tar artifact", allow_abbrev=False)
@@ -258,35 +313,46 @@ def build_parser() -> Parser:
     c.add_argument("--input-shapes", help='shapes of the inputs, e.g. "input:[1,1,32,32]"')
     c.add_argument("--tuning-records", metavar="FILE", help="tuning records from tvmc tune (JSON lines)")
     c.add_argument("--model-format", choices=["onnx"], default="onnx", help="input model format (onnx)")
+    c.add_argument("-O", "--opt-level", type=int, metavar="N", help=f"optimisation level; only {cc.OPT_LEVEL} "
+                   "(the default) is accepted, see target_npu/cli_compile.py")
+    c.add_argument("--pass-config", action="append", metavar="KEY=VALUE",
+                   help="a PassContext config (TVM's bool/int keys, e.g. tirx.disable_assert=1) or a compile option "
+                        f"({', '.join(cc.NPU_PASS_CONFIG)}=0/1); repeatable or comma-separated")
+    c.add_argument("--disabled-pass", action="append", metavar="NAME",
+                   help="passes to disable (TVM's names or ioso_npu.PlanGroupPermutation); repeatable or "
+                        "comma-separated")
+    c.add_argument("--desired-layout", metavar="LAYOUT", help="refused: the NPU's layout is fixed (NHWC in "
+                   "16-channel blocks) and the CPU part keeps the ONNX layout")
+    c.add_argument("--dump-code", metavar="FORMATS", help=f"write code next to the output as <output>.<format>: "
+                   f"{', '.join(cc.DUMP_FORMATS)} (Relax module, NPU instruction streams, VM bytecode, host "
+                   "assembly, host LLVM IR, TIR of each NPU conv layer)")
+    _add_threads_arg(c)
     _add_target_args(c)
     c.set_defaults(func=cmd_compile)
 
     r = sub.add_parser("run", help="run a compiled .tar on the NPU simulator", allow_abbrev=False)
-    r.add_argument("file", metavar="FILE", help="compiled model .tar from tvmc compile")
-    r.add_argument("--device", choices=["cpu"], default="cpu", help="host device (cpu; the NPU is simulated)")
-    r.add_argument("--inputs", metavar="NPZ", help="input tensors, one npz entry per input name")
-    r.add_argument("--fill-mode", choices=["random", "zeros", "ones"], default="random",
-                   help="fill inputs missing from --inputs (default: random, seeded by --seed)")
-    r.add_argument("--seed", type=int, default=0, help="seed of --fill-mode random (default 0)")
-    r.add_argument("--outputs", metavar="NPZ", help="write outputs as output_0, output_1, ... to this npz")
-    r.add_argument("--print-top", type=int, metavar="N", help="print the top N classes of output 0")
-    r.add_argument("--print-time", action="store_true", help="print host run time statistics (ms)")
-    r.add_argument("--repeat", type=int, default=1, help="runs timed by --print-time (default 1)")
-    r.add_argument("--profile", action="store_true", help="print the per-layer cycle report")
-    r.add_argument("--profile-json", metavar="FILE", help="with --profile: write the report as JSON")
-    r.add_argument("--profile-plot", metavar="PNG", help="with --profile: plot where the cycles go")
-    r.add_argument("--trust-artifact", action="store_true",
-                   help="load the artifact's native host library (runs code from the file; with "
-                        "IOSO_NPU_ARTIFACT_KEY set its signature must verify). Default: rebuild the host part "
-                        "from the stored Relax IR")
+    add_run_args(r)
+    _add_threads_arg(r)
     r.set_defaults(func=cmd_run)
 
     t = sub.add_parser("tune", help="tune schedule knobs and write tuning records", allow_abbrev=False)
     t.add_argument("model", metavar="MODEL", help="ONNX file")
     t.add_argument("-o", "--output", required=True, help="tuning records to write (JSON lines)")
     t.add_argument("--trials", type=int, default=64, help="measured candidates per layer (default 64)")
-    t.add_argument("--tuner", choices=["xgb", "random", "grid"], default="xgb", help="search (default xgb)")
+    t.add_argument("--tuner", choices=TUNER_CHOICES, default="xgb",
+                   help="search: xgb, random, gridsearch (upstream names; grid is an alias of gridsearch); default xgb")
+    t.add_argument("--early-stopping", type=int, metavar="N",
+                   help="stop a layer after N measurements without a better schedule (default: never)")
+    t.add_argument("--tuning-records", metavar="FILE", help="warm start: records of an earlier tvmc tune; their "
+                   "measurements count as done and are written to -o with the new ones")
+    t.add_argument("--executor", choices=["ray", "serial"], default="ray",
+                   help="where candidates are measured: ray (default: Ray tasks on a local Ray started in-process, "
+                        "or the cluster of --ray-address) or serial (this process)")
+    t.add_argument("--ray-address", metavar="ADDR", help="connect to this Ray cluster (e.g. ray://host:10001 "
+                   "or auto) instead of starting a local one")
+    t.add_argument("--jobs", type=int, metavar="N", help="CPUs of the local Ray (default: all)")
     t.add_argument("--input-shapes", help='shapes of the inputs, e.g. "input:[1,1,32,32]"')
+    _add_threads_arg(t)
     _add_target_args(t)
     t.set_defaults(func=cmd_tune)
     return parser

@@ -172,3 +172,13 @@ def read_npz(path: str, flag: str) -> dict:
             return {k: z[k] for k in z.files}
     except (ValueError, OSError, zipfile.BadZipFile) as e:
         raise CLIError(f"{flag} {path!r} is not a readable npz without pickle ({one_line(e)})") from None
+
+
+def set_thread_count(n: int | None) -> int:
+    """``target_npu.threads.set_threads(n)`` (None: its measured default); a bad count is a CLIError."""
+    from target_npu.threads import set_threads
+
+    try:
+        return set_threads(n)
+    except ValueError as e:
+        raise CLIError(f"--threads: {e}") from None

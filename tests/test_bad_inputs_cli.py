@@ -397,7 +397,8 @@ TUNE_SHAPES = [  # id, model batch, --input-shapes, rc, pattern (stderr) or expe
 def test_tune_honours_input_shapes(tmp_path, capsys, batch, shapes, rc, expect):
     model = _qdq_onnx(tmp_path / "m.onnx", batch)
     out = tmp_path / "r.jsonl"
-    argv = ["tune", str(model), "--target=ioso_npu", "--trials", "2", "--tuner", "random", "-o", str(out)]
+    argv = ["tune", str(model), "--target=ioso_npu", "--trials", "2", "--tuner", "random", "--executor", "serial",
+            "-o", str(out)]
     got = cli.main(argv + ([] if shapes is None else ["--input-shapes", shapes]))
     err = capsys.readouterr().err
     assert got == rc, err

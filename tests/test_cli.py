@@ -72,7 +72,8 @@ def test_inline_target_options_and_composite_targets():
     (["--target-ioso_npu-isg_group_signs=a,b"], r"isg_group_signs must be a comma-separated list of integers"),
     (["--target-ioso_npu-pe_arrays=0"], r"bad target option for ioso_npu: NPUConfig.pe_arrays must be positive"),
     (["--target-ioso_npu-isg_group_signs=0,2"], r"isg_group_signs must be a non-empty tuple of -1/0/\+1"),
-    (["--target-llvm-mcpu=skylake"], r"unknown target option '--target-llvm-mcpu': only ioso_npu has options"),
+    (["--target-llvm-mcpu=skylake"], r"target option '--target-llvm-mcpu' is not supported: the host part is built"),
+    (["--target-tensorrt-x=1"], r"unknown target option '--target-tensorrt-x': only ioso_npu has options"),
     (["--target-ioso_npu-pe"], r"unknown target option 'pe'"),
     (["--bogus"], r"unrecognized arguments: --bogus"),
 ])
@@ -238,12 +239,15 @@ def test_inputs_from_npz(tmp_path):
 
 def test_profile_table_and_plot(tmp_path):
     report = {"layers": [{"name": "conv0", "device": "npu", "cycles": 1600, "mac_utilisation": 0.5, "groups": 3},
-                         {"name": "softmax", "device": "cpu"}]}
+                         {"name": "softmax", "device": "cpu", "cpu_reason": "softmax: no NPU op"}],
+              "fallbacks": [{"tensor": "t3", "op": "qdq", "reason": "float Sigmoid"},
+                            {"tensor": "s", "op": "softmax", "reason": "softmax: no NPU op"}]}
     table = cli_run.format_profile(report, clock_mhz=800.0).splitlines()
-    assert table[0].split() == ["layer", "on", "cycles", "us", "MAC", "util", "groups"]
+    assert table[0].split() == ["layer", "on", "cycles", "us", "MAC", "util", "groups", "CPU", "reason"]
     assert table[1].split() == ["conv0", "NPU", "1600", "2.00", "50.0%", "3"]
-    assert table[2].split() == ["softmax", "CPU", "-", "-", "-", "-"]
-    assert table[3].split() == ["total", "1600", "2.00"]
+    assert table[2].split() == ["softmax", "CPU", "-", "-", "-", "-", "softmax:", "no", "NPU", "op"]
+    assert table[3].split() == ["t3", "(qdq)", "CPU", "-", "-", "-", "-", "float", "Sigmoid"]
+    assert table[4].split() == ["total", "1600", "2.00"] and len(table) == 5
     png = cli_run.plot_profile(report, tmp_path / "p.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -1,4 +1,5 @@
-"""The tutorials run end to end at small size (``--quick`` / ``QUICK=1``) and produce their files."""
+"""The tutorials run end to end in their default (quick) mode, as the README tells a user to run them,
+and produce their files; ``--full`` / ``FULL=1`` select the published schedule."""
 from __future__ import annotations
 
 import importlib
@@ -46,7 +47,7 @@ def _check_profile(report: dict) -> None:
 def test_a_quick_start(tmp_path):
     _need_pipeline()
     out = tmp_path / "a"
-    res = _run([sys.executable, str(TUTORIALS / "a_quick_start.py"), "--quick", "--out", str(out)], ROOT)
+    res = _run([sys.executable, str(TUTORIALS / "a_quick_start.py"), "--out", str(out)], ROOT)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["images"] == 16 and summary["total_cycles"] > 0
     assert summary["acc_float"] >= 0.75  # the shipped float ResNet-20 reaches 94% on the test set
@@ -60,7 +61,7 @@ def test_a_quick_start(tmp_path):
 def test_b_shell(tmp_path):
     _need_pipeline()
     out = tmp_path / "b"
-    res = _run(["bash", str(TUTORIALS / "b_shell.sh")], ROOT, {"QUICK": "1", "OUT": str(out)})
+    res = _run([str(TUTORIALS / "b_shell.sh")], ROOT, {"OUT": str(out)})  # executed as the README says
     from target_npu.artifact import load_artifact
 
     art = load_artifact(out / "resnet20_w4a4.tar")
@@ -78,7 +79,7 @@ def test_b_shell(tmp_path):
 def test_c_isg_groups(tmp_path):
     _need_pipeline()
     out = tmp_path / "c"
-    _run([sys.executable, str(TUTORIALS / "c_isg_groups.py"), "--quick", "--out", str(out)], ROOT)
+    _run([sys.executable, str(TUTORIALS / "c_isg_groups.py"), "--out", str(out)], ROOT)
     summary = json.loads((out / "summary.json").read_text())
     one, three = summary["1 group"], summary["3 groups"]
     assert 0 < one["cycles"] <= three["cycles"]  # group shift-adds cost cycles, never save them
@@ -86,3 +87,25 @@ def test_c_isg_groups(tmp_path):
     assert sum(map(sum, three["groups"].values())) > 0  # channels of every ISG layer, by group
     assert summary["layer_plotted"] in three["groups"]
     assert (out / "groups.png").read_bytes()[:8] == PNG
+
+
+def test_shell_tutorial_is_executable_and_quick_by_default(tmp_path):
+    sh = TUTORIALS / "b_shell.sh"
+    assert os.access(sh, os.X_OK) and sh.read_text().startswith("#!/usr/bin/env bash")
+    # dry run of the calibration step's arguments: quick unless FULL=1 / IOSO_TUTORIAL_FULL=1
+    probe = 'ioso-calibrate() { echo "ARGS $*"; exit 0; }; export -f ioso-calibrate; '
+    for env, quick in (({}, True), ({"FULL": "1"}, False), ({"IOSO_TUTORIAL_FULL": "1"}, False),
+                       ({"FULL": "0"}, True)):
+        res = subprocess.run(["bash", "-c", probe + f"source {sh}"], capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "OUT": str(tmp_path), **env}, cwd=ROOT)
+        args = next(ln for ln in res.stdout.splitlines() if ln.startswith("ARGS "))
+        assert ("--num-samples 64 --iters 20 --act-iters 20" in args) is quick, (env, args)
+
+
+@pytest.mark.parametrize("script", ["a_quick_start.py", "c_isg_groups.py"])
+def test_python_tutorials_are_quick_by_default(script):
+    text = (TUTORIALS / script).read_text()
+    assert '"--full", action="store_true", default=os.environ.get("IOSO_TUTORIAL_FULL") == "1"' in text
+    assert "n_calib, n_test, iters = (1024, 256, None) if args.full else (64, 16, 20)" in text
+    doc = text.split('"""')[1]
+    assert "--full" in doc and "default" in doc

@@ -2,8 +2,12 @@
 
 Run it from the repository root::
 
-    python tutorials/a_quick_start.py            # full size: 1024 calibration images
-    python tutorials/a_quick_start.py --quick    # a few minutes: 64 images, 20 iterations
+    python tutorials/a_quick_start.py          # quick (the default): a few minutes on a CPU
+    python tutorials/a_quick_start.py --full   # the published schedule: hours on a CPU
+
+The quick default calibrates on 64 images with 20 reconstruction iterations per block and tests on
+16 images; ``--full`` (or ``IOSO_TUTORIAL_FULL=1``) uses 1024 calibration images and the published
+20000 weight / 5000 activation iterations per block, and tests on 256 images.
 
 It writes into ``--out`` (default ``tutorial_out/a``): the quantized ONNX file, the compiled
 ``.tar``, the per-layer profile as JSON and its plot, and ``summary.json``.
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +28,13 @@ from ioso_tvm import datasets, models
 from target_npu.cli_run import format_profile, plot_profile
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("--quick", action="store_true", help="small sizes, for the test suite")
+parser.add_argument("--full", action="store_true", default=os.environ.get("IOSO_TUTORIAL_FULL") == "1",
+                    help="the published schedule (hours on a CPU); default: quick (minutes)")
 parser.add_argument("--out", default="tutorial_out/a", help="output folder")
 args = parser.parse_args()
 out = Path(args.out)
 out.mkdir(parents=True, exist_ok=True)
-n_calib, n_test, iters = (64, 16, 20) if args.quick else (1024, 256, None)
+n_calib, n_test, iters = (1024, 256, None) if args.full else (64, 16, 20)
 torch.manual_seed(0)
 
 # 1. The float model. The package ships a ResNet-20 trained on Fashion-MNIST (28x28 images
@@ -44,8 +50,8 @@ y_test = test_labels[:n_test]
 #    three scale groups (x1, x(1-2^-4), x(1+2^-4)) and, per output channel, a scale and an
 #    offset folded into the NORM constants. The result is still a torch module.
 config = NPUConfig()  # four 16x16 PE arrays at 800 MHz (hw_model/config.py says where each number comes from)
-# --quick shortens the reconstruction (the published 20000 weight / 5000 activation iterations
-# per block take hours on a laptop CPU).
+# The quick default shortens the reconstruction (the published 20000 weight / 5000 activation
+# iterations per block, --full, take hours on a laptop CPU).
 calib_config = ioso_tvm.CalibConfig(seed=0, npu=config, **({"iters": iters, "act_iters": iters} if iters else {}))
 qmodel = ioso_tvm.calibrate(float_model, x_calib, method="ioso", wbits=4, abits=4, config=calib_config)
 

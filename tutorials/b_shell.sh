@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # Tutorial (b): the quick start from the shell, in three commands.
 #
-#   bash tutorials/b_shell.sh            # full size
-#   QUICK=1 bash tutorials/b_shell.sh    # small: 64 calibration images, 20 iterations per block
+#   tutorials/b_shell.sh                          # quick (the default): minutes; 64 calibration
+#                                                 # images, 20 iterations per block
+#   FULL=1 tutorials/b_shell.sh                   # the published schedule (1024 images, 20000/5000
+#                                                 # iterations per block): hours on a CPU
+#   (IOSO_TUTORIAL_FULL=1 works too, as for the Python tutorials.)
 #
 # OUT (default tutorial_out/b) receives the ONNX file, the .tar, the outputs and the profile.
 set -euo pipefail
 OUT=${OUT:-tutorial_out/b}
 mkdir -p "$OUT"
-SMALL=()
-if [[ "${QUICK:-0}" == 1 ]]; then SMALL=(--num-samples 64 --iters 20 --act-iters 20); fi
+SMALL=(--num-samples 64 --iters 20 --act-iters 20)
+if [[ "${FULL:-${IOSO_TUTORIAL_FULL:-0}}" == 1 ]]; then SMALL=(); fi
 
 # 1. Calibrate the shipped float ResNet-20 with IOSO at W4A4 on the shipped calibration
 #    subset of Fashion-MNIST, and export the quantized model as ONNX (docs/onnx_format.md).

@@ -76,12 +76,29 @@ class Tuner:
     def update(self, tilings: Sequence[Tiling], cycles: Sequence[int]) -> None:
         self.measured.update(zip(map(tkey, tilings), cycles))
 
+    def warm_start(self, tilings: Sequence[Tiling], cycles: Sequence[int]) -> int:
+        """Take earlier measurements (e.g. tuning records) as done: they are never measured again and guide
+        the search (the xgb model is fit on them). Points outside this layer's space are ignored.
+        Returns how many were taken."""
+        known = [(t, int(c)) for t, c in zip(tilings, cycles) if tkey(t) in self.index and tkey(t) not in self.measured]
+        if known:
+            ts, cs = [t for t, _ in known], [c for _, c in known]
+            self.measurer.cache.update(zip(map(tkey, ts), cs))
+            self.update(ts, cs)
+        return len(known)
+
     def tune(self, n_trials: int, batch_size: int | None = None, progress: bool = False,
-             desc: str | None = None) -> TuneResult:
-        """Measure up to ``n_trials`` distinct tilings (fewer if the space is smaller)."""
+             desc: str | None = None, early_stopping: int | None = None) -> TuneResult:
+        """Measure up to ``n_trials`` distinct new tilings (fewer if the space is smaller); with
+        ``early_stopping`` N, stop once N measurements in a row found nothing better than the best so far
+        (warm-start points included, as upstream AutoTVM's ``early_stopping``)."""
         if not isinstance(n_trials, int) or n_trials < 1:
             raise ValueError(f"n_trials must be a positive int, got {n_trials!r}")
-        n_trials = min(n_trials, len(self.space))
+        if early_stopping is not None and (not isinstance(early_stopping, int) or early_stopping < 1):
+            raise ValueError(f"early_stopping must be a positive int or None, got {early_stopping!r}")
+        n_trials = min(n_trials, len(self.space) - len(self.measured))
+        best = min(self.measured.values(), default=None)
+        since_best = 0
         bs = batch_size or DEFAULT_BATCH
         res = TuneResult(self.spec, self.name)
         with tqdm(total=n_trials, desc=desc or self.name, disable=not progress, leave=False) as bar:
@@ -95,6 +112,15 @@ class Tuner:
                 res.history.extend(zip(batch, cycles))
                 bar.update(len(batch))
                 bar.set_postfix(best_cycles=res.best[1])
+                stop = False
+                for c in cycles:  # in measurement order: a later point of this batch does not undo a stop
+                    if best is None or c < best:
+                        best, since_best = c, 0
+                    else:
+                        since_best += 1
+                    stop = stop or (early_stopping is not None and since_best >= early_stopping)
+                if stop:
+                    break
         return res
 
 
@@ -199,11 +225,19 @@ class XGBTuner(Tuner):
 
 
 TUNERS = {"xgb": XGBTuner, "random": RandomTuner, "grid": GridTuner}
+ALIASES = {"gridsearch": "grid"}
+"""Upstream tvmc's tuner names -> ours (``tvmc tune --tuner gridsearch``)."""
+
+
+def tuner_name(kind: str) -> str:
+    """The tuner a name (ours or upstream's alias) means; ValueError listing the valid names."""
+    name = ALIASES.get(kind, kind)
+    if name not in TUNERS:
+        raise ValueError(f"tuner must be one of {sorted(set(TUNERS) | set(ALIASES))}, got {kind!r}")
+    return name
 
 
 def make_tuner(kind: str, spec: ConvSpec, cfg: NPUConfig, measurer: Measurer | None = None,
                seed: int = 0) -> Tuner:
-    """A tuner by name: "xgb", "random" or "grid"."""
-    if kind not in TUNERS:
-        raise ValueError(f"tuner must be one of {sorted(TUNERS)}, got {kind!r}")
-    return TUNERS[kind](spec, cfg, measurer=measurer, seed=seed)
+    """A tuner by name: "xgb", "random", "grid" (or upstream's "gridsearch")."""
+    return TUNERS[tuner_name(kind)](spec, cfg, measurer=measurer, seed=seed)

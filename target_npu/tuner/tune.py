@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 import os
 import warnings
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +14,10 @@ from tqdm import tqdm
 
 from hw_model.config import DEFAULT_CONFIG, NPUConfig
 
+from .dispatch import make_executor
 from .measure import Measurer, get_measure
-from .records import layer_key, make_record, save_records
-from .search import make_tuner
+from .records import config_hash, layer_key, load_records, make_record, save_records
+from .search import make_tuner, tuner_name
 from .space import ConvSpec, shape_key, shape_spec, tunable
 
 
@@ -139,18 +139,38 @@ def _check_output(output: str | Path, model: Any) -> None:
         raise ValueError(f"output {str(output)!r}: the folder {str(out.parent)!r} does not exist")
 
 
+def _warm_records(path: str | Path | None, cfg: NPUConfig) -> dict[str, list[dict[str, Any]]]:
+    """Records of ``path`` for this NPUConfig (``config`` parsed to a Tiling), by layer key; bad records
+    warn and are skipped (``load_records``)."""
+    if path is None:
+        return {}
+    out: dict[str, list[dict[str, Any]]] = {}
+    h = config_hash(cfg)
+    for r in load_records(path):
+        if r.get("npu_config_hash") == h:
+            out.setdefault(r["layer_key"], []).append(r)
+    return out
+
+
 def tune_model(onnx_path_or_model: str | Path | onnx.ModelProto, trials: int, output: str | Path,
                cfg: NPUConfig | None = None, tuner: str = "xgb", jobs: int = 1, seed: int = 0,
                measure: str = "tir", progress: bool = True,
-               input_shapes: dict[str, tuple[int, ...]] | None = None) -> list[dict[str, Any]]:
-    """Tune each distinct conv layer with ``trials`` measurements (per layer) and write all
+               input_shapes: dict[str, tuple[int, ...]] | None = None, warm_start: str | Path | None = None,
+               early_stopping: int | None = None, executor: str = "serial",
+               ray_address: str | None = None) -> list[dict[str, Any]]:
+    """Tune each distinct conv layer with ``trials`` new measurements (per layer) and write all
     measured records to ``output`` (JSON lines, replaced atomically). Returns the records written.
 
     ``output`` is checked before tuning starts: not the model file, not a directory, in an
     existing folder. ``input_shapes``: static shapes of the graph inputs (see :func:`conv_specs`).
 
-    ``measure``: "tir" (default: the compiler's program, TIR path, + cycle model) or "builder";
-    ``jobs``: measurement processes per layer."""
+    ``measure``: "tir" (default: the compiler's program, TIR path, + cycle model) or "builder".
+    ``executor`` (``target_npu.tuner.dispatch``): "serial" (this process, or ``jobs`` worker processes)
+    or "ray" (Ray tasks: a local Ray with ``jobs`` CPUs, all when ``jobs`` is 1, or the cluster at
+    ``ray_address``); the records are the same for every executor.
+    ``warm_start``: records of an earlier run (this NPUConfig's are used): their measurements count as
+    done, guide the search and are written to ``output`` with the new ones (``output`` may be that file).
+    ``early_stopping``: stop a layer after that many measurements without a better schedule."""
     cfg = DEFAULT_CONFIG if cfg is None else cfg
     if not isinstance(cfg, NPUConfig):
         raise TypeError(f"cfg must be an NPUConfig, got {type(cfg).__name__}")
@@ -158,13 +178,14 @@ def tune_model(onnx_path_or_model: str | Path | onnx.ModelProto, trials: int, ou
         raise ValueError(f"jobs must be a positive int, got {jobs!r}")
     if not isinstance(trials, int) or trials < 1:
         raise ValueError(f"trials must be a positive int, got {trials!r}")
+    tuner = tuner_name(tuner)
     _check_output(output, onnx_path_or_model)
     fn = get_measure(measure)
+    warm = _warm_records(warm_start, cfg)
     specs = conv_specs(onnx_path_or_model, cfg, input_shapes)
     records: list[dict[str, Any]] = []
     bar = tqdm(specs, desc="tune layers", disable=not progress)
-    # one pool for all layers: each worker imports TVM once
-    pool = ProcessPoolExecutor(max_workers=jobs) if jobs > 1 else None
+    pool = make_executor(executor, jobs, ray_address)  # one for all layers: each worker imports TVM once
     try:
         for spec in bar:
             key = layer_key(spec, cfg)
@@ -173,9 +194,12 @@ def tune_model(onnx_path_or_model: str | Path | onnx.ModelProto, trials: int, ou
             except ValueError as e:
                 warnings.warn(f"layer {key}: {e}; keeps the default schedule", stacklevel=2)
                 continue
-            res = t.tune(trials, progress=progress, desc=key)
-            bar.set_postfix(layer=key, best_cycles=res.best[1])
-            records += [make_record(spec, tiling, c, cfg, tuner) for tiling, c in res.history]
+            old = [make_record(spec, r["config"], r["cycles"], cfg, r["tuner"]) for r in warm.get(key, [])]
+            t.warm_start([r["config"] for r in warm.get(key, [])], [r["cycles"] for r in old])
+            res = t.tune(trials, progress=progress, desc=key, early_stopping=early_stopping)
+            if res.history:
+                bar.set_postfix(layer=key, best_cycles=res.best[1])
+            records += old + [make_record(spec, tiling, c, cfg, tuner) for tiling, c in res.history]
     finally:
         if pool is not None:
             pool.shutdown()
