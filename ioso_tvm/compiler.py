@@ -29,15 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import tvm
 from tvm import relax
 
 from hw_model.config import NPUConfig
 from hw_model.cycles import instr_cost, simulate
 from hw_model.isa import Load, Program
-from ioso_tvm.frontend import import_onnx, load_onnx
-from ioso_tvm.passes.pipeline import NPUCompileState, npu_pipeline
 from target_npu import runtime
 from target_npu.layer import Layer, layer_from_record, layer_record
 from target_npu.regions import Region
@@ -46,7 +43,11 @@ log = logging.getLogger("ioso_tvm.compiler")
 TARGETS = ("ioso_npu", "llvm")
 
 
-def _to_onnx(model: Any, input_shapes: dict[str, list[int]] | None) -> onnx.ModelProto:
+def _to_onnx(model: Any, input_shapes: dict[str, list[int]] | None) -> Any:
+    import onnx
+
+    from ioso_tvm.frontend import load_onnx
+
     if isinstance(model, (str, Path, onnx.ModelProto)):
         return load_onnx(model)
     try:
@@ -90,7 +91,15 @@ class CompiledModel:
                 self.npu[sec["index"]] = True
         self._static: list[list[dict[str, Any]]] | None = None
         self.ir_module: tvm.IRModule | None = None
-        self.vm = relax.VirtualMachine(executable, tvm.cpu())
+        self._vm: relax.VirtualMachine | None = None
+
+    @property
+    def vm(self) -> relax.VirtualMachine:
+        """The Relax VM, made on first use (making it fills the executable's constants' memory scopes, which
+        TVM then logs as "Scope Saving" lines when the executable is saved: an export before any run is quiet)."""
+        if self._vm is None:
+            self._vm = relax.VirtualMachine(self.executable, tvm.cpu())
+        return self._vm
 
     def run(self, inputs: dict[str, np.ndarray] | np.ndarray, mode: str = "func") -> np.ndarray | list[np.ndarray]:
         """Run on float32 inputs (by name, or one array for a one-input model); outputs as numpy."""
@@ -156,7 +165,7 @@ class CompiledModel:
             gvec = ly.isg_groups
             # a layer in no stream and not kept on the CPU was removed from the graph (dead code)
             device = "npu" if sec is not None else "cpu" if i in self.cpu_reasons or ly.kind == "input" else "removed"
-            rows.append({"name": ly.name, "kind": ly.kind, "device": device,
+            rows.append({"name": ly.name, "source": ly.source, "kind": ly.kind, "device": device,
                          "instructions": 0 if sec is None else sec["instructions"],
                          "out_shape": list(ly.out_shape), "macs": macs, "cycles": cyc,
                          "us": cyc / self.config.clock_mhz,
@@ -274,7 +283,12 @@ def compile(model: Any, target: str = "ioso_npu", input_shapes: dict[str, list[i
     if tuning_records is not None and not Path(tuning_records).is_file():
         raise FileNotFoundError(f"tuning_records {str(tuning_records)!r} does not exist")
     proto = _to_onnx(model, input_shapes)
+    from ioso_tvm.frontend import import_onnx, quantizer_sources  # compile-time only (a loaded artifact skips it)
+    from ioso_tvm.passes.pipeline import NPUCompileState, npu_pipeline
+
     mod, meta = import_onnx(proto, config, input_shapes)
+    quants = [b.var.name for blk in mod["main"].body.blocks for b in blk.bindings
+              if isinstance(b.value, relax.Call) and getattr(b.value.op, "name", "") == "relax.quantize"]
     params = mod["main"].params
     inputs = []
     for p in params:
@@ -294,6 +308,7 @@ def compile(model: Any, target: str = "ioso_npu", input_shapes: dict[str, list[i
                                 ctx_options={"memory_reuse": memory_reuse})
         mod = npu_pipeline(state)(mod)
         layers, fallbacks, permutes, ctx = state.layers, state.fallbacks, state.permutes, state.ctx
+        _name_sources(layers, quants, quantizer_sources(proto))
         for name, why in fallbacks:
             log.info("CPU fallback for %s: %s", name, why)
         log.info("group permutation: %s", permutes)
@@ -314,6 +329,18 @@ def compile(model: Any, target: str = "ioso_npu", input_shapes: dict[str, list[i
                        regions, streams)
     cm.ir_module = mod  # the partitioned Relax module that was compiled (for inspection; not in the artifact)
     return cm
+
+
+def _name_sources(layers: list[Layer], quants: list[str], sources: list[str]) -> None:
+    """Set each layer's ``source`` (the ONNX node it comes from, ``frontend.quantizer_sources``) from the order
+    of the imported ``relax.quantize`` bindings; left empty when the counts disagree (an importer that folded
+    a quantizer away)."""
+    if len(quants) != len(sources):
+        log.info("%d quantizers in Relax, %d in the ONNX graph: layers keep no ONNX names", len(quants), len(sources))
+        return
+    by_var = dict(zip(quants, sources))
+    for ly in layers:
+        ly.source = by_var.get(ly.out_name, "")
 
 
 def _tilings(layers: list[Layer], records: str | Path | None, config: NPUConfig) -> list[Any]:

@@ -223,3 +223,32 @@ def import_onnx(model: str | Path | onnx.ModelProto, cfg: NPUConfig,
     except Exception as e:
         raise ValueError(f"ONNX import failed: {type(e).__name__}: {str(e).splitlines()[-1][:300]}") from None
     return mod, meta
+
+
+_THROUGH = ("Relu", "Clip", "Mul", "Add", "Div", "Identity", "Reshape", "Flatten", "Max", "Min")
+"""Element-wise / shape ops between a layer's main op and its output quantizer (bias, OSO, activation)."""
+_MAIN = ("Conv", "Gemm", "MatMul", "Add", "MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean")
+
+
+def quantizer_sources(model: onnx.ModelProto) -> list[str]:
+    """For each QuantizeLinear of an activation (not of a constant), in graph order, the name of the node
+    that computes the quantized value: the Conv / Gemm / Add / pool under its bias, OSO and activation ops
+    (the graph input's name for the input quantizer). torch.onnx names nodes by module path
+    (``/layer1/layer1.0/conv1/Conv``), so these name the torch modules too."""
+    graph = model.graph
+    consts = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    producer = {o: n for n in graph.node for o in n.output}
+    out = []
+    for node in graph.node:
+        if node.op_type != "QuantizeLinear" or node.input[0] in consts:
+            continue
+        src, name = producer.get(node.input[0]), node.input[0]
+        while src is not None and src.op_type not in _MAIN and src.op_type in _THROUGH:
+            nxt = next((i for i in src.input if i not in consts), None)
+            if nxt is None or producer.get(nxt) is None or producer[nxt].op_type == "DequantizeLinear":
+                break
+            src = producer[nxt]
+        if src is not None:
+            name = src.name or src.output[0]
+        out.append(name)
+    return out

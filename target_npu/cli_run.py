@@ -115,7 +115,8 @@ def format_profile(report: dict[str, Any], clock_mhz: float) -> str:
         util = lay.get("mac_utilisation", lay.get("mac_util"))
         groups = lay.get("isg_groups_used", lay.get("groups", "-"))
         device = str(lay.get("device", "npu")).upper()
-        rows.append((str(lay.get("name", "?")), device,
+        src = str(lay.get("source") or "")
+        rows.append((str(lay.get("name", "?")) + (f" ({src})" if src else ""), device,
                      "-" if cyc is None else str(int(cyc)),
                      "-" if cyc is None else f"{int(cyc) / clock_mhz:.2f}",
                      "-" if util is None else f"{100 * float(util):.1f}%", str(groups),

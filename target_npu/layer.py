@@ -48,6 +48,7 @@ class Layer:
     inputs: list[Any] = field(default_factory=list)  # Relax vars of the inputs (compile time only)
     quant: Any = None  # the relax.quantize call this layer replaces (compile time only)
     out_name: str = ""  # name of the Relax var holding the output
+    source: str = ""  # the ONNX node the layer comes from (its torch module path for a torch export), if known
 
     def __post_init__(self) -> None:
         if self.kind not in KIND_SPECS or not isinstance(self.spec, KIND_SPECS[self.kind]):
@@ -99,7 +100,7 @@ def layer_record(layer: Layer) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
             scalars[f.name] = _json_value(v)
     desc = {"kind": layer.kind, "name": layer.name, "spec_type": type(layer.spec).__name__, "spec": scalars,
             "in_shapes": [list(s) for s in layer.in_shapes], "in_dtypes": list(layer.in_dtypes),
-            "out_shape": list(layer.out_shape), "out_dtype": layer.out_dtype}
+            "out_shape": list(layer.out_shape), "out_dtype": layer.out_dtype, "source": layer.source}
     return desc, arrays
 
 
@@ -118,6 +119,6 @@ def layer_from_record(desc: dict[str, Any], arrays: dict[str, np.ndarray]) -> La
         spec = cls(**values)
         return Layer(str(desc["kind"]), str(desc["name"]), spec, [tuple(int(d) for d in s) for s in desc["in_shapes"]],
                      [str(d) for d in desc["in_dtypes"]], tuple(int(d) for d in desc["out_shape"]),
-                     str(desc["out_dtype"]))
+                     str(desc["out_dtype"]), source=str(desc.get("source", "")))
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"malformed layer record {name!r}: {e}") from None

@@ -34,8 +34,6 @@ from hw_model.isa import Program
 from hw_model.layer_specs import AddSpec, ConvSpec, LinearSpec, PoolSpec, QuantizeSpec, Tiling
 from hw_model.layers import check_tiling, default_tiling
 from hw_model.layers_alu import build_layer
-from target_npu.codegen import layer_program
-from target_npu.schedule import NotLowerable
 
 log = logging.getLogger("target_npu.runtime")
 MODES = ("func", "perf", "both")
@@ -122,6 +120,9 @@ def make_program(layer: Any, cfg: NPUConfig, tiling: Tiling | None = None,
         if isinstance(spec, LinearSpec) and in_slots is not None and len(layer.in_shape) == 4 \
                 and layer.in_shape[2] * layer.in_shape[3] > 1:
             in_slots = None  # the flatten remap already put the columns in the stored order
+        from target_npu.codegen import layer_program  # compile-time only (TIR): a loaded artifact runs without it
+        from target_npu.schedule import NotLowerable
+
         try:
             return layer_program(spec, tiling, cfg, in_slots), None  # through TIR (target_npu.codegen)
         except NotLowerable as e:  # a TIR lowering failure must not fail a compile: the builder is exact

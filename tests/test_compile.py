@@ -236,3 +236,43 @@ def test_a_float_model_gets_a_warning_and_runs_on_the_cpu(tmp_path, caplog):
     x = np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)
     y = cm.run(x)
     assert y.shape == (1, 4, 8, 8) and all(r["device"] != "npu" for r in cm.report()["layers"])
+
+
+def test_a_model_quantized_by_onnxruntime_reaches_the_npu_with_its_module_names(tmp_path):
+    """A QDQ file from onnxruntime's quantize_static (per-channel int8 weights, uint8 activations): its convs,
+    Gemm, add and pool run on the NPU, exactly as the contract, and the report names the torch modules."""
+    torch = pytest.importorskip("torch")
+    quant = pytest.importorskip("onnxruntime.quantization")
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.c2 = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 16, 3, padding=1)
+            self.fc = torch.nn.Linear(16 * 4 * 4, 10)
+
+        def forward(self, x):
+            y = torch.relu(self.c1(x))
+            y = torch.nn.functional.max_pool2d(torch.relu(self.c2(y)) + y, 2)
+            return self.fc(y.flatten(1))
+
+    torch.manual_seed(0)
+    f32, q = tmp_path / "f.onnx", tmp_path / "q.onnx"
+    torch.onnx.export(Net().eval(), torch.randn(1, 3, 8, 8), f32, dynamo=False, opset_version=17,
+                      input_names=["input"])
+    rng = np.random.default_rng(0)
+
+    class Reader(quant.CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter([{"input": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(4)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quant.quantize_static(str(f32), str(q), Reader(), quant_format=quant.QuantFormat.QDQ, per_channel=True,
+                          activation_type=quant.QuantType.QUInt8, weight_type=quant.QuantType.QInt8)
+    cm, ref_cm = ioso_tvm.compile(q), ioso_tvm.compile(q, offload=False)
+    rows = {r["source"]: r for r in cm.report()["layers"]}
+    assert {"/c1/Conv", "/c2/Conv", "/Add", "/MaxPool", "/fc/Gemm"} <= set(rows)
+    assert all(rows[s]["device"] == "npu" for s in ("/c1/Conv", "/c2/Conv", "/Add", "/MaxPool", "/fc/Gemm"))
+    x = rng.standard_normal((1, 3, 8, 8)).astype(np.float32)
+    assert np.array_equal(cm.run(x), ref_cm.run(x))

@@ -222,13 +222,13 @@ def test_a_layer_reading_one_tensor_twice_runs_exact(seed):
 def test_a_tir_lowering_failure_falls_back_to_the_builder(monkeypatch, caplog):
     """A layer the TIR path cannot lower (a bug, an unsupported shape) is built by hw_model's builder, with a
     warning naming the layer; the compile goes on and stays exact."""
-    from target_npu import runtime
+    from target_npu import codegen
     from target_npu.schedule import NotLowerable
 
     def broken(*a, **k):
         raise NotLowerable("emitter cannot map this nest")
 
-    monkeypatch.setattr(runtime, "layer_program", broken)
+    monkeypatch.setattr(codegen, "layer_program", broken)
     b, out = _isg_chain(np.random.default_rng(2))
     with caplog.at_level("WARNING", logger="target_npu.runtime"):
         cm, got, want = _run_both(b, [out], 2)
