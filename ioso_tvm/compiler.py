@@ -1,7 +1,7 @@
 """Compile API: ``compile(model) -> CompiledModel``; ``CompiledModel.run/report/export``; ``load``.
 
 Pipeline for ``target="ioso_npu"`` (docs/compiler.md): ONNX import (``ioso_tvm.frontend``) ->
-the pass pipeline ``ioso_tvm.passes.pipeline.npu_pipeline`` (a ``tvm.transform.Sequential``: fold
+the pass pipeline ``target_npu.transform.pipeline.npu_pipeline`` (a ``tvm.transform.Sequential``: fold
 the QDQ chains into integer layer markers, plan the group permutation, BYOC partition with
 ``target_npu.partition``: pattern table with pure NPU checks, ``FuseOpsByPattern``, ``RunCodegen``
 with ``relax.ext.ioso_npu`` linking each region into one instruction stream) ->
@@ -41,6 +41,8 @@ from target_npu.regions import Region
 
 log = logging.getLogger("ioso_tvm.compiler")
 TARGETS = ("ioso_npu", "llvm")
+LOW_OFFLOAD = 0.5
+"""Share of the MACs on the NPU below which compile() warns with the top CPU reasons. Chosen."""
 
 
 def _to_onnx(model: Any, input_shapes: dict[str, list[int]] | None) -> Any:
@@ -188,6 +190,27 @@ class CompiledModel:
                 "explicit_permute_cycles": sum(s["reorder_cycles"] for s in streams),
                 "dram_peak_bytes": sum(s["memory"].get("dram_bytes", 0) for s in streams)}
 
+    def offload_summary(self) -> dict[str, Any]:
+        """How much of the model the NPU runs: layers and MACs on the NPU of those folded (the input quantizer
+        excluded), the share of MACs, and the CPU reasons ranked by the MACs they keep off the NPU."""
+        rows = [r for r in self.report()["layers"] if r["kind"] != "input" and r["device"] != "removed"]
+        macs = sum(r["macs"] for r in rows)
+        npu = [r for r in rows if r["device"] == "npu"]
+        npu_macs = sum(r["macs"] for r in npu)
+        reasons: dict[str, list] = {}
+        for r in rows:
+            if r["device"] == "cpu":
+                entry = reasons.setdefault(str(r["cpu_reason"]), [0, []])
+                entry[0] += r["macs"]
+                entry[1].append(r["source"] or r["name"])
+        n_qdq = len(self.fallbacks)
+        share = npu_macs / macs if macs else 0.0
+        line = (f"{len(npu)} of {len(rows)} layers ({100 * share:.1f} % of MACs) on the NPU"
+                + (f"; {n_qdq} QDQ chain(s) left in float on the CPU" if n_qdq else ""))
+        return {"npu_layers": len(npu), "layers": len(rows), "npu_macs": npu_macs, "macs": macs, "mac_share": share,
+                "qdq_fallbacks": n_qdq, "line": line,
+                "top_reasons": sorted(([m, why, names] for why, (m, names) in reasons.items()), reverse=True)}
+
     def export(self, path: str | Path) -> Path:
         """Write a ``.tar`` (see ``target_npu.artifact``): the region streams as stored, the layer
         descriptions (CPU layers, report), the host executable."""
@@ -284,7 +307,7 @@ def compile(model: Any, target: str = "ioso_npu", input_shapes: dict[str, list[i
         raise FileNotFoundError(f"tuning_records {str(tuning_records)!r} does not exist")
     proto = _to_onnx(model, input_shapes)
     from ioso_tvm.frontend import import_onnx, quantizer_sources  # compile-time only (a loaded artifact skips it)
-    from ioso_tvm.passes.pipeline import NPUCompileState, npu_pipeline
+    from target_npu.transform.pipeline import NPUCompileState, npu_pipeline
 
     mod, meta = import_onnx(proto, config, input_shapes)
     quants = [b.var.name for blk in mod["main"].body.blocks for b in blk.bindings
@@ -328,6 +351,13 @@ def compile(model: Any, target: str = "ioso_npu", input_shapes: dict[str, list[i
     cm = CompiledModel(ex, layers, prefix, config, inputs, target, fallbacks, permutes, tilings, reasons,
                        regions, streams)
     cm.ir_module = mod  # the partitioned Relax module that was compiled (for inspection; not in the artifact)
+    if target == "ioso_npu":
+        summary = cm.offload_summary()
+        log.info("%s", summary["line"])
+        if layers and summary["mac_share"] < LOW_OFFLOAD:
+            top = "; ".join(f"{why} ({m} MACs: {', '.join(names[:3])})" for m, why, names in summary["top_reasons"][:3])
+            log.warning("only %.1f %% of the MACs run on the NPU; top reasons: %s", 100 * summary["mac_share"],
+                        top or "no layer folded")
     return cm
 
 

@@ -245,6 +245,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     written = cc.dump_code(compiled, dumps)  # before export: a saved host library has no asm/ll source left
     compiled.export(output)  # save_artifact writes <output>.partial and renames it: atomic
     print(f"compiled {model} for {args.target!r} -> {output}")
+    if target == NPU_KIND:
+        print(compiled.offload_summary()["line"])
     for path in written:
         print(f"code -> {path}")
     return 0

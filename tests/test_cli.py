@@ -424,9 +424,8 @@ def test_compile_passes_target_config_shapes_and_records(tmp_path, monkeypatch, 
 
 # ------------------------------------------------- the real pipeline: tvmc compile + tvmc run
 def _qdq_model(tmp_path: Path, seed: int, batch: int = 1):
-    sys.path.insert(0, str(Path(__file__).parent))
     onnx = pytest.importorskip("onnx")
-    from onnx_builders import QDQBuilder
+    from ioso_tvm.testing import QDQBuilder
 
     rng = np.random.default_rng(seed)
     b = QDQBuilder((batch, 16, 6, 6), rng)
@@ -444,6 +443,7 @@ def test_tvmc_compile_run_is_bit_exact_with_the_contract(tmp_path, capsys, seed)
     tar = tmp_path / "m.tar"
     assert cli.main(["compile", str(model), "--target=ioso_npu, llvm", "--input-shapes", "input:[2,16,6,6]",
                      "-o", str(tar)]) == 0, capsys.readouterr().err
+    assert re.search(r"^(\d+) of \1 layers \(100\.0 % of MACs\) on the NPU$", capsys.readouterr().out, re.M)
     x = rng.standard_normal((2, 16, 6, 6)).astype(np.float32)
     np.savez(tmp_path / "in.npz", input=x)
     argv = ["run", str(tar), "--inputs", str(tmp_path / "in.npz"), "--outputs", str(tmp_path / "out.npz"),

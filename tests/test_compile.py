@@ -10,10 +10,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import numpy_helper
-from onnx_builders import QDQBuilder
 
 import ioso_tvm
 from hw_model.config import NPUConfig
+from ioso_tvm.testing import QDQBuilder
 
 SETTINGS = settings(max_examples=200, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -276,3 +276,20 @@ def test_a_model_quantized_by_onnxruntime_reaches_the_npu_with_its_module_names(
     assert all(rows[s]["device"] == "npu" for s in ("/c1/Conv", "/c2/Conv", "/Add", "/MaxPool", "/fc/Gemm"))
     x = rng.standard_normal((1, 3, 8, 8)).astype(np.float32)
     assert np.array_equal(cm.run(x), ref_cm.run(x))
+
+
+def test_offload_summary_counts_layers_and_macs_and_warns_when_low(caplog):
+    """The summary line counts NPU layers and MACs; a model mostly on the CPU gets a warning naming the reason."""
+    rng = np.random.default_rng(4)
+    b = QDQBuilder((1, 16, 6, 6), rng)
+    y = b.conv(b.conv(b.input, 16, kernel=1, pad=0), 64, kernel=3)
+    tiny = NPUConfig(scratchpad_kib=1, weight_buf_kib=1, acc_buf_kib=1)  # the 64-channel 3x3 conv does not fit
+    with caplog.at_level(logging.INFO, logger="ioso_tvm.compiler"):
+        cm = ioso_tvm.compile(b.model([y]), config=tiny)
+    s = cm.offload_summary()
+    rows = [r for r in cm.report()["layers"] if r["kind"] != "input"]
+    assert s["layers"] == len(rows) == 2 and s["npu_layers"] == sum(r["device"] == "npu" for r in rows)
+    assert s["macs"] == sum(r["macs"] for r in rows) and 0 < s["mac_share"] < 0.5
+    assert s["line"].startswith(f"{s['npu_layers']} of 2 layers (")
+    warn = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("of the MACs run on the NPU" in w and "fits the on-chip memories" in w for w in warn), warn
