@@ -1,6 +1,6 @@
 """Fuzz the compiler: random layer graphs compiled for the NPU against the contract and deploy mode.
 
-Most cases are QDQ graphs from ``tests/onnx_builders.random_graph`` (conv / depthwise / grouped
+Most cases are QDQ graphs from ``ioso_tvm.testing.random_graph`` (conv / depthwise / grouped
 conv, residual adds with fan-out, adds reading one tensor twice, pools, linear; odd shapes, bits 2-8,
 random ISG groups):
 compiled output == ``hw_model.reference``. Every ``--torch-every``-th case is a small random
@@ -27,12 +27,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from onnx_builders import random_graph  # noqa: E402
-
-import ioso_tvm  # noqa: E402
-from ioso_tvm.calib.qmodel import build_qmodel  # noqa: E402
-from ioso_tvm.export import export_onnx  # noqa: E402
+import ioso_tvm
+from ioso_tvm.calib.qmodel import build_qmodel
+from ioso_tvm.export import export_onnx
+from ioso_tvm.testing import random_graph
 
 
 class TinyNet(nn.Module):

@@ -1,7 +1,9 @@
 """Program builder: the single place that knows the instruction encoding.
 
 ``ProgramBuilder(cfg)`` emits instructions one by one and allocates DRAM regions; the layer
-emitters (:mod:`hw_model.layers`) describe whole layers with spec dataclasses and a ``Tiling``.
+emitters describe whole layers with spec dataclasses and a ``Tiling``: convs and linears in
+:mod:`hw_model.layers`, pools, adds, ``build_layer`` and ``run_layer`` in :mod:`hw_model.layers_alu`, the
+specs in :mod:`hw_model.layer_specs` (this module imports none of them).
 
 DRAM activation layout: NHWC with the channel axis padded to a multiple of 16 and optionally
 permuted; ``slots[j]`` is the original channel stored in padded channel j (-1 = zero padding).
@@ -32,12 +34,6 @@ from hw_model.isa import (
 )
 
 
-def group_order(cfg: NPUConfig = DEFAULT_CONFIG) -> list[int]:
-    """Contract accumulation order of the ISG groups: scaled groups by index, then unity groups."""
-    signs = cfg.isg_group_signs
-    return [g for g, s in enumerate(signs) if s != 0] + [g for g, s in enumerate(signs) if s == 0]
-
-
 def channel_slots(c: int, isg_groups: np.ndarray | None = None,
                   cfg: NPUConfig = DEFAULT_CONFIG) -> tuple[np.ndarray, list[int]]:
     """Padded, group-contiguous channel layout of a C-channel tensor.
@@ -54,7 +50,7 @@ def channel_slots(c: int, isg_groups: np.ndarray | None = None,
         raise ValueError(f"isg_groups must hold {c} values in 0..{cfg.num_groups - 1}, got {gvec.size} values")
     slots: list[np.ndarray] = []
     block_groups: list[int] = []
-    for g in group_order(cfg):
+    for g in cfg.accumulation_order:
         chans = np.flatnonzero(gvec == g)
         if chans.size == 0:
             continue
@@ -229,15 +225,3 @@ class StepTokens:
     def store_push(self, u: int) -> bool:
         return u + self.nbuf_out < self.n_out
 
-
-_LAYER_API = {"ConvSpec", "LinearSpec", "AddSpec", "PoolSpec", "Tiling", "build_conv", "build_linear", "build_pool",
-              "build_add", "build_layer", "default_tiling", "check_tiling", "run_layer", "pack_inputs",
-              "unpack_output"}
-
-
-def __getattr__(name: str) -> Any:
-    """Re-export the layer emitters (hw_model.layers / layers_alu / layer_specs) from the builder."""
-    if name in _LAYER_API:
-        from hw_model import layers, layers_alu
-        return getattr(layers, name, None) or getattr(layers_alu, name)
-    raise AttributeError(f"module 'hw_model.builder' has no attribute {name!r}")

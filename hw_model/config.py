@@ -123,6 +123,24 @@ class NPUConfig:
         """Real scale of each group, e.g. (1.0, 0.9375, 1.0625)."""
         return tuple(1.0 + s * 2.0 ** -self.isg_shift for s in self.isg_group_signs)
 
+    def group_of_factor(self, gamma: Any) -> np.ndarray:
+        """ISG group index (int64) of each value of ``gamma`` (the exported ``Mul`` constant, float32); a value
+        that is not one of :attr:`group_factors` is a ValueError naming it."""
+        g = np.asarray(gamma, np.float32).reshape(-1)
+        hit = g[:, None] == np.asarray(self.group_factors, np.float32)[None, :]
+        if not hit.any(axis=1).all():
+            raise ValueError(f"ISG gamma value {float(g[~hit.any(axis=1)][0])} is not one of the group factors "
+                             f"{self.group_factors}")
+        return np.argmax(hit, axis=1).astype(np.int64)
+
+    @property
+    def accumulation_order(self) -> tuple[int, ...]:
+        """ISG group indices in the contract's accumulation order (``hw_model.reference``): the scaled
+        groups by index, then the unity groups, e.g. (1, 2, 0). DESIGN "Accumulation order per output tile"
+        (journal paper's timing: scaled groups first, the unity group last)."""
+        signs = self.isg_group_signs
+        return tuple([g for g, s in enumerate(signs) if s != 0] + [g for g, s in enumerate(signs) if s == 0])
+
     @property
     def macs_per_cycle(self) -> int:
         """Peak int8 MACs per cycle of the whole NPU (every array, every pixel slice)."""

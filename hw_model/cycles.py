@@ -23,7 +23,7 @@ A linked stream (``meta["layers"]``) also gets one report per layer section (:fu
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -245,21 +245,59 @@ def section_reports(prog: Program, cfg: NPUConfig = DEFAULT_CONFIG,
     return out
 
 
-def _full_report(prog: Program, cfg: NPUConfig, order: list[int] | None = None) -> dict[str, Any]:
-    """layer_report plus, when ``meta`` has "layers", the per-section reports."""
+@dataclass
+class Timeline:
+    """Per-instruction timing of one program run by the cycle model (what a trace viewer shows).
+
+    ``spans[k]`` = (unit, start, end) of instruction k in cycles (unit as in :data:`UNITS`); ``busy`` = the
+    cycles per unit (= the sum of end - start over its instructions); ``total`` = the program's cycles;
+    ``sections`` = ``prog.meta["layers"]`` ([start, end) instruction ranges with names) or []."""
+
+    total: int
+    busy: dict[str, int]
+    spans: list[tuple[str, int, int]]
+    opcodes: list[str]
+    clock_mhz: float
+    sections: list[dict[str, Any]] = field(default_factory=list)
+    name: str = "npu"
+
+
+def instruction_timeline(prog: Program, cfg: NPUConfig = DEFAULT_CONFIG,
+                         order: list[int] | None = None) -> Timeline:
+    """The :class:`Timeline` of ``prog`` (validated first; ``order`` as in :func:`timeline`)."""
+    prog.ensure_valid(cfg)
+    total, busy, span = timeline(prog, cfg, order=order)
+    return _as_timeline(prog, cfg, total, busy, span)
+
+
+def _as_timeline(prog: Program, cfg: NPUConfig, total: int, busy: dict[str, int],
+                 span: list[tuple[int, int]]) -> Timeline:
+    units = [instr_cost(ins, prog, cfg)[0] for ins in prog.instrs]
+    secs = prog.meta.get("layers") if isinstance(prog.meta.get("layers"), list) else []
+    return Timeline(int(total), {u: int(v) for u, v in busy.items()},
+                    [(u, int(a), int(b)) for u, (a, b) in zip(units, span)], [i.opcode for i in prog.instrs],
+                    float(cfg.clock_mhz), [dict(s) for s in secs],
+                    str(prog.meta.get("symbol", prog.meta.get("layer", "npu"))))
+
+
+def _full_report(prog: Program, cfg: NPUConfig,
+                 order: list[int] | None = None) -> tuple[dict[str, Any], Timeline]:
+    """layer_report plus, when ``meta`` has "layers", the per-section reports; and the timeline."""
     total, busy, span = timeline(prog, cfg, order=order)
     report = layer_report(prog, cfg, total, busy)
     if "layers" in prog.meta:
         report["sections"] = section_reports(prog, cfg, span)
-    return report
+    return report, _as_timeline(prog, cfg, total, busy, span)
 
 
 @dataclass
 class SimResult:
-    """outputs: output regions (None in perf mode); report: layer report (None in func mode)."""
+    """outputs: output regions (None in perf mode); report: layer report (None in func mode); timeline:
+    per-instruction start / end per unit (None in func mode; ``hw_model.trace.write_chrome_trace`` draws it)."""
 
     outputs: dict[str, np.ndarray] | None
     report: dict[str, Any] | None
+    timeline: Timeline | None = None
 
 
 def simulate(prog: Program, inputs: dict[str, np.ndarray] | None, cfg: NPUConfig = DEFAULT_CONFIG,
@@ -270,8 +308,8 @@ def simulate(prog: Program, inputs: dict[str, np.ndarray] | None, cfg: NPUConfig
     if mode not in ("func", "perf", "both"):
         raise ValueError(f"simulate: mode must be func, perf or both, got {mode!r}")
     if mode == "perf":
-        prog.validate(cfg)
-        return SimResult(None, _full_report(prog, cfg))
+        prog.ensure_valid(cfg)
+        return SimResult(None, *_full_report(prog, cfg))
     if inputs is None:
         raise ValueError(f"simulate: mode {mode!r} needs the input regions")
     machine = Machine(prog, inputs, cfg)
@@ -279,8 +317,8 @@ def simulate(prog: Program, inputs: dict[str, np.ndarray] | None, cfg: NPUConfig
     outputs = machine.run(on_instr=(lambda k, _i: executed.append(k)) if mode == "both" else None)
     if mode == "func":
         return SimResult(outputs, None)
-    report = _full_report(prog, cfg, order=executed)
-    perf = _full_report(prog, cfg)
+    report, tl = _full_report(prog, cfg, order=executed)
+    perf, _ = _full_report(prog, cfg)
     if perf != report:
         raise RuntimeError(f"cycle model: perf ({perf['cycles']}) and both ({report['cycles']}) disagree")
-    return SimResult(outputs, report)
+    return SimResult(outputs, report, tl)

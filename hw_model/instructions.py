@@ -28,6 +28,16 @@ MEMS = ("spad", "wbuf", "cbuf", "acc")
 DTYPES = ("int8", "uint8", "int32", "float32")
 
 
+_EDITS = [0]
+"""Instruction field assignments so far, over all instructions (construction included)."""
+
+
+def edit_count() -> int:
+    """How many instruction field assignments have happened in this process: a program whose instruction
+    objects are the same and this count unchanged has the same fields (``Program.ensure_valid`` uses it)."""
+    return _EDITS[0]
+
+
 def mem_size(mem: str, cfg: NPUConfig) -> int:
     """Capacity of an on-chip memory in elements."""
     sizes = {"spad": cfg.scratchpad_kib * 1024, "wbuf": cfg.weight_buf_kib * 1024,
@@ -47,6 +57,10 @@ class Instr:
     push_next: bool = field(default=False, kw_only=True)
     opcode: ClassVar[str] = ""
     queue: ClassVar[str] = "compute"
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        _EDITS[0] += 1  # an edit by hand must be validated again (see edit_count)
+        object.__setattr__(self, name, value)
 
     def accesses(self) -> list[tuple[str, int, int, str]]:
         """(memory, lowest address, highest address + 1, role) of every on-chip access."""

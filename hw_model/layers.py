@@ -1,4 +1,7 @@
-"""Layer emitters: spec dataclasses, the ``Tiling`` knobs, and ``build_conv`` / ``build_pool`` / ``build_add``.
+"""Conv layer emitters: ``build_conv`` / ``build_linear``, ``check_tiling``, ``default_tiling``.
+
+The specs and ``Tiling`` live in :mod:`hw_model.layer_specs`; pools, adds, ``build_layer`` and
+``run_layer`` in :mod:`hw_model.layers_alu`.
 
 All emit through :class:`hw_model.builder.ProgramBuilder`. Programs take one DRAM input region
 ``x`` (and ``y`` for add) in padded NHWC (see :func:`hw_model.builder.pack_nhwc`) and write ``out``;
@@ -29,8 +32,8 @@ from hw_model.config import DEFAULT_CONFIG, NPUConfig
 from hw_model.isa import Program, mem_size
 from hw_model.layer_specs import AddSpec, ConvSpec, LinearSpec, PoolSpec, Tiling, conv_geometry, pool_geometry
 
-__all__ = ["ConvSpec", "LinearSpec", "AddSpec", "PoolSpec", "Tiling", "build_conv", "build_linear",
-           "build_pool", "build_add", "build_layer", "default_tiling", "check_tiling"]
+__all__ = ["build_conv", "build_linear", "default_tiling", "check_tiling", "stored_layouts",
+           "channel_group_runs", "group_order_blocks"]
 
 
 @dataclass
@@ -344,5 +347,3 @@ def build_linear(spec: LinearSpec, tiling: Tiling | None = None, cfg: NPUConfig 
     prog.meta["layer"] = "linear"
     return prog
 
-
-from hw_model.layers_alu import build_add, build_layer, build_pool  # noqa: E402  (re-export)

@@ -9,13 +9,13 @@ from hw_model.builder import BLOCK, ProgramBuilder, StepTokens, gather_table, pa
 from hw_model.config import DEFAULT_CONFIG, NPUConfig
 from hw_model.isa import Program
 from hw_model.layer_specs import AddSpec, ConvSpec, LinearSpec, PoolSpec, Tiling, pool_geometry
+from hw_model.layers import build_conv, build_linear, check_tiling, default_tiling, stored_layouts
 
 
 def build_pool(spec: PoolSpec, tiling: Tiling | None = None, cfg: NPUConfig = DEFAULT_CONFIG,
                in_slots: list[np.ndarray] | None = None) -> Program:
     """Max / average / global average pool; DRAM regions x -> out (padded NHWC). Channels are independent:
     the output keeps the stored input layout ``in_slots[0]`` (None: identity), no gather."""
-    from hw_model.layers import check_tiling, default_tiling, stored_layouts
     spec.check()
     slots = stored_layouts(in_slots, [spec.c])[0]
     tiling = default_tiling(spec, cfg, [slots]) if tiling is None else tiling
@@ -82,7 +82,6 @@ def build_add(spec: AddSpec, tiling: Tiling | None = None, cfg: NPUConfig = DEFA
 
     ``in_slots`` = [layout of x, layout of y] as stored (None: identity). The output keeps x's layout;
     y is gathered into it through ``gather_y`` when its layout differs."""
-    from hw_model.layers import check_tiling, default_tiling, stored_layouts
     spec.check()
     slots, slots_y = stored_layouts(in_slots, [spec.c, spec.c])
     tiling = default_tiling(spec, cfg, [slots]) if tiling is None else tiling
@@ -138,7 +137,6 @@ def build_add(spec: AddSpec, tiling: Tiling | None = None, cfg: NPUConfig = DEFA
 def build_layer(spec, tiling: Tiling | None = None, cfg: NPUConfig = DEFAULT_CONFIG,
                 in_slots: list[np.ndarray] | None = None) -> Program:
     """Dispatch on the spec type; ``in_slots`` = stored layout of each input (None: identity)."""
-    from hw_model.layers import build_conv, build_linear
     table = {ConvSpec: build_conv, LinearSpec: build_linear, PoolSpec: build_pool, AddSpec: build_add}
     if type(spec) not in table:
         raise TypeError(f"build_layer: unknown spec type {type(spec).__name__}")

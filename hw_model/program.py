@@ -25,6 +25,7 @@ from hw_model.instructions import (
     NormActQuant,
     Store,
     _span,
+    edit_count,
     mem_size,
 )
 
@@ -92,10 +93,25 @@ class Program:
     instrs: list[Instr]
     regions: dict[str, Region]
     meta: dict[str, Any] = field(default_factory=dict)
+    _valid_key: Any = field(default=None, init=False, repr=False, compare=False)
 
     def validate(self, cfg: NPUConfig = DEFAULT_CONFIG) -> None:
-        """Raise ValueError naming the instruction and field on any bad program."""
+        """Raise ValueError naming the instruction and field on any bad program (always checks everything)."""
         validate_program(self, cfg)
+        self._valid_key = _fingerprint(self, cfg)
+
+    def ensure_valid(self, cfg: NPUConfig = DEFAULT_CONFIG) -> None:
+        """:meth:`validate` unless the program was validated with ``cfg`` and is unchanged since: the
+        simulator calls this on every run, so a stored program is checked once, and one edited by hand
+        (an instruction field, the instruction list, a region, a gather table) is checked again."""
+        key = _fingerprint(self, cfg)
+        try:
+            same = self._valid_key is not None and bool(key == self._valid_key)
+        except Exception:  # a field holding something that does not compare (an array): not the same
+            same = False
+        if not same:
+            validate_program(self, cfg)
+            self._valid_key = key
 
     @property
     def dram_bytes(self) -> int:
@@ -302,6 +318,25 @@ def check_tokens(instrs: list[Instr]) -> None:
     if stuck:
         desc = "; ".join(f"{q} queue waits at instruction #{k} ({instrs[k].opcode})" for q, k in stuck)
         raise ValueError(f"dependency tokens deadlock (a pop without a matching push): {desc}")
+
+
+def _fingerprint(prog: Program, cfg: NPUConfig) -> tuple:
+    """Everything :func:`validate_program` reads: cfg, the instruction objects and their fields (by identity and
+    :func:`hw_model.instructions.edit_count`), each
+    region's fields and data identity/size, and the contents of the gather tables (small int32 regions)."""
+    instrs = prog.instrs
+    # the same instruction objects (ids) and no field assignment anywhere since (edit_count): the same fields
+    ins = (edit_count(), tuple(map(id, instrs))) if isinstance(instrs, list) else (id(instrs),)
+    regs = prog.regions
+    if not isinstance(regs, dict):
+        return cfg, ins, id(regs)
+    tables = {i.gather for i in instrs if isinstance(i, Load) and i.gather} if isinstance(instrs, list) else set()
+    reg = tuple((k, type(r), *((r.name, r.dtype, r.size, r.kind, r.addr, id(r.data),
+                                None if r.data is None else np.shape(r.data),
+                                np.asarray(r.data).tobytes() if k in tables and r.data is not None else None)
+                               if isinstance(r, Region) else ()))
+                for k, r in regs.items())
+    return cfg, ins, reg
 
 
 def validate_program(prog: Program, cfg: NPUConfig = DEFAULT_CONFIG) -> None:

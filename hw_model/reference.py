@@ -63,7 +63,7 @@ Input quantization (CPU side, ONNX QuantizeLinear)
     dtype maximum, longer ones the minimum), so no integer would be the right one.
 
 Accumulator bound (proved by the compiler)
-    ``ioso_tvm.passes.fold_qdq`` bounds every D1 partial sum, every shifted group sum and the
+    ``target_npu.transform.fold_qdq`` bounds every D1 partial sum, every shifted group sum and the
     D2 sum of each conv / linear layer (and the window sum of a global average pool) at compile
     time from its weights, its ISG groups and the full range of its input dtype minus the zero
     point. A layer whose worst case leaves int32 is not folded: it stays a float QDQ chain on the
@@ -234,10 +234,8 @@ def conv2d_acc(x: np.ndarray, x_zp: int, w: np.ndarray, *, stride: Sequence[int]
 
 def accumulate_groups(partial: np.ndarray, cfg: NPUConfig = DEFAULT_CONFIG) -> np.ndarray:
     """D1 partial sums per group (G, ...) int64 -> D2 int32, in the contract's order with overflow checks."""
-    order = [g for g, s in enumerate(cfg.isg_group_signs) if s != 0] + \
-            [g for g, s in enumerate(cfg.isg_group_signs) if s == 0]
     d2 = np.zeros(partial.shape[1:], np.int64)
-    for g in order:
+    for g in cfg.accumulation_order:
         d1 = _check_int32(partial[g], f"D1 partial sum of group {g}")
         d2 = _check_int32(d2 + _check_int32(group_shift_add(d1, cfg.isg_group_signs[g], cfg.isg_shift),
                                             f"shifted partial sum of group {g}"), "D2 accumulator")

@@ -3,7 +3,11 @@
 ::
 
     ioso-calibrate --model resnet20 --pretrained --data shipped --method ioso --wbits 4 --abits 4 \\
-                   [--iters N] [--seed S] [--num-samples N] [--device cuda] [--threads N] -o model.onnx
+                   [--iters N] [--seed S] [--num-samples N] [--device cuda] [--threads N] [--report [PNG]] \\
+                   -o model.onnx
+
+``--report`` prints the per-layer error table (``ioso_tvm.calib.layer_report``) after calibration,
+writes it as JSON next to the output (``model.layers.json``) and, given a path, the plot as PNG.
 
 ``--data`` is ``shipped`` (the 1024-image Fashion-MNIST calibration subset shipped with the
 package) or an ``.npz`` holding either ``x`` (float32 model inputs, N x C x H x W) or
@@ -86,6 +90,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             raise CLIError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     data = None if args.data == "shipped" else args.data
     out = check_output(args.output, "-o/--output", {"--data file": data}, (".onnx",))
+    report_json = out.with_suffix(".layers.json")
+    if args.report is not None:
+        check_output(report_json, "--report JSON", {"--data file": data})
+        if args.report:
+            check_output(args.report, "--report", {"--data file": data, "-o/--output": out}, (".png",))
     if args.resume is not None and Path(args.resume).exists() and not Path(args.resume).is_dir():
         raise CLIError(f"--resume {args.resume!r} is not a folder")
     from target_npu.threads import set_threads
@@ -126,9 +135,26 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                                 config=calib_config)
     proto = ioso_tvm.export_onnx(qmodel, None, input_shape=(1, *models.INPUT_SHAPES[args.model]))
     write_atomic(out, proto.SerializeToString())
+    if args.report is not None:
+        _write_report(qmodel, x, report_json, args.report or None)
     print(f"calibrated {args.model} ({args.method}, W{args.wbits}A{args.abits}, {len(x)} samples, on {device}, "
           f"{threads} thread{'s' * (threads != 1)}) -> {out}")
     return 0
+
+
+def _write_report(qmodel: Any, x: np.ndarray, json_path: Path, png: str | None) -> None:
+    """Print the per-layer error table of ``qmodel`` on the calibration inputs ``x``; write it as JSON and
+    (``png`` given) the plot."""
+    import torch
+
+    from ioso_tvm.calib.layer_report import format_layer_report, layer_report, layer_report_json, plot_layer_report
+
+    rows = layer_report(qmodel, torch.from_numpy(x))
+    print(format_layer_report(rows))
+    write_atomic(json_path, layer_report_json(rows))
+    if png is not None:
+        plot_layer_report(rows, png)
+    print(f"layer report -> {json_path}" + (f", {png}" if png else ""))
 
 
 def build_parser() -> Parser:
@@ -152,6 +178,9 @@ def build_parser() -> Parser:
                    "GPU, else cpu); the exported file does not depend on it")
     p.add_argument("--threads", type=int, help="CPU threads of torch, BLAS/OpenMP and TVM (default: "
                    "target_npu.threads.DEFAULT_THREADS, measured by benchmarks/threads.py)")
+    p.add_argument("--report", nargs="?", const="", metavar="PNG", help="print the per-layer error table (SQNR, "
+                   "reconstruction loss, ISG groups) after calibration and write it to <output>.layers.json; "
+                   "with PNG also the plot")
     p.add_argument("-o", "--output", required=True, help="quantized ONNX file to write")
     p.set_defaults(func=cmd_calibrate)
     return p

@@ -64,7 +64,8 @@ def _to_onnx(model: Any, input_shapes: dict[str, list[int]] | None) -> Any:
                             "export the model to ONNX first") from None
         shape = list(input_shapes.values())[0] if input_shapes else (1, *getattr(model, "input_shape", ()))
         return export_onnx(model, None, tuple(int(d) for d in shape))
-    raise TypeError(f"model must be an ONNX path, onnx.ModelProto or a calibrated torch model, "
+    raise TypeError(f"model must be an ONNX path, onnx.ModelProto, a Relax IRModule from ioso_tvm.frontend."
+                    f"import_onnx or a calibrated torch model, "
                     f"got {type(model).__name__}")
 
 
@@ -285,13 +286,19 @@ def load(path: str | Path, trust: bool = False) -> CompiledModel:
                        regions=regions, streams=streams)
     cm._artifact = art  # keeps a trusted, extracted host library alive
     cm.ir_module = ir_module
+    try:
+        cm.vm  # noqa: B018  (made now: a host library that is no Relax executable fails at load, not at run)
+    except Exception as e:  # noqa: BLE001  (whatever TVM raises for a foreign library)
+        raise ArtifactError(f"{path}: the host part is not a Relax VM executable: {type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200] if str(e) else ''}") from None
     return cm
 
 
 def compile(model: Any, target: str = "ioso_npu", input_shapes: dict[str, list[int]] | None = None,
             config: NPUConfig | None = None, tuning_records: str | Path | None = None,
             offload: bool = True, permute_groups: bool = True, memory_reuse: bool = True) -> CompiledModel:
-    """Compile an ONNX path / ModelProto / calibrated torch model for ``target`` (ioso_npu or llvm).
+    """Compile an ONNX path / ModelProto / Relax ``IRModule`` (as ``ioso_tvm.frontend.import_onnx`` makes it,
+    e.g. after a user's own passes) / calibrated torch model for ``target`` (ioso_npu or llvm).
 
     ``offload=False`` (ioso_npu only) skips the partition: every folded layer runs on the CPU with
     ``hw_model.reference`` (the contract itself, for three-way comparisons). ``permute_groups=False``
@@ -305,11 +312,18 @@ def compile(model: Any, target: str = "ioso_npu", input_shapes: dict[str, list[i
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     if tuning_records is not None and not Path(tuning_records).is_file():
         raise FileNotFoundError(f"tuning_records {str(tuning_records)!r} does not exist")
-    proto = _to_onnx(model, input_shapes)
     from ioso_tvm.frontend import import_onnx, quantizer_sources  # compile-time only (a loaded artifact skips it)
     from target_npu.transform.pipeline import NPUCompileState, npu_pipeline
 
-    mod, meta = import_onnx(proto, config, input_shapes)
+    if isinstance(model, tvm.IRModule):  # already imported (ioso_tvm.frontend.import_onnx): no IOSO metadata
+        if "main" not in [gv.name_hint for gv in model.get_global_vars()]:
+            raise ValueError("the IRModule has no 'main' function (pass the module ioso_tvm.frontend.import_onnx made)")
+        proto, mod, meta = None, model, {}
+        identity = tvm.ir.save_json(model).encode()
+    else:
+        proto = _to_onnx(model, input_shapes)
+        mod, meta = import_onnx(proto, config, input_shapes)
+        identity = proto.SerializeToString()
     quants = [b.var.name for blk in mod["main"].body.blocks for b in blk.bindings
               if isinstance(b.value, relax.Call) and getattr(b.value.op, "name", "") == "relax.quantize"]
     params = mod["main"].params
@@ -324,14 +338,14 @@ def compile(model: Any, target: str = "ioso_npu", input_shapes: dict[str, list[i
     layers, fallbacks = [], []
     if target == "ioso_npu":
         wbits = {"*": max([v.get("wbits", 8) for v in meta.get("layers", {}).values()], default=8)}
-        h = hashlib.sha256(proto.SerializeToString() + repr(config.to_dict()).encode()).hexdigest()[:16]
+        h = hashlib.sha256(identity + repr(config.to_dict()).encode()).hexdigest()[:16]
         prefix = f"ioso_npu.m{h}"
         state = NPUCompileState(config, prefix, {s["name"] for s in inputs}, wbits, offload=offload,
                                 permute=permute_groups, tilings_of=lambda ls: _tilings(ls, tuning_records, config),
                                 ctx_options={"memory_reuse": memory_reuse})
         mod = npu_pipeline(state)(mod)
         layers, fallbacks, permutes, ctx = state.layers, state.fallbacks, state.permutes, state.ctx
-        _name_sources(layers, quants, quantizer_sources(proto))
+        _name_sources(layers, quants, [] if proto is None else quantizer_sources(proto))
         for name, why in fallbacks:
             log.info("CPU fallback for %s: %s", name, why)
         log.info("group permutation: %s", permutes)

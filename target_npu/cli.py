@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
+import importlib.util
 import re
 import sys
 import typing
@@ -263,8 +263,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
                         ("--jobs", args.jobs)):
         if value is not None and value <= 0:
             raise CLIError(f"{flag} must be positive, got {value}")
+    if args.executor is None:  # Ray when it is installed (pip install ioso_npu[sweep]), else this process
+        args.executor = "ray" if importlib.util.find_spec("ray") is not None else "serial"
+    elif args.executor == "ray":
+        if importlib.util.find_spec("ray") is None:
+            raise CLIError("--executor ray needs Ray: pip install 'ioso_npu[sweep]' (or ray), or use --executor serial")
     if args.ray_address and args.executor != "ray":
-        raise CLIError("--ray-address needs --executor ray")
+        raise CLIError("--ray-address needs --executor ray (and Ray installed)")
     shapes = parse_input_shapes(args.input_shapes)
     warm = existing_file(args.tuning_records, "tuning records file") if args.tuning_records else None
     # the output may be the warm-start file itself (records are read first, then replaced atomically)
@@ -347,9 +352,9 @@ def build_parser() -> Parser:
                    help="stop a layer after N measurements without a better schedule (default: never)")
     t.add_argument("--tuning-records", metavar="FILE", help="warm start: records of an earlier tvmc tune; their "
                    "measurements count as done and are written to -o with the new ones")
-    t.add_argument("--executor", choices=["ray", "serial"], default="ray",
-                   help="where candidates are measured: ray (default: Ray tasks on a local Ray started in-process, "
-                        "or the cluster of --ray-address) or serial (this process)")
+    t.add_argument("--executor", choices=["ray", "serial"], default=None,
+                   help="where candidates are measured: ray (Ray tasks on a local Ray started in-process, or the "
+                        "cluster of --ray-address) or serial (this process); default: ray when Ray is installed")
     t.add_argument("--ray-address", metavar="ADDR", help="connect to this Ray cluster (e.g. ray://host:10001 "
                    "or auto) instead of starting a local one")
     t.add_argument("--jobs", type=int, metavar="N", help="CPUs of the local Ray (default: all)")

@@ -39,12 +39,6 @@ Emit = Callable[[relax.Expr, str], relax.Expr]
 """``emit(expr, name)``: bind ``expr`` to a new variable called ``name`` and return the variable."""
 
 
-def group_order(cfg: NPUConfig) -> list[int]:
-    """ISG groups in the contract's accumulation order: scaled groups by index, then unity groups."""
-    signs = cfg.isg_group_signs
-    return [g for g, s in enumerate(signs) if s != 0] + [g for g, s in enumerate(signs) if s == 0]
-
-
 def _const(a: Any, dtype: str) -> relax.Constant:
     return relax.const(np.asarray(a, dtype))
 
@@ -83,7 +77,7 @@ def _mac(emit: Emit, xs: relax.Expr, spec: Any, name: str, cfg: NPUConfig, linea
     groups = 1 if isinstance(spec, LinearSpec) else spec.groups
     gw = _group_weights(w if w.ndim == 4 else w[:, :, None, None], gvec, groups)
     acc = None
-    for g in group_order(cfg):
+    for g in cfg.accumulation_order:
         if not (gw == g).any():
             continue
         wg = np.where((gw == g).reshape(gw.shape + (1,) * (w.ndim - 2)), w, 0).astype(np.int16)

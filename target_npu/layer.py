@@ -1,6 +1,6 @@
 """One folded integer layer of a model: its typed ``hw_model`` spec and where it sits in the graph.
 
-``ioso_tvm.passes.fold_qdq`` makes one :class:`Layer` per recognised QDQ chain; the partition checks
+``target_npu.transform.fold_qdq`` makes one :class:`Layer` per recognised QDQ chain; the partition checks
 its spec, the codegen builds its program from the spec, and a layer left on the CPU runs the
 contract (``hw_model.reference``) with the same spec. Kinds and specs:
 

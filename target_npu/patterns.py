@@ -1,6 +1,6 @@
 """Pattern table of the ioso_npu BYOC partition (style of ``tvm.relax.backend.*.patterns``).
 
-Input: a Relax module after ``ioso_tvm.passes.fold_qdq``, where every recognised layer is in its
+Input: a Relax module after ``target_npu.transform.fold_qdq``, where every recognised layer is in its
 integer form (``target_npu.integer_ops``: ``conv2d`` / ``matmul`` over int16 ``x - zp`` into int32, the
 ISG shift-adds, NORM, round, clip, cast). One :class:`~tvm.relax.transform.FusionPattern` per layer
 kind and number of ISG groups matches that form (``ioso_npu.conv2d``, ``ioso_npu.linear``,

@@ -10,9 +10,9 @@ import tarfile
 
 import numpy as np
 import pytest
-from onnx_builders import QDQBuilder
 
 import ioso_tvm
+from ioso_tvm.testing import QDQBuilder
 from target_npu import artifact as art
 
 

@@ -16,14 +16,15 @@ import onnx
 import pytest
 import torch
 from onnx import helper, numpy_helper
-from onnx_builders import QDQBuilder
 
 import ioso_tvm
-from hw_model.builder import ConvSpec, build_conv
 from hw_model.config import NPUConfig
 from hw_model.isa import Program
+from hw_model.layer_specs import ConvSpec
+from hw_model.layers import build_conv
 from ioso_tvm.calib import CalibConfig, calibrate
 from ioso_tvm.models import resnet20
+from ioso_tvm.testing import QDQBuilder
 from target_npu.cli import main as tvmc
 
 

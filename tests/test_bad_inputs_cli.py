@@ -20,7 +20,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx_builders import QDQBuilder
 from test_calib_helpers import TinyRes
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -28,6 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from hw_model.config import NPUConfig
 from ioso_tvm import cli as calib_cli
 from ioso_tvm.calib import CalibConfig, CalibrationWarning, calibrate
+from ioso_tvm.testing import QDQBuilder
 from target_npu import cli, cli_run
 from target_npu.cli_common import atomic_path, write_atomic
 from target_npu.tuner import shape_spec

@@ -18,17 +18,18 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from onnx_builders import QDQBuilder, T
 
 import ioso_tvm
 from hw_model import reference as ref
-from hw_model.builder import ConvSpec, build_conv
 from hw_model.config import DEFAULT_CONFIG, MAC_BLOCK, NPUConfig
 from hw_model.instructions import BLOCK
 from hw_model.isa import Program
+from hw_model.layer_specs import ConvSpec
+from hw_model.layers import build_conv
 from hw_model.reference import acc_overflow
 from ioso_tvm.frontend import import_onnx
-from ioso_tvm.passes.fold_qdq import find_layers
+from ioso_tvm.testing import QDQBuilder, T
+from target_npu.transform.fold_qdq import find_layers
 
 
 # ------------------------------------------------------------------------------ helpers

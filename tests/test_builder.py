@@ -3,21 +3,11 @@ import numpy as np
 import pytest
 
 from hw_model import reference as ref
-from hw_model.builder import (
-    AddSpec,
-    ConvSpec,
-    LinearSpec,
-    PoolSpec,
-    Tiling,
-    build_conv,
-    channel_slots,
-    check_tiling,
-    default_tiling,
-    pack_nhwc,
-    run_layer,
-    unpack_nhwc,
-)
+from hw_model.builder import channel_slots, pack_nhwc, unpack_nhwc
 from hw_model.config import DEFAULT_CONFIG
+from hw_model.layer_specs import AddSpec, ConvSpec, LinearSpec, PoolSpec, Tiling
+from hw_model.layers import build_conv, check_tiling, default_tiling
+from hw_model.layers_alu import run_layer
 
 
 def test_channel_slots_group_contiguous_whole_blocks():
@@ -176,7 +166,7 @@ def test_default_tiling_valid_for_every_layer(net):
     (ConvSpec(1, 4, 4, 4, 3, np.zeros((3, 2, 3, 3), np.int8), np.zeros(3), np.zeros(3), groups=2), "groups=2"),
 ])
 def test_spec_errors_name_the_field(spec, match):
-    from hw_model.builder import build_layer
+    from hw_model.layers_alu import build_layer
     with pytest.raises(ValueError, match=match):
         build_layer(spec)
 

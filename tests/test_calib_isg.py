@@ -1,12 +1,17 @@
-"""ISG: rectified softmax, granular hardening (journal App. A-C), quantizer basics."""
+"""ISG: rectified softmax, granular hardening (journal App. A-C), quantizer basics, the floored group shifter."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_calib_helpers import TinyRes, randomise
 
-from ioso_tvm.calib.isg import ISG, granular_assignment, rectified_softmax
+from hw_model import reference as ref
+from ioso_tvm.calib import build_qmodel
+from ioso_tvm.calib.isg import ISG, granular_assignment, rectified_softmax, shift_add_ste
+from ioso_tvm.calib.qmodules import QLayer
 from ioso_tvm.calib.quantizers import WeightQuantizer, mse_weight_scale
 
 
@@ -63,3 +68,83 @@ def test_weight_quantizer_mse_and_adaround_init():
     q.mode = "hard"
     wi = q.integer(w)
     assert torch.equal(wi, torch.round(wi)) and wi.min() >= -8 and wi.max() <= 7
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 999), sign=st.sampled_from([-1, 0, 1]), shift=st.integers(1, 8))
+def test_shift_add_is_the_npu_shifter_with_a_straight_through_gradient(seed, sign, shift):
+    d = torch.from_numpy(np.random.default_rng(seed).integers(-5000, 5000, 200).astype(np.float32))
+    d.requires_grad_(True)
+    y = shift_add_ste(d, sign, shift)
+    want = d.detach().numpy().astype(np.int64)
+    want = want + sign * (want >> shift)  # arithmetic shift = floor
+    assert np.array_equal(y.detach().numpy().astype(np.int64), want)
+    y.sum().backward()
+    assert torch.equal(d.grad, torch.full_like(d, 1 + sign * 2.0 ** -shift))
+
+
+def _wire(qm) -> None:
+    for st_ in qm.program:
+        if isinstance(qm.ops[st_.op], QLayer):
+            qm.ops[st_.op].set_input_quantizer(qm.tensor_quantizer(st_.inputs[0]))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_fake_quant_accumulator_is_the_contracts(seed):
+    """Per layer, on integer inputs: the floored fake-quant accumulator equals ``reference.conv2d_acc``
+    (dense, depthwise with groups, linear as a 1x1 conv), every element."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    qm = build_qmodel(TinyRes(c=32).eval(), (1, 12, 12), 4, 4).eval()
+    qm.init_act_scales(torch.randn(16, 1, 12, 12, generator=g))
+    randomise(qm, seed, 3)
+    dw = qm.ops["dw"]
+    dw.isg.groups.copy_(torch.randint(0, 3, (dw.in_channels,), generator=g))
+    _wire(qm)
+    for st_ in qm.program:
+        layer = qm.ops[st_.op]
+        if not isinstance(layer, QLayer):
+            continue
+        inq = qm.tensor_quantizer(st_.inputs[0])
+        lo, hi = inq.bounds()
+        shape = (5, layer.in_channels, 6, 6) if layer.kind == "conv" else (5, layer.in_channels)
+        x_int = torch.randint(lo, hi + 1, shape, generator=g).float()
+        s_x, s_w = inq.step.detach().abs(), layer.wq.scale
+        with torch.no_grad():
+            acc = layer._shifted_acc(x_int * s_x, inq) - layer._shape(layer.bias)
+            acc = torch.round(acc / (s_x * layer._shape(s_w))).numpy().astype(np.int64)
+        p = layer.integer_params()
+        w = p["w_int"] if layer.kind == "conv" else p["w_int"][:, :, None, None]
+        xr = x_int.numpy().astype(np.int64)
+        xr = xr if layer.kind == "conv" else xr[:, :, None, None]
+        kw = dict(stride=layer.stride, pads=(*layer.padding, *layer.padding), dilation=layer.dilation,
+                  groups=layer.groups) if layer.kind == "conv" else {}
+        want = ref.conv2d_acc(xr, 0, w, isg_groups=p["isg_groups"], cfg=qm.cfg, **kw)
+        assert np.array_equal(acc, want.reshape(acc.shape)), st_.op
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_fake_quant_through_the_floor_equals_deploy(seed):
+    x = torch.randn(48, 1, 12, 12, generator=torch.Generator().manual_seed(seed))
+    torch.manual_seed(seed)
+    qm = build_qmodel(TinyRes(c=32).eval(), (1, 12, 12), 4, 4).eval()
+    qm.init_act_scales(x)
+    randomise(qm, seed, 3)
+    keys = set(qm.state_dict())
+    with torch.no_grad():
+        exact_gamma, deployed = qm(x), qm.deploy(x)
+        _wire(qm)
+        floored = qm(x)
+    assert set(qm.state_dict()) == keys  # the input quantizer is not a submodule of the layer
+    s = qm.tensor_quantizer(qm.output).step.detach().abs()
+
+    def ints(t):  # the output integers (the dequantized floats may differ in the last ulp: int * s computed twice)
+        return torch.round(t / s).to(torch.int64)
+
+    assert torch.equal(ints(floored), ints(deployed))  # every logit
+    assert not torch.equal(ints(exact_gamma), ints(deployed))  # the exact factor is not what the NPU computes
+    loss = qm(x).pow(2).sum()  # gradients flow through the floor (straight-through)
+    loss.backward()
+    layers = [m for m in qm.layers() if bool(m.isg.groups.any())]
+    assert layers and all(m.oso_scale.grad is not None and bool(m.oso_scale.grad.abs().sum() > 0) for m in layers)
+    assert all(bool(torch.isfinite(q.step.grad)) for q in qm.quantizers() if q.step.grad is not None)

@@ -15,7 +15,6 @@ import pytest
 from hw_model.config import NPUConfig
 from target_npu import cli, cli_compile, cli_run
 
-sys.path.insert(0, str(Path(__file__).parent))
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -104,6 +103,9 @@ def test_pass_context_and_compile_options_reach_the_compile(tmp_path, monkeypatc
     seen = {}
 
     class _Compiled:
+        def offload_summary(self):
+            return {"line": "1 of 1 layers (100.0 % of MACs) on the NPU"}
+
         def export(self, path):
             Path(path).write_bytes(b"tar")
 
@@ -134,7 +136,8 @@ def test_pass_context_and_compile_options_reach_the_compile(tmp_path, monkeypatc
 # ------------------------------------------------------------ real compiles: the flags act
 def _isg_model(tmp_path: Path, seed: int):
     import onnx
-    from onnx_builders import QDQBuilder
+
+    from ioso_tvm.testing import QDQBuilder
 
     rng = np.random.default_rng(seed)
     b = QDQBuilder((1, 48, 6, 6), rng)
@@ -194,7 +197,8 @@ def test_disabled_pass_and_pass_config_act(compiled_pair):
 def test_offload_off_by_pass_config(tmp_path, capsys):
     pytest.importorskip("ioso_tvm.compiler")
     import onnx
-    from onnx_builders import QDQBuilder
+
+    from ioso_tvm.testing import QDQBuilder
 
     bld = QDQBuilder((1, 16, 4, 4), np.random.default_rng(3))
     out = bld.gap(bld.conv(bld.input, 16))

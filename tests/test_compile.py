@@ -293,3 +293,21 @@ def test_offload_summary_counts_layers_and_macs_and_warns_when_low(caplog):
     assert s["line"].startswith(f"{s['npu_layers']} of 2 layers (")
     warn = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("of the MACs run on the NPU" in w and "fits the on-chip memories" in w for w in warn), warn
+
+
+def test_compile_takes_the_relax_module_of_the_import():
+    """compile() accepts the IRModule ioso_tvm.frontend.import_onnx makes (a user may run passes on it first)
+    and gives the same integers as compiling the ONNX model; anything else is a clear TypeError."""
+    from ioso_tvm.frontend import import_onnx
+
+    rng = np.random.default_rng(5)
+    b = QDQBuilder((1, 16, 6, 6), rng)
+    y = b.gap(b.conv(b.input, 32))
+    model = b.model([y])
+    mod, _ = import_onnx(model, NPUConfig())
+    x = rng.standard_normal(b.shape).astype(np.float32)
+    from_ir, from_onnx = ioso_tvm.compile(mod), ioso_tvm.compile(model)
+    assert np.array_equal(from_ir.run(x), from_onnx.run(x))
+    assert [r["device"] for r in from_ir.report()["layers"]] == [r["device"] for r in from_onnx.report()["layers"]]
+    with pytest.raises(TypeError, match="IRModule"):
+        ioso_tvm.compile(42)

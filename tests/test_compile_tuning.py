@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from onnx_builders import QDQBuilder
 
 import ioso_tvm
 from hw_model.cycles import simulate
 from hw_model.layer_specs import Tiling
+from ioso_tvm.testing import QDQBuilder
 from target_npu import runtime
 from target_npu.tuner import TuningRecordWarning, layer_key, make_record, save_records, tkey, tune_model
 

@@ -4,9 +4,12 @@ import json
 import numpy as np
 import pytest
 
-from hw_model.builder import ConvSpec, ProgramBuilder, Tiling, build_conv, run_layer
+from hw_model.builder import ProgramBuilder
 from hw_model.config import NPUConfig
 from hw_model.cycles import instr_cost, layer_report, simulate, timeline
+from hw_model.layer_specs import ConvSpec, Tiling
+from hw_model.layers import build_conv
+from hw_model.layers_alu import run_layer
 from hw_model.report import network_report, plot_breakdown, save_report
 
 CFG = NPUConfig(instr_overhead_cycles=8, dram_bytes_per_cycle=16.0, pe_arrays=4, pixels_per_cycle=4, post_lanes=2)
@@ -143,7 +146,8 @@ def _hazard_free(prog, cfg):
 @pytest.mark.parametrize("nbuf", [1, 2])
 @pytest.mark.parametrize("order", ["ob_outer", "sp_outer"])
 def test_builder_tokens_protect_buffers(nbuf, order):
-    from hw_model.builder import AddSpec, PoolSpec, build_add, build_pool
+    from hw_model.layer_specs import AddSpec, PoolSpec
+    from hw_model.layers_alu import build_add, build_pool
     rng = np.random.default_rng(6)
     spec = ConvSpec(1, 40, 6, 6, 36, rng.integers(-3, 3, (36, 40, 3, 3)).astype(np.int8),
                     np.ones(36, np.float32), np.zeros(36, np.float32), pads=(1, 1, 1, 1),

@@ -82,3 +82,23 @@ def test_float32_mac_path_equals_float64_path(monkeypatch):
     slow = qm.integer_model().run(x)[qm.output]
     assert fast.unique().numel() > 1
     assert np.array_equal(fast.numpy(), slow.numpy())
+
+
+def test_deploy_reuses_its_integer_model_until_a_parameter_changes():
+    from ioso_tvm.calib.deploy import cached_integer_model
+
+    qm, x = _qmodel(TinyRes(), (1, 12, 12), 4, 4, 3, seed=5, n=3)
+    with torch.no_grad():
+        y0 = qm.deploy(x)
+        im = cached_integer_model(qm)
+        assert cached_integer_model(qm) is im and torch.equal(qm.deploy(x), y0)
+        layer = qm.layers()[0]
+        layer.wq.v.add_(5.0)  # in-place weight change (version counter)
+        assert cached_integer_model(qm) is not im
+        assert torch.equal(qm.deploy(x), qm.integer_model()(x))
+        im = cached_integer_model(qm)
+        q = qm.quantizers()[-1]
+        q.step.data.mul_(1.5)  # small tensor changed behind autograd: compared by value
+        assert cached_integer_model(qm) is not im
+        y1 = qm.deploy(x)
+        assert torch.equal(y1, qm.integer_model()(x)) and not torch.equal(y1, y0)

@@ -6,12 +6,15 @@ import numpy as np
 import pytest
 
 from hw_model import reference as ref
-from hw_model.builder import ConvSpec, PoolSpec, ProgramBuilder, Tiling, build_conv, build_layer, pack_nhwc, unpack_nhwc
+from hw_model.builder import ProgramBuilder, pack_nhwc, unpack_nhwc
 from hw_model.config import DEFAULT_CONFIG, NPUConfig
 from hw_model.cycles import UNITS, instr_cost, layer_report, section_reports, simulate, timeline
 from hw_model.dram import DRAM_ALIGN, DramImage, align, check_memory_map, dram_bytes, live_ranges, place
 from hw_model.functional import Machine, run_program
 from hw_model.isa import Load, Program, Region, Store, Sync
+from hw_model.layer_specs import ConvSpec, PoolSpec, Tiling
+from hw_model.layers import build_conv
+from hw_model.layers_alu import build_layer
 
 CFG = NPUConfig(instr_overhead_cycles=8, dram_bytes_per_cycle=16.0, pe_arrays=4, pixels_per_cycle=4, post_lanes=2)
 

@@ -5,12 +5,12 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from hw_model import reference as ref
-from hw_model.builder import AddSpec, ConvSpec, LinearSpec, PoolSpec, Tiling, run_layer
 from hw_model.config import DEFAULT_CONFIG
 from hw_model.cycles import simulate
 from hw_model.functional import run_program
+from hw_model.layer_specs import AddSpec, ConvSpec, LinearSpec, PoolSpec, Tiling
 from hw_model.layers import build_conv
-from hw_model.layers_alu import pack_inputs
+from hw_model.layers_alu import pack_inputs, run_layer
 
 
 def fast(n: int) -> settings:
@@ -176,4 +176,49 @@ def test_gemm_float64_bound_is_asserted(monkeypatch):
     prog, inp = _prog()
     monkeypatch.setattr(fn, "EXACT_BOUND", 1000.0)
     with pytest.raises(OverflowError, match="2\\^53"):
+        run_program(prog, inp)
+
+
+@pytest.mark.parametrize("f32_bound", [None, 0.0])
+@pytest.mark.parametrize("c,wlo,xlo", [(200, 100, 200), (24, -128, 0), (5, -8, 0)])
+def test_float32_and_float64_gemm_paths_match_reference(monkeypatch, f32_bound, c, wlo, xlo):
+    """Large 8-bit reductions (bound above 2^24: float64) and small ones (float32) are both exact; with
+    the float32 bound at 0 every GEMM runs in float64 and gives the same integers."""
+    import hw_model.functional as fn
+    if f32_bound is not None:
+        monkeypatch.setattr(fn, "F32_EXACT_BOUND", f32_bound)
+    rng = np.random.default_rng(c)
+    x = rng.integers(xlo, 256, (1, c, 9, 8)).astype(np.uint8)
+    wt = rng.integers(wlo, 128, (17, c, 3, 3)).astype(np.int8)
+    m, b = np.full(17, 2.0**-19, np.float32), rng.uniform(-100, 100, 17).astype(np.float32)
+    spec = ConvSpec(1, c, 9, 8, 17, wt, m, b, -128, 127, (1, 1), (1, 1, 1, 1), x_zp=3, in_dtype="uint8",
+                    isg_groups=rng.choice(3, c))
+    want = ref.conv2d(x, 3, wt, m, b, -128, 127, np.int8, pads=(1, 1, 1, 1), isg_groups=spec.isg_groups)
+    assert len(np.unique(want)) > 10
+    assert np.array_equal(run_layer(spec, x), want)
+
+
+def test_program_is_validated_once_and_again_after_an_edit(monkeypatch):
+    import hw_model.program as pm
+    calls = []
+    real = pm.validate_program
+    monkeypatch.setattr(pm, "validate_program", lambda p, cfg=DEFAULT_CONFIG: (calls.append(1), real(p, cfg)))
+    prog, inp = _prog()
+    first = run_program(prog, inp)
+    again = run_program(prog, inp)
+    assert first and all(np.array_equal(again[k], first[k]) for k in first)
+    simulate(prog, inp, DEFAULT_CONFIG, mode="both")
+    assert len(calls) == 1  # a stored program is checked once
+    gemm = next(i for i in prog.instrs if type(i).__name__ == "Gemm")
+    w_addr, gemm.w_addr = gemm.w_addr, 10**7  # edited by hand: checked again, refused
+    with pytest.raises(ValueError, match="overflows wbuf"):
+        run_program(prog, inp)
+    with pytest.raises(ValueError, match="overflows wbuf"):
+        simulate(prog, inp, DEFAULT_CONFIG, mode="perf")
+    gemm.w_addr = w_addr
+    assert all(np.array_equal(v, first[k]) for k, v in run_program(prog, inp).items())
+    run_program(prog, inp)
+    assert len(calls) == 4  # checked once more after the fix (any field assignment counts), then cached
+    next(r for r in prog.regions.values() if np.dtype(r.dtype).itemsize == 4).addr = 3  # a region moved
+    with pytest.raises(ValueError, match="not a multiple of its itemsize"):
         run_program(prog, inp)

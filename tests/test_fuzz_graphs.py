@@ -1,4 +1,4 @@
-"""Random layer graphs (``onnx_builders.random_graph``) compile and equal the contract bit for bit."""
+"""Random layer graphs (``ioso_tvm.testing.random_graph``) compile and equal the contract bit for bit."""
 from __future__ import annotations
 
 import re
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from onnx_builders import random_graph
 
 import ioso_tvm
+from ioso_tvm.testing import random_graph
 
 _EMPTY_CLIP = re.compile(r"clip \[(-?\d+), (-?\d+)\]")
 

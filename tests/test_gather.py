@@ -8,29 +8,14 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from hw_model import reference as ref
-from hw_model.builder import (
-    AddSpec,
-    ConvSpec,
-    LinearSpec,
-    PoolSpec,
-    ProgramBuilder,
-    Tiling,
-    build_add,
-    build_conv,
-    build_layer,
-    build_linear,
-    build_pool,
-    channel_slots,
-    gather_table,
-    identity_slots,
-    pack_inputs,
-    pack_nhwc,
-    unpack_output,
-)
+from hw_model.builder import ProgramBuilder, channel_slots, gather_table, identity_slots, pack_nhwc
 from hw_model.config import DEFAULT_CONFIG, NPUConfig
 from hw_model.cycles import gather_run_lengths, gather_runs, instr_cost, layer_report, simulate
 from hw_model.functional import Machine, run_program
 from hw_model.isa import Load, Program
+from hw_model.layer_specs import AddSpec, ConvSpec, LinearSpec, PoolSpec, Tiling
+from hw_model.layers import build_conv, build_linear
+from hw_model.layers_alu import build_add, build_layer, build_pool, pack_inputs, unpack_output
 
 CFG = NPUConfig(instr_overhead_cycles=8, dram_bytes_per_cycle=16.0, pe_arrays=4, pixels_per_cycle=4, post_lanes=2)
 

@@ -5,10 +5,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hw_model import reference as ref
-from hw_model.builder import AddSpec, Tiling, run_layer
 from hw_model.functional import run_program
 from hw_model.isa import AluAdd, Program
-from hw_model.layers_alu import build_add, pack_inputs
+from hw_model.layer_specs import AddSpec, Tiling
+from hw_model.layers_alu import build_add, pack_inputs, run_layer
 
 DTYPES = ["int8", "uint8"]
 

@@ -4,10 +4,13 @@ import json
 import numpy as np
 import pytest
 
-from hw_model.builder import ConvSpec, ProgramBuilder, build_conv, pack_inputs
+from hw_model.builder import ProgramBuilder
 from hw_model.config import DEFAULT_CONFIG
 from hw_model.functional import run_program
 from hw_model.isa import Gemm, Load, Program, Region, mem_size
+from hw_model.layer_specs import ConvSpec
+from hw_model.layers import build_conv
+from hw_model.layers_alu import pack_inputs
 
 
 def _conv_prog():

@@ -7,12 +7,12 @@ import logging
 import numpy as np
 import pytest
 import tvm
-from onnx_builders import QDQBuilder
 from tvm import relax
 
 import ioso_tvm
 from hw_model.config import NPUConfig
 from hw_model.layer_specs import ConvSpec
+from ioso_tvm.testing import QDQBuilder
 from target_npu.layer import Layer
 from target_npu.patterns import KINDS, npu_limits
 from target_npu.runtime import to_spec
@@ -74,10 +74,10 @@ def test_offloaded_calls_use_codegen_symbols():
 def test_partitioned_module_calls_npu_and_cpu_functions():
     from hw_model.config import NPUConfig as Cfg
     from ioso_tvm.frontend import import_onnx
-    from ioso_tvm.passes.fold_qdq import find_layers, fold_qdq
     from target_npu import runtime
     from target_npu.partition import partition
     from target_npu.patterns import PartitionContext
+    from target_npu.transform.fold_qdq import find_layers, fold_qdq
 
     rng = np.random.default_rng(2)
     b, y = _two_convs(rng, 64)
@@ -150,10 +150,10 @@ def test_neighbouring_npu_layers_merge_into_one_region(seed):
 def test_a_cpu_layer_splits_the_npu_regions():
     from hw_model.config import NPUConfig as Cfg
     from ioso_tvm.frontend import import_onnx
-    from ioso_tvm.passes.fold_qdq import find_layers, fold_qdq
     from target_npu import runtime
     from target_npu.partition import partition
     from target_npu.patterns import PartitionContext
+    from target_npu.transform.fold_qdq import find_layers, fold_qdq
 
     rng = np.random.default_rng(3)
     b = QDQBuilder((1, 16, 6, 6), rng)

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from onnx_builders import QDQBuilder, granular_groups
 
 import ioso_tvm
 from hw_model.config import DEFAULT_CONFIG as CFG
-from ioso_tvm.passes.permute_groups import group_rank, is_contiguous, wished_order
+from ioso_tvm.testing import QDQBuilder, granular_groups
+from target_npu.transform.permute_groups import group_rank, is_contiguous, wished_order
 
 
 @settings(max_examples=60, deadline=None, derandomize=True)

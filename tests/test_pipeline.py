@@ -1,4 +1,4 @@
-"""The NPU pass pipeline (ioso_tvm.passes.pipeline): printable, same result as the hand-called passes,
+"""The NPU pass pipeline (target_npu.transform.pipeline): printable, same result as the hand-called passes,
 extensible with user passes, order checked, planner switchable."""
 from __future__ import annotations
 
@@ -10,15 +10,19 @@ import onnx
 import pytest
 import tvm
 import tvm_ffi
-from onnx_builders import QDQBuilder
 from tvm import relax
 
 import ioso_tvm
 from hw_model.config import DEFAULT_CONFIG as CFG
 from ioso_tvm.frontend import import_onnx
-from ioso_tvm.passes.fold_qdq import find_layers, fold_qdq
-from ioso_tvm.passes.permute_groups import Plan, apply_plan, external_tensors, is_contiguous, plan_permutations
-from ioso_tvm.passes.pipeline import (
+from ioso_tvm.testing import QDQBuilder
+from target_npu import runtime
+from target_npu.integer_ops import emit_layer, rewrite_layers
+from target_npu.partition import layers_to_cpu, partition
+from target_npu.patterns import PartitionContext
+from target_npu.transform.fold_qdq import find_layers, fold_qdq
+from target_npu.transform.permute_groups import Plan, apply_plan, external_tensors, is_contiguous, plan_permutations
+from target_npu.transform.pipeline import (
     FoldQDQ,
     NPUCompileState,
     PartitionForNPU,
@@ -26,10 +30,6 @@ from ioso_tvm.passes.pipeline import (
     npu_pipeline,
     pass_names,
 )
-from target_npu import runtime
-from target_npu.integer_ops import emit_layer, rewrite_layers
-from target_npu.partition import layers_to_cpu, partition
-from target_npu.patterns import PartitionContext
 
 NAMES = ["ioso_npu.FoldQDQ", "ioso_npu.PlanGroupPermutation", "ioso_npu.PartitionForNPU"]
 PREFIX = "ioso_npu.mpipetest"

@@ -9,12 +9,12 @@ import tarfile
 
 import numpy as np
 import pytest
-from onnx_builders import QDQBuilder, granular_groups
 
 import ioso_tvm
 from hw_model.config import DEFAULT_CONFIG as CFG
 from hw_model.isa import Load, NormActQuant, Store, Sync
-from ioso_tvm.passes.permute_groups import is_contiguous, wished_order
+from ioso_tvm.testing import QDQBuilder, granular_groups
+from target_npu.transform.permute_groups import is_contiguous, wished_order
 
 
 def _isg_chain(rng, c=48):

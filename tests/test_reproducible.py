@@ -6,7 +6,6 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from onnx_builders import random_graph
 from test_calib_api import SMALL, TinyRes, _data
 from test_qft import _cfg, _Tiny
 from test_qft import _data as _qft_data
@@ -14,6 +13,7 @@ from test_qft import _data as _qft_data
 import ioso_tvm
 from ioso_tvm.calib import CalibConfig, calibrate, qft
 from ioso_tvm.export import export_onnx
+from ioso_tvm.testing import random_graph
 
 
 @pytest.mark.parametrize("method", ["ioso", "qdrop"])

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from onnx_builders import QDQBuilder
 
 import ioso_tvm
 from hw_model.config import NPUConfig
 from hw_model.layer_specs import Tiling
 from hw_model.layers import check_tiling, default_tiling
+from ioso_tvm.testing import QDQBuilder
 from target_npu import runtime
 
 

@@ -2,6 +2,7 @@
 
 ``calibrate(model, calib_data, method=..., wbits=4, abits=4, config=CalibConfig()) -> QuantModel``.
 IOSO runs on top of BRECQ (default) or QDrop: ``calibrate(..., method="ioso", config=CalibConfig(base="qdrop"))``.
+Per-layer error report of the result: ``layer_report(qm, data)`` (``layer_report.py``).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from torch import nn
 
 from .data import gather_calib_data
 from .device import resolve_device
+from .layer_report import format_layer_report, layer_report, plot_layer_report
 from .methods import (
     METHODS,
     CalibConfig,
@@ -33,7 +35,7 @@ from .quantizers import check_bits
 log = logging.getLogger(__name__)
 
 __all__ = ["Block", "CalibConfig", "CalibrationWarning", "MethodSpec", "QuantModel", "Step", "build_qmodel",
-           "calibrate"]
+           "calibrate", "format_layer_report", "layer_report", "plot_layer_report"]
 
 
 class CalibrationWarning(UserWarning):

@@ -1,12 +1,15 @@
 """Integer deploy mode: the calibrated model run as the NPU computes it (``hw_model.reference``).
 
-Activations are int64 torch tensors holding the stored integers. MAC: float64 convolution of
-integer values per ISG group (exact: the bound ``sum|w| * max|x| < 2^53`` is asserted), cast
-to int64; group partial sums combined by the shifter rule ``d + sign * (d >> n)`` (torch
-``>>`` on int64 floors) in the contract's order with int32 overflow checks; NORM in float32
-as two separate ops ``t = acc * m`` then ``t = t + b``; ``torch.round`` (half to even); clip.
+Activations are the stored integers; inside :class:`IntegerModel` they travel as float32 tensors
+(8-bit values are exact), and :meth:`IntegerModel.run` hands them out as int64. MAC: float
+convolution of integer values per ISG group, float32 when ``sum|w| * max|x - zp|`` (times the
+shifter's growth) is below 2^24, else float64 (the bound ``< 2^53`` is asserted) with int32
+overflow checks; group partial sums combined by the shifter rule ``d + sign * floor(d * 2^-n)``
+in the contract's order; NORM in float32 as two separate in-place ops ``t *= m`` then ``t += b``
+(two roundings); round half to even and clip in place. Pools run on float32 values.
 All constants come once from ``hw_model.reference.*_constants`` on the float32 values that
-``QLayer.integer_params`` / ``ActQuantizer.scale32`` give (the export writes the same values).
+``QLayer.integer_params`` / ``ActQuantizer.scale32`` give (the export writes the same values);
+``QuantModel.deploy`` reuses one IntegerModel while :func:`state_key` is unchanged.
 """
 from __future__ import annotations
 
@@ -51,10 +54,14 @@ def _check_int32(a: torch.Tensor, what: str) -> torch.Tensor:
 
 
 def _norm_act(acc: torch.Tensor, m: torch.Tensor, b: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """float32 NORM (multiply, then add: two roundings) + round half even + clip -> int64."""
-    t = acc.to(torch.float32) * m
-    t = t + b
-    return torch.clamp(torch.round(t), lo, hi).to(torch.int64)
+    """float32 NORM (multiply, then add: two roundings) + round half even + clip -> float32 values.
+    Works in place on ``acc`` when it is already float32 (callers pass a fresh accumulator)."""
+    return acc.to(torch.float32).mul_(m).add_(b).round_().clamp_(lo, hi)
+
+
+def _values(x: torch.Tensor) -> torch.Tensor:
+    """Stored integers as float32 (exact for the 8-bit range); int64 input is converted, float32 kept."""
+    return x if x.dtype == torch.float32 else x.to(torch.float32)
 
 
 class IntLayer:
@@ -87,8 +94,13 @@ class IntLayer:
         are exact in any summation order: float32 below 2^24 (then int32 cannot overflow either), else
         float64 with the int32 checks of the contract. The shift ``d >> n`` is ``floor(d * 2^-n)``."""
         op, cfg = self.op, self.cfg
-        xo = x - self.qin.zp
-        bound = self.wabs * float(xo.abs().max()) if xo.numel() else 0.0
+        xo = x - self.qin.zp if self.qin.zp else x
+        lo, hi = (float(v) for v in torch.aminmax(xo)) if xo.numel() else (0.0, 0.0)
+        amax = max(hi, -lo)
+        if xo.dtype == torch.float32 and amax >= FLOAT32_EXACT_BOUND / 2:  # x - zp may have rounded: redo exactly
+            xo = x.to(torch.float64) - self.qin.zp
+            amax = float(xo.abs().max())
+        bound = self.wabs * amax
         if bound >= 2.0**53:
             raise OverflowError(f"layer {op.name!r}: MAC bound exceeds 2^53, float64 MAC would not be exact")
         fast = bound * self.growth < FLOAT32_EXACT_BOUND
@@ -130,13 +142,9 @@ class IntAdd:
         self.ma, self.mb, self.bias = (torch.tensor(float(v), dtype=torch.float32) for v in (ma, mb, bias))
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        xa = (a - self.qa.zp).to(torch.float32)
-        xb = (b - self.qb.zp).to(torch.float32)
-        t = xa * self.ma
-        u = xb * self.mb
-        t = t + u
-        t = t + self.bias
-        return torch.clamp(torch.round(t), self.qout.lo, self.qout.hi).to(torch.int64)
+        t = (_values(a) - self.qa.zp).mul_(self.ma)  # fresh tensors: each op rounds to float32 once
+        u = (_values(b) - self.qb.zp).mul_(self.mb)
+        return t.add_(u).add_(self.bias).round_().clamp_(self.qout.lo, self.qout.hi)
 
 
 class IntGap:
@@ -148,7 +156,9 @@ class IntGap:
         self.m, self.b = torch.tensor(float(m), dtype=torch.float32), torch.tensor(float(b), dtype=torch.float32)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        acc = _check_int32((x - self.qin.zp).sum((2, 3), keepdim=True), f"{self.name!r}: average pool sum")
+        hw = x.shape[2] * x.shape[3]  # float64 sum of the stored integers: exact below 2^53
+        acc = x.sum((2, 3), keepdim=True, dtype=torch.float64) - float(self.qin.zp) * hw
+        acc = _check_int32(acc, f"{self.name!r}: average pool sum")
         return _norm_act(acc, self.m, self.b, self.qout.lo, self.qout.hi)
 
 
@@ -200,28 +210,68 @@ class IntegerModel:
         s = torch.tensor(float(q.scale), dtype=torch.float32)
 
         def fn(x: torch.Tensor) -> torch.Tensor:
-            t = torch.round(x.to(torch.float32) / s) + q.zp
-            return torch.clamp(t, q.lo, q.hi).to(torch.int64)
+            return (x.to(torch.float32) / s).round_().add_(q.zp).clamp_(q.lo, q.hi)
         return fn
 
     @staticmethod
     def _maxpool_fn(op: QMaxPool):
-        def fn(x: torch.Tensor) -> torch.Tensor:  # float64 holds the integers exactly; -inf padding never wins
-            return F.max_pool2d(x.to(torch.float64), op.kernel, op.stride, op.padding).to(torch.int64)
+        def fn(x: torch.Tensor) -> torch.Tensor:  # float32 holds 8-bit integers exactly; -inf padding never wins
+            return F.max_pool2d(_values(x), op.kernel, op.stride, op.padding)
         return fn
 
-    @torch.no_grad()
-    def run(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _run(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every tensor of the program as float32 stored integers (``input``: ``x`` itself)."""
         env = {"input": x}
         for st, fn in zip(self.qmodel.program, self.fns):
             env[st.out] = fn(*[env[t] for t in st.inputs])
         return env
+
+    @torch.no_grad()
+    def run(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every tensor of the program: ``input`` is ``x``, the others int64 stored integers."""
+        return {k: v if k == "input" else v.to(torch.int64) for k, v in self._run(x).items()}
 
     def output_qparams(self) -> QParams:
         return self.qp[self.qmodel.output]
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        q = self.run(x)[self.qmodel.output]
+        q = _values(self._run(x)[self.qmodel.output])
         qp = self.output_qparams()
-        return (q - qp.zp).to(torch.float32) * torch.tensor(float(qp.scale), dtype=torch.float32)
+        return (q - qp.zp) * torch.tensor(float(qp.scale), dtype=torch.float32)
+
+
+def state_key(qmodel) -> tuple:
+    """What the integer model is built from: every parameter and buffer (storage, version counter,
+    shape, dtype; the values of the small ones: scales, zero points, steps, OSO, groups, biases) and the
+    plain settings of every module (bits, modes, flags), plus the program. A change through ``.data`` of
+    a large tensor bypasses its version counter: build a fresh ``QuantModel.integer_model()`` then."""
+    tensors = tuple((n, t.data_ptr(), t._version, tuple(t.shape), t.dtype,
+                     t.detach().cpu().numpy().tobytes() if t.numel() <= _SMALL else None)
+                    for n, t in (*qmodel.named_parameters(), *qmodel.named_buffers()))
+    plain = (bool, int, float, str, tuple, type(None))
+    settings = tuple((n, tuple(sorted(((k, v) for k, v in vars(m).items() if not k.startswith("_")
+                                       and isinstance(v, plain)), key=lambda kv: kv[0])))
+                     for n, m in qmodel.named_modules())
+    return tensors, settings, id(qmodel.program), len(qmodel.program), qmodel.output, qmodel.cfg
+
+
+_SMALL = 4096
+"""Tensors up to this many elements are compared by value in :func:`state_key` (chosen: covers
+per-channel constants of layers up to 4096 channels; weights are compared by version counter)."""
+
+
+def cached_integer_model(qmodel) -> IntegerModel:
+    """The IntegerModel of ``qmodel``, built once and rebuilt when :func:`state_key` changes."""
+    key = state_key(qmodel)
+    cached = qmodel.__dict__.get("_deploy_cache")
+    same = False
+    if cached is not None:
+        try:
+            same = bool(cached[0] == key)
+        except Exception:  # a setting that does not compare: rebuild
+            same = False
+    if not same:
+        cached = (key, IntegerModel(qmodel))
+        qmodel.__dict__["_deploy_cache"] = cached
+    return cached[1]

@@ -16,6 +16,11 @@ spilled caches stay on disk and are moved per mini-batch. Checkpoints hold CPU t
 with ``map_location="cpu"``, so a run resumes on any device. The batch order comes from a CPU
 generator (the one state a checkpoint keeps); QDrop masks are drawn on the device, on a non-CPU device
 from a generator seeded per iteration by the CPU one.
+
+``Engine.history[block name]`` (kept as ``QuantModel.calib_history``): ``rec_loss_before`` / ``rec_loss_after``
+(the block's loss on its first ``batch_size`` cached samples, every quantizer on, before the weight step and
+after the activation step), ``weight_rec_loss`` / ``act_rec_loss`` (last iteration's mini-batch) and
+``weight_step_s``.
 """
 from __future__ import annotations
 
@@ -218,6 +223,7 @@ class Engine:
         layers = self._layers(block)
         quantizers = self._quantizers(block)
         hist = self.history.setdefault(block.name, {})
+        hist["rec_loss_before"] = self._fixed_loss(block, q_in, target)
         if spec.adaround and layers and cfg.iters > 0:
             for q in quantizers:
                 q.enabled = spec.qdrop
@@ -230,6 +236,14 @@ class Engine:
                 layer.isg.harden(cfg.granularity)
         if spec.adaround and cfg.act_iters > 0 and quantizers:
             self._act_step(block, layers, quantizers, q_in, fp_in, target, hist)
+        hist["rec_loss_after"] = self._fixed_loss(block, q_in, target)
+
+    @torch.no_grad()
+    def _fixed_loss(self, block: Block, q_in: TensorCache, target: TensorCache) -> float:
+        """``rec_loss`` of the block as it stands (every quantizer on) on the first ``batch_size`` cached
+        samples; draws nothing from the generator, so the calibration itself is unchanged."""
+        idx = torch.arange(min(self.cfg.batch_size, target.full().shape[0]))
+        return float(rec_loss(self._forward(block, q_in[idx]), target[idx]))
 
     def _weight_step(self, block, layers, q_in, fp_in, target, hist) -> None:
         cfg, spec = self.cfg, self.spec

@@ -23,6 +23,15 @@ from .quantizers import GAMMA, ZETA
 INIT_UNITY_LOGIT = 2.0
 
 
+def shift_add_ste(d: torch.Tensor, sign: int, shift: int) -> torch.Tensor:
+    """The NPU's group shifter on partial sums ``d`` (integer-valued float): ``d + sign * floor(d * 2^-shift)``
+    (``d >> shift`` is the floor), with the straight-through gradient of ``d * (1 + sign * 2^-shift)``."""
+    if sign == 0:
+        return d
+    t = d * 2.0 ** -shift
+    return d + sign * (t + (torch.floor(t) - t).detach())
+
+
 def rectified_softmax(r: torch.Tensor) -> torch.Tensor:
     """Journal Eq. 15 on logits (C, G) -> probabilities s (C, G) in [0, 1]."""
     sig = torch.sigmoid(r)

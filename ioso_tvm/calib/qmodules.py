@@ -16,8 +16,8 @@ from torch import nn
 
 from hw_model.config import DEFAULT_CONFIG, NPUConfig
 
-from .isg import ISG
-from .quantizers import ActQuantizer, WeightQuantizer
+from .isg import ISG, shift_add_ste
+from .quantizers import ActQuantizer, WeightQuantizer, round_ste
 
 
 class NotDeployableError(ValueError):
@@ -44,7 +44,10 @@ class QInput(nn.Module):
 class QLayer(nn.Module):
     """Conv2d (``kind="conv"``) or Linear (``kind="linear"``) with weight quantizer, ISG, OSO, act quantizer.
 
-    Fake-quant forward: ``outq(oso_scale * (conv(x * gamma_isg, s_w * W_int) + bias) + oso_offset)``.
+    Fake-quant forward: ``outq(oso_scale * (conv(x * gamma_isg, s_w * W_int) + bias) + oso_offset)``; with
+    its input quantizer set (:meth:`set_input_quantizer`) and hardened groups, ``conv(x * gamma_isg, ...)``
+    becomes the NPU's floored group shifter on the integer partial sums (``_shifted_acc``), so the
+    output integers equal deploy mode's (tests/test_calib_isg.py).
     Weight (K, C/groups, KH, KW) or (K, C) and bias (K,) are float32 buffers (BN already folded).
     """
 
@@ -74,6 +77,13 @@ class QLayer(nn.Module):
         self.oso_offset = nn.Parameter(torch.zeros(k))
         self.oso_after_act = False  # ablation (CalibConfig.oso_position): fake-quant only, not deployable
         self.outq = ActQuantizer(abits, None)
+        self.__dict__["_inq"] = None  # see set_input_quantizer
+
+    def set_input_quantizer(self, q: ActQuantizer | None) -> None:
+        """The quantizer of this layer's input tensor (it belongs to the producing op, so it is kept outside
+        the module tree: no state_dict entry). With it and hardened groups, ``pre_act`` shifts the integer
+        partial sums of each group as the NPU does (floor, :func:`~ioso_tvm.calib.isg.shift_add_ste`)."""
+        self.__dict__["_inq"] = q
 
     @property
     def depthwise(self) -> bool:
@@ -87,8 +97,36 @@ class QLayer(nn.Module):
     def _shape(self, v: torch.Tensor) -> torch.Tensor:
         return v.view(1, -1, 1, 1) if self.kind == "conv" else v.view(1, -1)
 
+    def _shifted_acc(self, x: torch.Tensor, inq: ActQuantizer) -> torch.Tensor:
+        """``conv(x, W)`` through the NPU's group shifter: per hardened ISG group the integer partial sum
+        D1 = conv(x / s_x, W_int) over its input channels, ``D1 + sign * floor(D1 * 2^-n)``, summed, times
+        s_x * s_w, plus bias (the integer path of ``deploy.IntLayer.acc``, floor with a straight-through
+        gradient)."""
+        s_x = inq.step.abs()
+        xi, wi = round_ste(x / s_x), self.wq.integer(self.weight)  # x is on the grid: round drops the ulps
+        cfg, d2 = self.isg.cfg, None
+        for g, sign in enumerate(cfg.isg_group_signs):
+            chans = torch.nonzero(self.isg.groups == g).flatten()
+            if chans.numel() == 0:
+                continue
+            if self.groups > 1:  # grouped conv: mask the other channels
+                mask = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device)
+                mask[chans] = 1
+                d1 = self._op(xi * mask.view(1, -1, 1, 1), wi, None)
+            else:
+                d1 = self._op(xi[:, chans], wi[:, chans], None)
+            sh = shift_add_ste(d1, sign, cfg.isg_shift)
+            d2 = sh if d2 is None else d2 + sh
+        return d2 * (s_x * self._shape(self.wq.scale)) + self._shape(self.bias)
+
     def pre_act(self, x: torch.Tensor) -> torch.Tensor:
         """Output before the activation quantizer (float32)."""
+        inq = self.__dict__.get("_inq")
+        if inq is not None and inq.enabled and self.isg.hard and bool(self.isg.groups.any()):
+            y = self._shifted_acc(x, inq)
+            if self.oso_after_act:
+                return y
+            return y * self._shape(self.oso_scale) + self._shape(self.oso_offset)
         w = self.wq(self.weight)
         if self.isg.r is not None or bool(self.isg.groups.any()):
             # ISG scales input channel c; applied to the weights' input-channel axis (same product,

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hw_model.config import NPUConfig
+from hw_model.config import MAC_BLOCK, NPUConfig
 from hw_model.isa import mem_size
 
 from .space import ORDERS, ConvSpec, Tiling, geometry
 
-BLOCK = 16
-"""Channels per block (``hw_model.builder.BLOCK``: the MAC array's 16x16 granularity)."""
+BLOCK = MAC_BLOCK
+"""Channels per block (``hw_model.config.MAC_BLOCK``: the MAC array's 16x16 granularity)."""
 
 
 @dataclass(frozen=True)

@@ -39,12 +39,10 @@ def _isg_groups(node: onnx.NodeProto, producers: dict, inits: dict, cfg: NPUConf
     gamma = next((inits[i] for i in mul.input if i in inits), None)
     if gamma is None:
         return None
-    g = np.asarray(gamma, np.float32).reshape(-1)
-    factors = np.asarray(cfg.group_factors, np.float32)
-    hit = g[:, None] == factors[None, :]
-    if not hit.any(axis=1).all():
-        raise ValueError(f"Conv node {node.name!r}: ISG gamma values are not the group factors {cfg.group_factors}")
-    return np.argmax(hit, axis=1).astype(np.int64)
+    try:
+        return cfg.group_of_factor(gamma)
+    except ValueError as e:
+        raise ValueError(f"Conv node {node.name!r}: {e}") from None
 
 
 def with_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:

@@ -62,9 +62,8 @@ def external_tensors(mod: tvm.IRModule, layers: list) -> set[str]:
 
 
 def group_rank(cfg: NPUConfig) -> np.ndarray:
-    """Rank of each group in the accumulation order: scaled groups by index, then unity."""
-    order = [g for g, s in enumerate(cfg.isg_group_signs) if s != 0] + \
-            [g for g, s in enumerate(cfg.isg_group_signs) if s == 0]
+    """Rank of each group in ``cfg.accumulation_order`` (scaled groups by index, then unity)."""
+    order = list(cfg.accumulation_order)
     rank = np.empty(len(order), np.int64)
     rank[order] = np.arange(len(order))
     return rank

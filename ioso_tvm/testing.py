@@ -1,4 +1,5 @@
-"""Build QDQ ONNX models in the format of docs/onnx_format.md, with their integer reference.
+"""Test helpers shared by tests/ and benchmarks/: QDQ ONNX models in the format of docs/onnx_format.md,
+built together with their integer reference (numpy + onnx only: no torch, no TVM).
 
 :class:`QDQBuilder` appends layers to an ONNX graph and, alongside, records how
 ``hw_model.reference`` computes the same layer, so a test can compare a compiled model

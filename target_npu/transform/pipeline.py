@@ -28,12 +28,12 @@ from dataclasses import dataclass, field
 import tvm
 
 from hw_model.config import NPUConfig
-from ioso_tvm.passes.fold_qdq import find_layers, fold_qdq
-from ioso_tvm.passes.permute_groups import Plan, apply_plan, external_tensors, plan_permutations
 from target_npu import runtime
 from target_npu.integer_ops import emit_layer, rewrite_layers
 from target_npu.partition import layers_to_cpu, partition
 from target_npu.patterns import PartitionContext
+from target_npu.transform.fold_qdq import find_layers, fold_qdq
+from target_npu.transform.permute_groups import Plan, apply_plan, external_tensors, plan_permutations
 
 FOLD, PLAN, PARTITION, PIPELINE = ("ioso_npu.FoldQDQ", "ioso_npu.PlanGroupPermutation",
                                    "ioso_npu.PartitionForNPU", "ioso_npu.pipeline")

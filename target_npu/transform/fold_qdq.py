@@ -147,16 +147,12 @@ def _int_bounds(lo_f: float, hi_f: float, s: float, zp: int, dtype: str) -> tupl
 
 
 def _isg_groups(gamma: np.ndarray, c: int, cfg: NPUConfig, name: str) -> np.ndarray:
-    g = np.asarray(gamma, np.float32).reshape(-1)
-    if g.size != c:
-        raise ValueError(f"layer {name}: ISG gamma has {g.size} values for {c} input channels")
-    factors = np.asarray(cfg.group_factors, np.float32)
-    idx = np.argmax(g[:, None] == factors[None, :], axis=1)
-    bad = ~np.any(g[:, None] == factors[None, :], axis=1)
-    if bad.any():
-        raise ValueError(f"layer {name}: ISG gamma value {float(g[bad][0])} is not one of the group factors "
-                         f"{cfg.group_factors}")
-    return idx.astype(np.int64)
+    if np.size(gamma) != c:
+        raise ValueError(f"layer {name}: ISG gamma has {np.size(gamma)} values for {c} input channels")
+    try:
+        return cfg.group_of_factor(gamma)
+    except ValueError as e:
+        raise ValueError(f"layer {name}: {e}") from None
 
 
 def _affine(chain: list[tuple[str, np.ndarray]]) -> tuple[Any, Any, Any]:
