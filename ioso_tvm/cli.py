@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from target_npu.cli_common import CLIError, Parser, check_output, one_line, read_npz, run_main, write_atomic
+from ioso_tvm.tvmc.cli_common import CLIError, Parser, check_output, one_line, read_npz, run_main, write_atomic
 
 METHODS = ("ioso", "brecq", "qdrop", "adaround", "rtn", "qft", "qft+isg")
 DEFAULT_SAMPLES = 1024

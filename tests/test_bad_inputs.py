@@ -25,7 +25,7 @@ from hw_model.layers import build_conv
 from ioso_tvm.calib import CalibConfig, calibrate
 from ioso_tvm.models import resnet20
 from ioso_tvm.testing import QDQBuilder
-from target_npu.cli import main as tvmc
+from ioso_tvm.tvmc.cli import main as tvmc
 
 
 def _qdq(c=16, hw=5, seed=0, **conv):

@@ -28,8 +28,8 @@ from hw_model.config import NPUConfig
 from ioso_tvm import cli as calib_cli
 from ioso_tvm.calib import CalibConfig, CalibrationWarning, calibrate
 from ioso_tvm.testing import QDQBuilder
-from target_npu import cli, cli_run
-from target_npu.cli_common import atomic_path, write_atomic
+from ioso_tvm.tvmc import cli, cli_run
+from ioso_tvm.tvmc.cli_common import atomic_path, write_atomic
 from target_npu.tuner import shape_spec
 from target_npu.tuner.records import TuningRecordWarning, best_tiling, load_records, make_record, save_records
 from target_npu.tuner.tune import conv_specs, tune_model, with_input_shapes

@@ -529,7 +529,7 @@ CLI_OPTIONS = [  # id, target option, words of the one-line error
 
 @pytest.mark.parametrize("option, words", [c[1:] for c in CLI_OPTIONS], ids=[c[0] for c in CLI_OPTIONS])
 def test_cli_config_number_one_line(tmp_path, capsys, option, words):
-    from target_npu.cli import main as tvmc
+    from ioso_tvm.tvmc.cli import main as tvmc
 
     path = tmp_path / "m.onnx"
     onnx.save(_conv_model()[2], str(path))

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from hw_model.config import NPUConfig
 from ioso_tvm import cli as calib_cli
-from target_npu import cli, cli_run
+from ioso_tvm.tvmc import cli, cli_run
 
 ALL_FIELDS = list(NPUConfig().to_dict())
 
@@ -483,7 +483,7 @@ def test_tvmc_compile_prints_no_empty_scope_lines(tmp_path):
 
     _, _, model, _ = _qdq_model(tmp_path, 7)
     tar = tmp_path / "m.tar"
-    res = subprocess.run([sys.executable, "-m", "target_npu.cli", "compile", str(model), "--target=ioso_npu",
+    res = subprocess.run([sys.executable, "-m", "ioso_tvm.tvmc.cli", "compile", str(model), "--target=ioso_npu",
                           "-o", str(tar)], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "Scope" not in res.stdout + res.stderr and tar.is_file()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from hw_model.config import NPUConfig
-from target_npu import cli, cli_compile, cli_run
+from ioso_tvm.tvmc import cli, cli_compile, cli_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,7 +59,7 @@ def test_every_target_option_has_its_field_docstring_as_help():
             default = getattr(NPUConfig(), name)
             shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
             assert h == f"{doc} (default {shown})".replace("%", "%%"), name
-    assert subprocess.run([sys.executable, "-m", "target_npu.cli", "compile", "--help"], capture_output=True,
+    assert subprocess.run([sys.executable, "-m", "ioso_tvm.tvmc.cli", "compile", "--help"], capture_output=True,
                           text=True, cwd=ROOT).stdout.count("Journal") >= 3
 
 
@@ -293,7 +293,7 @@ def test_compile_and_tune_set_threads(tmp_path, monkeypatch, capsys):
 
 def test_tvmc_run_imports_neither_torch_nor_calibration(compiled_pair):
     tmp = compiled_pair[0]
-    code = ("import sys, json\nfrom target_npu import cli\nrc = cli.main(['run', sys.argv[1], '--profile'])\n"
+    code = ("import sys, json\nfrom ioso_tvm.tvmc import cli\nrc = cli.main(['run', sys.argv[1], '--profile'])\n"
             "print(json.dumps([rc, sorted(m for m in sys.modules if m.split('.')[0] == 'torch' "
             "or m.startswith('ioso_tvm.calib'))]))")
     res = subprocess.run([sys.executable, "-c", code, str(tmp / "a.tar")], capture_output=True, text=True,

@@ -154,7 +154,7 @@ def test_executor_names_and_address_checks():
 
 def test_cli_passes_tune_flags(tmp_path, monkeypatch, capsys):
     import target_npu.tuner as tuner_pkg
-    from target_npu import cli
+    from ioso_tvm.tvmc import cli
 
     got = {}
     monkeypatch.setattr(tuner_pkg, "tune_model", lambda *a, **k: got.update(k))

@@ -25,7 +25,7 @@ import torch
 import ioso_tvm
 from hw_model import NPUConfig
 from ioso_tvm import datasets, models
-from target_npu.cli_run import format_profile, plot_profile
+from ioso_tvm.tvmc.cli_run import format_profile, plot_profile
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--full", action="store_true", default=os.environ.get("IOSO_TUTORIAL_FULL") == "1",

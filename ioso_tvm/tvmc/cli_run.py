@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from hw_model.config import NPUConfig
-from target_npu.cli_common import (
+from ioso_tvm.tvmc.cli_common import (
     CLIError,
     atomic_path,
     check_outputs,

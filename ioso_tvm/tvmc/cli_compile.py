@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from hw_model.config import NPUConfig
-from target_npu.cli_common import CLIError, one_line, write_atomic
+from ioso_tvm.tvmc.cli_common import CLIError, one_line, write_atomic
 
 NPU_PASS_CONFIG = {"ioso_npu.offload": "offload", "ioso_npu.permute_groups": "permute_groups",
                    "ioso_npu.memory_reuse": "memory_reuse"}

@@ -14,7 +14,7 @@
               [--tuning-records old.json] [--executor ray|serial] [--ray-address ADDR] -o records.json
 
 Compile flags that follow upstream tvmc but act differently here are described in
-``target_npu.cli_compile``; the ``tune`` measurement dispatch in ``target_npu.tuner.dispatch``.
+``ioso_tvm.tvmc.cli_compile``; the ``tune`` measurement dispatch in ``target_npu.tuner.dispatch``.
 
 Every ``NPUConfig`` field is a target option (``--target-ioso_npu-pe_arrays=2``, or inline
 ``--target="ioso_npu -pe_arrays=2, llvm"``), parsed by the field's type. ``--target=llvm``
@@ -40,8 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from hw_model.config import NPUConfig
-from target_npu import cli_compile as cc
-from target_npu.cli_common import (
+from ioso_tvm.tvmc import cli_compile as cc
+from ioso_tvm.tvmc.cli_common import (
     CLIError,
     Parser,
     check_output,
@@ -52,7 +52,7 @@ from target_npu.cli_common import (
     run_main,
     set_thread_count,
 )
-from target_npu.cli_run import add_run_args, cmd_run
+from ioso_tvm.tvmc.cli_run import add_run_args, cmd_run
 
 NPU_KIND, CPU_KIND = "ioso_npu", "llvm"
 TUNER_CHOICES = ("xgb", "random", "gridsearch", "grid")
@@ -215,7 +215,7 @@ def check_model_inputs(model: Path, shapes: dict[str, tuple[int, ...]] | None) -
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    """``tvmc compile``: ONNX -> compiled-model .tar (upstream flags: target_npu.cli_compile)."""
+    """``tvmc compile``: ONNX -> compiled-model .tar (upstream flags: ioso_tvm.tvmc.cli_compile)."""
     set_thread_count(args.threads)
     target, config = _target_and_config(args)
     cc.check_opt_level(args.opt_level)
@@ -321,7 +321,7 @@ def build_parser() -> Parser:
     c.add_argument("--tuning-records", metavar="FILE", help="tuning records from tvmc tune (JSON lines)")
     c.add_argument("--model-format", choices=["onnx"], default="onnx", help="input model format (onnx)")
     c.add_argument("-O", "--opt-level", type=int, metavar="N", help=f"optimisation level; only {cc.OPT_LEVEL} "
-                   "(the default) is accepted, see target_npu/cli_compile.py")
+                   "(the default) is accepted, see ioso_tvm/tvmc/cli_compile.py")
     c.add_argument("--pass-config", action="append", metavar="KEY=VALUE",
                    help="a PassContext config (TVM's bool/int keys, e.g. tirx.disable_assert=1) or a compile option "
                         f"({', '.join(cc.NPU_PASS_CONFIG)}=0/1); repeatable or comma-separated")
