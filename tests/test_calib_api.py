@@ -246,3 +246,28 @@ def test_default_oso_act_lr_keeps_the_published_travel():
     assert torch.equal(run("ioso", None), run("ioso", rule))  # None resolves to the rule
     assert not torch.equal(run("ioso", None), run("ioso", 4e-5))
     assert torch.equal(run("brecq", None), run("brecq", 4e-5))
+
+
+def test_progress_is_one_bar_or_a_log_line_per_block(caplog, monkeypatch):
+    """Without a terminal (as under pytest) the progress is one log line per block with losses and an ETA;
+    the bar's total is every block's weight + activation steps."""
+    import logging
+
+    from ioso_tvm.calib import engine
+
+    totals = []
+    real = engine.tqdm
+
+    def spy(*a, **k):
+        totals.append(k.get("total"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(engine, "tqdm", spy)
+    with caplog.at_level(logging.INFO, logger="ioso_tvm.calib"):
+        qm = calibrate(TinyRes().eval(), _data(), "brecq", config=CalibConfig(**{**SMALL, "progress": True}))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("calibrated block")]
+    n_blocks = len(qm.blocks)
+    assert len(lines) == n_blocks and all("ETA" in ln and "->" in ln for ln in lines)
+    assert lines[-1].endswith("ETA 0 s")
+    per_block = SMALL["iters"] + SMALL["act_iters"]  # blocks without a layer (pools) have no weight step
+    assert per_block <= totals[-1] <= n_blocks * per_block

@@ -25,6 +25,8 @@ after the activation step), ``weight_rec_loss`` / ``act_rec_loss`` (last iterati
 from __future__ import annotations
 
 import hashlib
+import logging
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,6 +39,8 @@ from .device import resolve_device
 from .methods import CalibConfig, MethodSpec
 from .qmodel import Block, QuantModel, _find_blocks
 from .qmodules import QLayer
+
+log = logging.getLogger("ioso_tvm.calib")
 
 
 class TensorCache:
@@ -97,6 +101,7 @@ class Engine:
             qm.program, [""] * len(qm.program), dict(qm.ops))
         self.spill = None
         self.history: dict[str, dict[str, float]] = {}
+        self.bar = tqdm(disable=True)  # one bar over all blocks, made by run()
 
     # --------------------------------------------------------------------------- caching
     def _cache(self, t: torch.Tensor, tag: str) -> TensorCache:
@@ -134,12 +139,38 @@ class Engine:
             target = self._cache(self._run_block(block, fp_in.full(), quant=False), f"b{bi}_fp")
             q_in = self._cache(self._run_block(block, q_in.full(), quant=True), f"b{bi}_q")
             fp_in = target
-        for bi, block in enumerate(self.blocks[start:], start):
+        todo = self.blocks[start:]
+        total = sum(self._iterations(b) for b in todo)
+        # one bar with an ETA over every block; where stderr is no terminal (CI, a log file), a log line per
+        # block instead of carriage-return redraws
+        tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+        self.bar = tqdm(total=total, desc=f"{self.spec.name}", unit="it", disable=not (self.cfg.progress and tty),
+                        dynamic_ncols=True)
+        t0 = time.perf_counter()
+        for bi, block in enumerate(todo, start):
+            self.bar.set_description(f"{self.spec.name} {block.name} ({bi + 1}/{len(self.blocks)})")
             target = self._cache(self._run_block(block, fp_in.full(), quant=False), f"b{bi}_fp")
             self.calibrate_block(block, q_in, fp_in, target)
             q_out = self._run_block(block, q_in.full(), quant=True)
             fp_in, q_in = target, self._cache(q_out, f"b{bi}_q")
             self._checkpoint(bi, data)
+            if self.cfg.progress and not tty:
+                done = sum(self._iterations(b) for b in todo[:bi - start + 1])
+                spent = time.perf_counter() - t0
+                eta = spent * (total - done) / done if done else 0.0
+                h = self.history.get(block.name, {})
+                log.info("calibrated block %s (%d/%d): rec loss %.4g -> %.4g, %.0f s, ETA %.0f s", block.name,
+                         bi + 1, len(self.blocks), h.get("rec_loss_before", float("nan")),
+                         h.get("rec_loss_after", float("nan")), spent, eta)
+        self.bar.close()
+
+    def _iterations(self, block: Block) -> int:
+        """Optimiser steps of ``block`` (weight and activation step), for the progress bar."""
+        cfg, spec = self.cfg, self.spec
+        if not spec.adaround:
+            return 0
+        return (cfg.iters if self._layers(block) and cfg.iters > 0 else 0) + \
+            (cfg.act_iters if self._quantizers(block) and cfg.act_iters > 0 else 0)
 
     # --------------------------------------------------------------------------- checkpoints
     def _fingerprint(self, data: torch.Tensor) -> str:
@@ -259,9 +290,8 @@ class Engine:
                 groups[2]["params"] += [layer.oso_scale, layer.oso_offset]
         opt = torch.optim.Adam([g for g in groups if g["params"]])
         harden_it = int(cfg.harden_at * cfg.iters) if spec.isg else cfg.iters + 1
-        bar = tqdm(range(cfg.iters), desc=f"{spec.name} W {block.name}", disable=not cfg.progress, leave=False)
         t0 = time.perf_counter()
-        for it in bar:
+        for it in range(cfg.iters):
             if it == harden_it:
                 for layer in layers:
                     if not layer.isg.hard:
@@ -278,8 +308,9 @@ class Engine:
             opt.step()
             for layer in layers:
                 layer.isg.track(it)
+            self.bar.update(1)
             if it % 50 == 0 or it == cfg.iters - 1:
-                bar.set_postfix(rec=f"{rec.item():.4g}")
+                self.bar.set_postfix(step="W", rec=f"{rec.item():.4g}")
         hist["weight_step_s"] = time.perf_counter() - t0
         hist["weight_rec_loss"] = float(rec.item())
 
@@ -290,15 +321,15 @@ class Engine:
             groups.append({"params": [p for layer in layers for p in (layer.oso_scale, layer.oso_offset)],
                            "lr": cfg.lr_oso_act})
         opt = torch.optim.Adam(groups)
-        bar = tqdm(range(cfg.act_iters), desc=f"{spec.name} A {block.name}", disable=not cfg.progress, leave=False)
-        for it in bar:
+        for it in range(cfg.act_iters):
             x, y = self._batch(q_in, fp_in, target)
             rec = rec_loss(self._forward(block, x), y)
             opt.zero_grad(set_to_none=True)
             rec.backward()
             opt.step()
+            self.bar.update(1)
             if it % 50 == 0 or it == cfg.act_iters - 1:
-                bar.set_postfix(rec=f"{rec.item():.4g}")
+                self.bar.set_postfix(step="A", rec=f"{rec.item():.4g}")
         hist["act_rec_loss"] = float(rec.item())
 
     @torch.no_grad()

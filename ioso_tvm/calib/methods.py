@@ -80,7 +80,8 @@ class CalibConfig:
     a calibration started again with the same folder, model, data and settings resumes after the
     last finished block and gives the same result as an uninterrupted run. None: no checkpoints."""
     progress: bool = True
-    """Show a tqdm bar per block with the current loss."""
+    """One tqdm bar over every block's steps, with the current loss and an ETA; when stderr is not a terminal,
+    one ``logging`` line per block (``ioso_tvm.calib``: losses, elapsed, ETA) instead."""
     device: str | None = None
     """Where the reconstruction runs: "cpu", "cuda", "cuda:N"; None: "cuda" when torch sees a GPU, else "cpu"
     (``device.resolve_device``). The model, the cached block inputs / outputs (``memory_budget_mb`` then
