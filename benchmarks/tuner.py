@@ -4,7 +4,8 @@ Part 1, on the ResNet-18 conv layers whose space has at most MAX_SPACE points: t
 the xgboost tuner with 10 % of the space, random search with the same budget (``--seeds`` runs each) and
 the default heuristic (``hw_model.layers.default_tiling``). Gap = mean over layers (and seeds) of
 best cycles / optimum - 1, in %. For the 3x3 convs: MAC utilisation of the xgb-tuned and of the optimal
-schedule (useful MACs / (cycles x ``macs_per_cycle``)) and the roofline bound (below).
+schedule (useful MACs / (cycles x ``macs_per_cycle``)), the roofline bound (below) and
+``roofline_fraction`` = utilisation / roofline bound (1.0: the schedule reaches the roofline).
 Part 2: ResNet-18 and MobileNetV2 (W4A4, 224x224, batch 1, seeded random weights as in
 benchmarks/compile_time.py) compiled with ``ioso_tvm.compile`` without and with the records of
 ``tune_model`` (what ``tvmc tune`` runs: xgb, ``--e2e-trials`` per layer); latency = sum of the
@@ -185,7 +186,11 @@ def main() -> None:
         "measure": "tir",
         "per_3x3": [{"layer": r["layer"], "mac_utilisation": round(r["ideal_cycles"] / r["xgb_best_cycles_mean"], 4),
                      "optimum_utilisation": round(r["ideal_cycles"] / r["opt"], 4),
-                     "roofline_bound": round(r["roofline"], 4)} for r in c3],
+                     "roofline_bound": round(r["roofline"], 4),
+                     "roofline_fraction": round(r["ideal_cycles"] / r["xgb_best_cycles_mean"] / r["roofline"], 4)}
+                    for r in c3],
+        "min_roofline_fraction": round(min(r["ideal_cycles"] / r["xgb_best_cycles_mean"] / r["roofline"]
+                                           for r in c3), 4),
         "per_layer": [{"layer": r["layer"], "space": r["space"], "trials": r["trials"],
                        "xgb_gap_pct": round(r["xgb_gap_pct"], 2), "random_gap_pct": round(r["random_gap_pct"], 2),
                        "default_gap_pct": round(r["default_gap_pct"], 2)} for r in rows],
