@@ -76,6 +76,25 @@ def build_pool(spec: PoolSpec, tiling: Tiling | None = None, cfg: NPUConfig = DE
     return b.finish(meta)
 
 
+def add_regions(spec: AddSpec, slots: np.ndarray, slots_y: np.ndarray, cfg: NPUConfig) -> ProgramBuilder:
+    """A builder holding an add's DRAM regions: inputs x, y and output out (padded NHWC, ``slots`` / ``slots_y``
+    the stored layouts), the ``gather_y`` table when y's layout differs, and the ALU constants ``alu``
+    (ma, mb, bias per stored channel, float32). Shared by this builder and the TIR path."""
+    total, cp = spec.n * spec.h * spec.w, slots.size
+    b = ProgramBuilder(cfg)
+    b.alloc("x", spec.a_dtype, total * cp, "input")
+    b.alloc("y", spec.b_dtype, total * slots_y.size, "input")
+    b.alloc("out", spec.out_dtype, total * cp, "output")
+    if not np.array_equal(slots, slots_y):
+        b.const("gather_y", gather_table(slots, slots_y), "int32")
+    consts = np.zeros(3 * cp, np.float32)
+    used = slots >= 0
+    for j, v in enumerate((spec.ma, spec.mb, spec.bias)):
+        consts[j * cp:(j + 1) * cp][used] = np.broadcast_to(np.asarray(v, np.float32), (spec.c,))[slots[used]]
+    b.const("alu", consts, "float32")
+    return b
+
+
 def build_add(spec: AddSpec, tiling: Tiling | None = None, cfg: NPUConfig = DEFAULT_CONFIG,
               in_slots: list[np.ndarray] | None = None) -> Program:
     """Residual add; DRAM regions x, y -> out (padded NHWC); ``tiling.rows`` = pixels per tile.
@@ -91,17 +110,7 @@ def build_add(spec: AddSpec, tiling: Tiling | None = None, cfg: NPUConfig = DEFA
     total = spec.n * spec.h * spec.w
     pix = min(tiling.rows, total)
     nb, tile = tiling.nbuf, pix * cp
-    b = ProgramBuilder(cfg)
-    b.alloc("x", spec.a_dtype, total * cp, "input")
-    b.alloc("y", spec.b_dtype, total * cpy, "input")
-    b.alloc("out", spec.out_dtype, total * cp, "output")
-    if gathered:
-        b.const("gather_y", gather_table(slots, slots_y), "int32")
-    consts = np.zeros(3 * cp, np.float32)
-    used = slots >= 0
-    for j, v in enumerate((spec.ma, spec.mb, spec.bias)):
-        consts[j * cp:(j + 1) * cp][used] = np.broadcast_to(np.asarray(v, np.float32), (spec.c,))[slots[used]]
-    b.const("alu", consts, "float32")
+    b = add_regions(spec, slots, slots_y, cfg)
     steps = list(range(-(-total // pix)))
     tok = StepTokens([True] * len(steps), list(steps), nb, nb)
     for s in steps:

@@ -13,11 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from hw_model.builder import BLOCK, ProgramBuilder, gather_table
+from hw_model.builder import BLOCK, ProgramBuilder
 from hw_model.config import NPUConfig
 from hw_model.isa import Program
 from hw_model.layer_specs import AddSpec, PoolSpec, Tiling, pool_geometry
 from hw_model.layers import check_tiling, default_tiling, stored_layouts
+from hw_model.layers_alu import add_regions
 from target_npu.codegen import Nest, blocks, walk_nest
 from target_npu.emit_alu import AluEmitter
 from target_npu.emit_boxes import Binding, dense_strides
@@ -91,17 +92,7 @@ def lower_add(spec: AddSpec, tiling: Tiling | None, cfg: NPUConfig, in_slots: li
     total = spec.n * spec.h * spec.w
     key = ("add", total, spec.a_dtype, spec.b_dtype, spec.out_dtype, cp, tuple(sorted(tiling.to_dict().items())))
     nest = _walk(key, lambda: schedule_add(spec, tiling, cp))
-    b = ProgramBuilder(cfg)
-    b.alloc("x", spec.a_dtype, total * cp, "input")
-    b.alloc("y", spec.b_dtype, total * cpy, "input")
-    b.alloc("out", spec.out_dtype, total * cp, "output")
-    if gathered:
-        b.const("gather_y", gather_table(slots, slots_y), "int32")
-    consts = np.zeros(3 * cp, np.float32)
-    used = slots >= 0
-    for j, v in enumerate((spec.ma, spec.mb, spec.bias)):
-        consts[j * cp:(j + 1) * cp][used] = np.broadcast_to(np.asarray(v, np.float32), (spec.c,))[slots[used]]
-    b.const("alu", consts, "float32")
+    b = add_regions(spec, slots, slots_y, cfg)
     dense = dense_strides(list(nest.shapes["x"]))
     binds = {"x": Binding("x", 0, dense), "store_out": Binding("out", 0, dense),
              "y": Binding("y", 0, [cpy, BLOCK, 1], "gather_y", 2) if gathered else Binding("y", 0, dense),
