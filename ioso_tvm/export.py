@@ -97,6 +97,7 @@ def export_onnx(qmodel, path: str | Path | None, input_shape: tuple[int, ...] | 
     (``None``: do not write) and return the ModelProto. ``input_shape`` (N, C, H, W); default
     a symbolic batch ``N`` and the model's (C, H, W). Graph input ``input``, output ``output``."""
     from ioso_tvm.calib.deploy import qparams
+    from ioso_tvm.calib.graph import QConcat
     from ioso_tvm.calib.qmodel import QuantModel
     from ioso_tvm.calib.qmodules import QAdd, QFlatten, QGlobalAvgPool, QInput, QLayer, QMaxPool
 
@@ -128,6 +129,10 @@ def export_onnx(qmodel, path: str | Path | None, input_shape: tuple[int, ...] | 
         elif isinstance(op, QAdd):
             qps[st.out] = qparams(op.outq)
             y = bld.node("Add", [fl[t] for t in st.inputs], name=tag)
+            fl[st.out] = _act_quant(bld, _activation(bld, y, op.outq.act, tag), qps[st.out], f"{tag}.out", out)
+        elif isinstance(op, QConcat):  # channel concat, requantized to its own scale
+            qps[st.out] = qparams(op.outq)
+            y = bld.node("Concat", [fl[t] for t in st.inputs], name=tag, axis=1)
             fl[st.out] = _act_quant(bld, _activation(bld, y, op.outq.act, tag), qps[st.out], f"{tag}.out", out)
         elif isinstance(op, QGlobalAvgPool):
             qps[st.out] = qparams(op.outq)

@@ -1,66 +1,32 @@
 """Turn a float torch model into a :class:`QuantModel`: a program of quantized ops plus blocks.
 
-The float model is BN-folded (``ioso_tvm.models.fold_bn``) and traced with
-``torch.fx.symbolic_trace``. Supported nodes: Conv2d, Linear, ReLU / ReLU6 (module or
-``F.relu``; fused into the preceding conv / linear / add), ``+`` / ``torch.add`` of two
-tensors (residual add), AdaptiveAvgPool2d(1), MaxPool2d, Flatten / ``torch.flatten``,
-Identity / Dropout (eval: removed). Anything else raises ValueError naming the layer.
+The float model is BN-folded (``ioso_tvm.models.fold_bn``), captured with ``torch.fx`` and
+converted node by node by ``graph.convert``: Conv2d, Linear, ReLU / ReLU6 (module or functional;
+fused into the preceding conv / linear / add / concat), residual add, channel concat, global
+average pool (module, ``F.adaptive_avg_pool2d``, global ``F.avg_pool2d``, ``x.mean((2, 3))``),
+max pool, flatten / view / reshape to (N, features), Identity / Dropout (eval: removed). Anything
+else raises ValueError naming the node and its source line; an untraceable model (data-dependent
+control flow) raises one ValueError naming the line and what to change.
 
-Blocks (for reconstruction): consecutive ops whose innermost enclosing non-``Sequential``
-module is the same (a ResNet BasicBlock / Bottleneck, a MobileNetV2 InvertedResidual); ops
-directly under the root or under Sequential containers form single-op blocks.
+Blocks (for reconstruction) come from the graph (``graph.find_blocks``): the program is cut
+wherever a single tensor is alive; residual blocks, inverted residuals and concat branches stay
+whole, and block-wise methods join a depthwise conv with its pointwise neighbours. Module names
+only name the blocks (the innermost enclosing non-``Sequential`` module).
 """
 from __future__ import annotations
 
-import operator
-from dataclasses import dataclass, field
-
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import fx, nn
+from torch import nn
 
 from hw_model.config import DEFAULT_CONFIG, NPUConfig
 
 from .device import module_device
-from .qmodules import QAdd, QFlatten, QGlobalAvgPool, QInput, QLayer, QMaxPool
+from .graph import Block, Step, capture, convert, find_blocks
+from .qmodules import QAdd, QGlobalAvgPool, QInput, QLayer
 from .quantizers import ActQuantizer, WeightQuantizer, check_bits
 
-
-@dataclass
-class Step:
-    """One op of the program: ``outputs[out] = ops[op](*inputs)``; tensors are named by strings."""
-
-    op: str
-    inputs: list[str]
-    out: str
-
-
-@dataclass
-class Block:
-    """Consecutive program steps ``[start, stop)`` reconstructed together; one input tensor, one output."""
-
-    name: str
-    start: int
-    stop: int
-    inp: str
-    out: str
-    layers: list[str] = field(default_factory=list)
-
-
-_PASS = (nn.Identity, nn.Dropout)
-
-
-def _owner(node: fx.Node, mods: dict[str, nn.Module]) -> str:
-    """Innermost enclosing module of ``node`` that is neither a Sequential nor the node's own module."""
-    stack = list((node.meta.get("nn_module_stack") or {}).values())
-    own = node.target if node.op == "call_module" else None
-    for path, _ in reversed(stack):
-        if path == own or path not in mods:
-            continue
-        if not isinstance(mods[path], nn.Sequential):
-            return path
-    return ""
+__all__ = ["Block", "QuantModel", "Step", "build_qmodel", "check_calib_data"]
 
 
 class QuantModel(nn.Module):
@@ -160,6 +126,8 @@ class QuantModel(nn.Module):
                     pre = args[0].mean((2, 3), keepdim=True)
                 elif isinstance(op, QInput):
                     pre = args[0]
+                elif hasattr(op, "pre_quant"):  # graph.QConcat
+                    pre = op.pre_quant(*args)
                 else:
                     pre = None
                 if pre is not None:
@@ -184,82 +152,12 @@ def build_qmodel(model: nn.Module, input_shape: tuple[int, ...], wbits: int, abi
         first_last_bits = check_bits(first_last_bits, "first_last_bits")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    folded = fold_bn(model)
     try:
-        gm = fx.symbolic_trace(folded)
-    except Exception as e:  # noqa: BLE001 - fx raises many types
-        raise ValueError(f"model {type(model).__name__} cannot be traced by torch.fx: {e}") from e
-    mods = dict(folded.named_modules())
-    ops: dict[str, nn.Module] = {}
-    program: list[Step] = []
-    owners: list[str] = []
-    alias: dict[fx.Node, str] = {}
-    producer: dict[str, str] = {}
-    output = None
-
-    def name_of(node: fx.Node) -> str:
-        return node.name if node.op != "call_module" else str(node.target)
-
-    def add_op(key: str, mod: nn.Module, inputs: list[str], node: fx.Node) -> None:
-        key = key.replace(".", "/")  # ModuleDict keys cannot hold dots; op.name keeps the module path
-        if key in ops and not isinstance(mod, QLayer):  # a parameter-free module used again: one op per call
-            key = node.name
-        if key in ops:
-            kind = type(mods.get(str(node.target), mod)).__name__
-            raise ValueError(f"module {node.target!r} ({kind}) is called more than once in forward; each call "
-                             "needs its own quantizer: give every call its own module "
-                             f"(e.g. self.{node.target}_2 = copy.deepcopy(self.{node.target}))")
-        out = key
-        ops[key] = mod
-        program.append(Step(key, inputs, out))
-        owners.append(_owner(node, mods))
-        alias[node] = out
-        producer[out] = key
-
-    for node in gm.graph.nodes:
-        args = [a for a in node.args if isinstance(a, fx.Node)]
-        label = name_of(node)
-        if node.op == "placeholder":
-            if ops:
-                raise ValueError(f"model has more than one input ({label!r}); only one is supported")
-            add_op("input", QInput("input", 8), [], node)
-            program[-1] = Step("input", ["input"], "input_q")
-            alias[node] = "input_q"
-            producer["input_q"] = "input"
-            continue
-        if node.op == "output":
-            output = alias[node.args[0]]
-            continue
-        mod = mods.get(node.target) if node.op == "call_module" else None
-        is_relu = isinstance(mod, (nn.ReLU, nn.ReLU6)) or (node.op == "call_function" and node.target in (F.relu,
-                                                                                                             torch.relu))
-        if is_relu:
-            src = alias[args[0]]
-            op = ops.get(producer.get(src, ""))
-            if not isinstance(op, (QLayer, QAdd)) or op.outq.act is not None or len(args[0].users) != 1:
-                raise ValueError(f"layer {label!r}: a ReLU must directly follow a conv, linear or add with no "
-                                 f"other user (got it after {src!r})")
-            op.outq.act = "relu6" if isinstance(mod, nn.ReLU6) else "relu"
-            alias[node] = src
-        elif isinstance(mod, _PASS):
-            alias[node] = alias[args[0]]
-        elif isinstance(mod, (nn.Conv2d, nn.Linear)):
-            if isinstance(mod, nn.Conv2d) and mod.padding_mode != "zeros":
-                raise ValueError(f"layer {label!r}: padding_mode {mod.padding_mode!r} not supported")
-            add_op(label, QLayer(mod, label, wbits, abits, cfg), [alias[args[0]]], node)
-        elif node.op == "call_function" and node.target in (operator.add, torch.add) and len(args) == 2:
-            add_op(label, QAdd(label, abits), [alias[a] for a in args], node)
-        elif isinstance(mod, nn.AdaptiveAvgPool2d) and mod.output_size in (1, (1, 1)):
-            add_op(label, QGlobalAvgPool(label, abits), [alias[args[0]]], node)
-        elif isinstance(mod, nn.MaxPool2d):
-            add_op(label, QMaxPool(mod, label), [alias[args[0]]], node)
-        elif isinstance(mod, nn.Flatten) or (node.op == "call_function" and node.target is torch.flatten):
-            add_op(label, QFlatten(label), [alias[args[0]]], node)
-        else:
-            target = getattr(node.target, "__name__", node.target)
-            what = type(mod).__name__ if mod is not None else f"{node.op} {target}"
-            raise ValueError(f"unsupported layer {label!r} ({what}) for the NPU quantizer; supported: Conv2d, Linear, "
-                             "ReLU, ReLU6, residual add, AdaptiveAvgPool2d(1), MaxPool2d, Flatten, Identity, Dropout")
+        folded = fold_bn(model)
+    except Exception:  # noqa: BLE001 - fold_bn traces the model: an untraceable one gets capture's clear error
+        capture(model)
+        raise
+    ops, program, output, owners = convert(folded, tuple(input_shape), wbits, abits, cfg)
     layers = [k for k, m in ops.items() if isinstance(m, QLayer)]
     if not layers:
         raise ValueError("model has no Conv2d or Linear layer to quantize")
@@ -273,7 +171,7 @@ def build_qmodel(model: nn.Module, input_shape: tuple[int, ...], wbits: int, abi
         ops["input"].outq.bits = first_last_bits
     else:
         ops["input"].outq.bits = abits
-    blocks = _find_blocks(program, owners, ops)
+    blocks = _find_blocks(program, owners, ops, layerwise=False, output=output)
     return QuantModel(ops, program, output, blocks, input_shape, cfg)
 
 
@@ -283,37 +181,14 @@ def _quantizer_of(ops: dict[str, nn.Module], program: list[Step], tensor: str) -
     return op.outq if hasattr(op, "outq") else _quantizer_of(ops, program, st.inputs[0])
 
 
-def _find_blocks(program: list[Step], owners: list[str], ops: dict[str, nn.Module]) -> list[Block]:
-    """Group consecutive steps by owner; a group with more than one outside input is split into single steps."""
-    spans: list[tuple[int, int]] = []
-    i = 0
-    while i < len(program):
-        j = i + 1
-        if owners[i]:
-            while j < len(program) and owners[j] == owners[i]:
-                j += 1
-        spans.append((i, j))
-        i = j
-    if len(spans) > 1 and program[0].op == "input":  # the input quantizer joins the first block
-        spans[:2] = [(0, spans[1][1])]
-    def ext_inputs(a: int, b: int) -> list[str]:
-        produced = {program[k].out for k in range(a, b)}
-        return sorted({t for k in range(a, b) for t in program[k].inputs if t not in produced})
-
-    merged: list[tuple[int, int]] = []
-    for a, b in spans:  # a span with several outside inputs (a residual add) swallows its predecessors
-        while len(ext_inputs(a, b)) > 1 and merged:
-            a = merged.pop()[0]
-        merged.append((a, b))
-    blocks: list[Block] = []
-    for a, b in merged:
-        ins = ext_inputs(a, b)
-        if len(ins) != 1:
-            raise ValueError(f"cannot form a single-input block around step {program[a].op!r} (inputs {ins})")
-        name = owners[a] if (b - a > 1 and owners[a]) else program[b - 1].op
-        layers = [program[k].op for k in range(a, b) if isinstance(ops[program[k].op], QLayer)]
-        blocks.append(Block(name, a, b, ins[0], program[b - 1].out, layers))
-    return blocks
+def _find_blocks(program: list[Step], owners: list[str], ops: dict[str, nn.Module], layerwise: bool | None = None,
+                 output: str | None = None) -> list[Block]:
+    """Reconstruction blocks of ``program`` from its graph (``graph.find_blocks``); ``owners`` name them.
+    ``layerwise`` None: layer-wise when every owner is blank (how the engine asks for AdaRound's blocks),
+    else block-wise (BRECQ / QDrop / IOSO)."""
+    if layerwise is None:
+        layerwise = not any(owners)
+    return find_blocks(program, ops, owners, layerwise, output)
 
 
 def check_calib_data(data: torch.Tensor | np.ndarray, input_shape: tuple[int, ...] | None,
