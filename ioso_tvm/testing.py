@@ -210,6 +210,83 @@ class QDQBuilder:
             env[x.name], x.zp, m, b, out.lo, out.hi, out.dtype)))
         return out
 
+    def avgpool(self, x: T, kernel: int = 2, stride: int = 2, abits: int = 8, signed: bool = False) -> T:
+        """AveragePool (no padding) -> activation quantizer."""
+        n, c, h, w = x.shape
+        ap = self._uid("ap")
+        self.nodes.append(helper.make_node("AveragePool", [x.name], [ap], kernel_shape=[kernel] * 2,
+                                           strides=[stride] * 2))
+        oh, ow = (h - kernel) // stride + 1, (w - kernel) // stride + 1
+        out = self._quantizer(ap, (n, c, oh, ow), abits, signed, None)
+        m, b = ref.avg_pool_constants(x.scale, out.scale, out.zp, kernel * kernel)
+        self.steps.append(lambda env: env.__setitem__(out.name, ref.avg_pool2d(
+            env[x.name], x.zp, (kernel,) * 2, (stride,) * 2, m, b, out.lo, out.hi, out.dtype)))
+        return out
+
+    def mean(self, x: T, abits: int = 8) -> T:
+        """ReduceMean(axes=[2, 3], keepdims=0) (torch ``x.mean((2, 3))``) -> activation quantizer; (N, C)."""
+        n, c, h, w = x.shape
+        rm = self._uid("mean")
+        self.nodes.append(helper.make_node("ReduceMean", [x.name], [rm], axes=[2, 3], keepdims=0))
+        out = self._quantizer(rm, (n, c), abits, False, None)
+        m, b = ref.avg_pool_constants(x.scale, out.scale, out.zp, h * w)
+        self.steps.append(lambda env: env.__setitem__(out.name, ref.global_avg_pool(
+            env[x.name], x.zp, m, b, out.lo, out.hi, out.dtype).reshape(n, c)))
+        return out
+
+    def relu(self, x: T, requantize: bool = True, abits: int = 8, signed: bool = True) -> T:
+        """Relu between two quantizers (onnxruntime's int8-symmetric QDQ): with ``requantize`` a new scale and
+        zero point (the contract's 1x1 average pool, m = s_in / s_out), else the input's (a clip)."""
+        r = self._uid("relu")
+        self.nodes.append(helper.make_node("Relu", [x.name], [r]))
+        if requantize:
+            out = self._quantizer(r, x.shape, abits, signed, "relu")
+            m, b = ref.avg_pool_constants(x.scale, out.scale, out.zp, 1)
+            self.steps.append(lambda env: env.__setitem__(out.name, ref.avg_pool2d(
+                env[x.name], x.zp, (1, 1), (1, 1), m, b, out.lo, out.hi, out.dtype)))
+            return out
+        sn, zn = self._const(np.float32(x.scale), "s"), self._const(np.array(x.zp, x.dtype), "zp")
+        q, dq = self._uid("q"), self._uid("dq")
+        self.nodes += [helper.make_node("QuantizeLinear", [r, sn, zn], [q]),
+                       helper.make_node("DequantizeLinear", [q, sn, zn], [dq])]
+        lo = max(x.lo, x.zp)
+        out = T(dq, x.scale, x.zp, lo, x.hi, x.dtype, x.shape)
+        self.steps.append(lambda env: env.__setitem__(out.name, np.clip(env[x.name], lo, x.hi).astype(x.dtype)))
+        return out
+
+    def matmul(self, x: T, k: int, op: str = "MatMul", wbits: int = 8, per_channel: bool = True) -> T:
+        """A (N, C) input times a constant (C, K) weight: ``MatMul`` or ``Gemm`` with transB=0 (+ bias for
+        Gemm) -> activation quantizer (signed); weight scales per output column (axis 1) or per tensor."""
+        n, c = x.shape
+        qmax = 2 ** (wbits - 1) - 1
+        wq = self.rng.integers(-qmax - 1, qmax + 1, (c, k)).astype(np.int8)
+        s_w = (self.rng.uniform(0.5, 2.0, k if per_channel else 1) / (qmax * np.sqrt(c))).astype(np.float32)
+        wn, name = self._uid("wdq"), self._uid(op.lower())
+        zp_w = np.zeros(k if per_channel else (), np.int8)
+        self.nodes.append(helper.make_node("DequantizeLinear", [self._const(wq, "wq"), self._const(
+            s_w if per_channel else s_w[0], "sw"), self._const(zp_w, "wzp")], [wn], axis=1))
+        bias = None
+        if op == "Gemm":
+            bias = self.rng.normal(0, 0.3, k).astype(np.float32)
+            self.nodes.append(helper.make_node("Gemm", [x.name, wn, self._const(bias, "b")], [name], name=name))
+        else:
+            self.nodes.append(helper.make_node("MatMul", [x.name, wn], [name], name=name))
+        out = self._quantizer(name, (n, k), 8, True, None)
+        m, b = ref.norm_constants(x.scale, np.broadcast_to(s_w, (k,)).astype(np.float32), out.scale, out.zp,
+                                  bias, None, None)
+        self.steps.append(lambda env: env.__setitem__(out.name, ref.linear(
+            env[x.name], x.zp, np.ascontiguousarray(wq.T), m, b, out.lo, out.hi, out.dtype, cfg=self.cfg)))
+        return out
+
+    def float_op(self, xs: list[T], op_type: str, out_shape: tuple[int, ...], consts: tuple = (),
+                 abits: int = 8, **attrs) -> T:
+        """Any ONNX op on dequantized inputs (plus constant inputs, ``None`` for an empty one) -> activation
+        quantizer. It has no integer reference: compare with ``compile(..., offload=False)``."""
+        y = self._uid(op_type.lower())
+        ins = [t.name for t in xs] + ["" if v is None else self._const(v, "c") for v in consts]
+        self.nodes.append(helper.make_node(op_type, ins, [y], **attrs))
+        return self._quantizer(y, out_shape, abits, False, None)
+
     # ------------------------------------------------------------------ output
     def model(self, outputs: list[T]) -> onnx.ModelProto:
         """The ONNX model (opset 17) with the ``ioso_npu`` metadata; ``onnx.checker`` clean."""

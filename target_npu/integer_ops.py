@@ -9,12 +9,17 @@ printed module says what the NPU computes. For a layer named ``n`` (``conv3``, `
   with ``W_g`` the int16 weights of the input channels in group g (zero elsewhere); a scaled group
   goes through the fixed shifter ``n_d2_g<g> = add|subtract(d1, right_shift(d1, isg_shift))``; the
   groups are summed by ``add`` into D2;
-- global average pool: ``sum(astype(x, "int32") - zp, axis=[2, 3])`` (``n_in0`` is the int32 cast);
+- global average pool: ``sum(astype(x, "int32") - zp, axis=[2, 3])`` (``n_in0`` is the int32 cast;
+  ``keepdims`` false for an (N, C) output, a ``ReduceMean(keepdims=0)``); average pool: the same int32
+  operand into ``n_acc = conv2d(xs, ones(C, 1, KH, KW), strides, groups=C, out_dtype="int32")``, the exact
+  window sum (Relax has no sum pool; ``avg_pool2d`` divides); the MAC layers' operands are int16, the pools'
+  int32, so each pattern matches its own kind only;
 - NORM: ``add(multiply(astype(acc, "float32"), m), b)``; the add:
   ``add(add(multiply(float(a - zp_a), ma), multiply(float(b - zp_b), mb)), bias)``;
 - ACT + QUANT: ``n_clip = clip(round(t), lo, hi)`` and the layer's output ``astype(n_clip, out_dtype)``,
   bound to the variable the model's ``quantize`` was bound to; max pool is
-  ``n_in0 = max_pool2d(x)``, ``n_clip = clip(n_in0, lo, hi)``, ``astype``.
+  ``n_in0 = max_pool2d(x)``, ``n_clip = clip(n_in0, lo, hi)``, ``astype`` (a clip between two equal
+  quantizers is a 1x1 max pool).
 
 The names carry the layer through ``FuseOpsByPattern`` and ``MergeCompositeFunctions`` (which keep inner
 binding names): :func:`layer_name_of` reads a layer's name from a composite function and
@@ -116,17 +121,24 @@ def emit_layer(emit: Emit, layer: Any, inputs: list[relax.Expr], cfg: NPUConfig)
     if isinstance(s, PoolSpec) and s.kind == "max":
         mp = emit(relax.op.nn.max_pool2d(inputs[0], list(s.kernel), list(s.stride), list(s.pads)), f"{n}_in0")
         return _tail(emit, mp, s, n, rounded=False)
-    if isinstance(s, PoolSpec) and s.kind == "global_avg":
+    if isinstance(s, PoolSpec) and s.kind in ("global_avg", "avg"):
         xi = emit(relax.op.astype(inputs[0], "int32"), f"{n}_in0")
         xs = emit(relax.op.subtract(xi, _const(s.x_zp, "int32")), f"{n}_xs0")
-        acc = emit(relax.op.sum(xs, axis=[2, 3], keepdims=True), f"{n}_acc")
-        return _tail(emit, _norm(emit, acc, s.m, s.b, 4, n), s, n)
+        ndim = len(layer.out_shape)
+        if s.kind == "global_avg":  # (N, C, 1, 1), or (N, C) for a ReduceMean with keepdims=0
+            acc = emit(relax.op.sum(xs, axis=[2, 3], keepdims=ndim == 4), f"{n}_acc")
+        else:  # the exact int32 window sum: a depthwise conv with an all-ones kernel
+            ones = np.ones((s.c, 1, *s.kernel), np.int32)
+            acc = emit(relax.op.nn.conv2d(xs, _const(ones, "int32"), strides=list(s.stride), groups=s.c,
+                                          out_dtype="int32"), f"{n}_acc")
+        return _tail(emit, _norm(emit, acc, s.m, s.b, ndim, n), s, n)
     raise ValueError(f"layer {n}: no integer form for a {type(s).__name__}")
 
 
 # --------------------------------------------------------------------------------- patterns
-def _operand_pat() -> DFPattern:
-    return is_op("relax.subtract")(is_op("relax.astype")(wildcard()), is_const())
+def _operand_pat(dtype: str = "int16") -> DFPattern:
+    """``x - zp`` in ``dtype``: int16 for the MAC layers and the add, int32 for the average pools."""
+    return is_op("relax.subtract")(is_op("relax.astype")(wildcard()).has_dtype(dtype), is_const())
 
 
 def _tail_pat(t: DFPattern, rounded: bool = True) -> DFPattern:
@@ -161,7 +173,8 @@ def mac_patterns(op: str, cfg: NPUConfig) -> list[DFPattern]:
 
 
 def patterns(kind: str, cfg: NPUConfig) -> list[DFPattern]:
-    """The patterns of one NPU layer kind: ``conv2d``, ``linear``, ``add``, ``max_pool2d``, ``global_avg_pool``."""
+    """The patterns of one NPU layer kind: ``conv2d``, ``linear``, ``add``, ``max_pool2d``, ``global_avg_pool``,
+    ``avg_pool2d``."""
     if kind in ("conv2d", "linear"):
         return mac_patterns("conv2d" if kind == "conv2d" else "matmul", cfg)
     if kind == "add":
@@ -171,8 +184,9 @@ def patterns(kind: str, cfg: NPUConfig) -> list[DFPattern]:
     if kind == "max_pool2d":
         return [_tail_pat(is_op("relax.nn.max_pool2d")(wildcard()), rounded=False)]
     if kind == "global_avg_pool":
-        xs = is_op("relax.subtract")(is_op("relax.astype")(wildcard()), is_const())
-        return [_tail_pat(_norm_pat(is_op("relax.sum")(xs)))]
+        return [_tail_pat(_norm_pat(is_op("relax.sum")(_operand_pat("int32"))))]
+    if kind == "avg_pool2d":
+        return [_tail_pat(_norm_pat(is_op("relax.nn.conv2d")(_operand_pat("int32"), is_const())))]
     raise ValueError(f"no NPU pattern for {kind!r}")
 
 

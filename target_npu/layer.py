@@ -11,8 +11,14 @@ conv      ``ConvSpec`` (dense, grouped, depthwise) or      1
           ``LinearSpec`` (Gemm; ``weight`` in the NCHW
           flatten order of a 4-D input)
 add       ``AddSpec``                                     2
-maxpool   ``PoolSpec(kind="max")``                        1
-gap       ``PoolSpec(kind="global_avg")``                 1
+maxpool   ``PoolSpec(kind="max")`` (a 1x1 one: a clip        1
+          between two equal quantizers)
+gap       average pools: ``PoolSpec(kind="global_avg")``  1
+          (output (N, C, 1, 1), or (N, C) for a
+          ``ReduceMean`` with ``keepdims=0``) or
+          ``PoolSpec(kind="avg")`` (layer ``avgpool<i>``,
+          no padding; a 1x1 one: a requantizing
+          activation)
 input     ``QuantizeSpec`` (CPU side of the contract)     1 (float32)
 ========  ==============================================  ==========================
 

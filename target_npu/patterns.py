@@ -4,13 +4,15 @@ Input: a Relax module after ``target_npu.transform.fold_qdq``, where every recog
 integer form (``target_npu.integer_ops``: ``conv2d`` / ``matmul`` over int16 ``x - zp`` into int32, the
 ISG shift-adds, NORM, round, clip, cast). One :class:`~tvm.relax.transform.FusionPattern` per layer
 kind and number of ISG groups matches that form (``ioso_npu.conv2d``, ``ioso_npu.linear``,
-``ioso_npu.add``, ``ioso_npu.max_pool2d``, ``ioso_npu.global_avg_pool``); its ``check`` finds the
+``ioso_npu.add``, ``ioso_npu.max_pool2d``, ``ioso_npu.global_avg_pool``, ``ioso_npu.avg_pool2d``); its
+``check`` finds the
 :class:`target_npu.layer.Layer` bound to the matched output variable and enforces the NPU's limits
 on its typed ``hw_model`` spec (:func:`npu_limits`):
 
 - activation dtypes int8/uint8 in and out (``hw_model.layer_specs``), weights int8 within
   ``WEIGHT_BITS_MAX`` bits, kernel <= ``MAX_KERNEL``, stride <= ``MAX_STRIDE``, dilation 1,
-  groups 1 or depthwise (others expanded by the builder), clip bounds inside the out dtype;
+  groups 1 or depthwise (others expanded by the builder), clip bounds inside the out dtype, a max pool
+  without clip (ALU_MAX has none);
 - the layer's ``hw_model`` spec accepts it and a tiling (the tuned one, else the default) fits the
   ``NPUConfig`` buffers. Checks are pure: no program is built here; the codegen builds and links.
 
@@ -30,7 +32,8 @@ from hw_model.config import NPUConfig
 from hw_model.layer_specs import AddSpec, ConvSpec, LinearSpec, PoolSpec
 from target_npu.integer_ops import patterns
 
-KINDS = {"conv2d": "conv", "linear": "conv", "add": "add", "max_pool2d": "maxpool", "global_avg_pool": "gap"}
+KINDS = {"conv2d": "conv", "linear": "conv", "add": "add", "max_pool2d": "maxpool", "global_avg_pool": "gap",
+         "avg_pool2d": "gap"}
 """Composite name suffix -> ``Layer.kind``."""
 WEIGHT_BITS_MAX = 8
 """Weight precision of the 16x16 MAC array (int8 x int8 -> int32; hw_model/config.py)."""
@@ -92,6 +95,9 @@ def npu_limits(spec: Any) -> str | None:
             return f"groups {spec.groups} do not divide {spec.c} input channels"
     if isinstance(spec, (ConvSpec, PoolSpec)) and max(spec.stride) > MAX_STRIDE:
         return f"stride {list(spec.stride)} > {MAX_STRIDE}"
+    if isinstance(spec, PoolSpec) and spec.kind == "max" and (int(spec.lo), int(spec.hi)) != (info.min, info.max):
+        return (f"max pool with clip [{spec.lo}, {spec.hi}] inside {spec.out_dtype}: the NPU's ALU_MAX does not clip "
+                f"(a relu / clip between max pool and quantizer)")
     if isinstance(spec, PoolSpec) and max(spec.kernel) > MAX_KERNEL:
         return f"pool kernel {list(spec.kernel)} > {MAX_KERNEL}"
     return None

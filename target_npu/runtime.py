@@ -150,8 +150,10 @@ def execute(layer: Any, xs: list[np.ndarray], cfg: NPUConfig) -> np.ndarray:
     if isinstance(s, PoolSpec) and s.kind == "max":
         y = ref.max_pool2d(xs[0], tuple(s.kernel), tuple(s.stride), tuple(s.pads))
         return np.clip(y, s.lo, s.hi).astype(dt)
-    if isinstance(s, PoolSpec) and s.kind == "global_avg":
-        return ref.global_avg_pool(xs[0], s.x_zp, s.m, s.b, s.lo, s.hi, dt)
+    if isinstance(s, PoolSpec) and s.kind == "global_avg":  # (N, C, 1, 1), or (N, C) for ReduceMean(keepdims=0)
+        return ref.global_avg_pool(xs[0], s.x_zp, s.m, s.b, s.lo, s.hi, dt).reshape(layer.out_shape)
+    if isinstance(s, PoolSpec) and s.kind == "avg":
+        return ref.avg_pool2d(xs[0], s.x_zp, tuple(s.kernel), tuple(s.stride), s.m, s.b, s.lo, s.hi, dt)
     raise ValueError(f"layer {layer.name}: no CPU path for a {type(s).__name__}")
 
 

@@ -56,9 +56,17 @@ def _random_layer(rng: np.random.Generator, kind: str) -> Layer:
                         lo=int(info.min) + 3, hi=int(info.max) - 3, in_dtype=dt, out_dtype=dt)
         return Layer("maxpool", "maxpool2", spec, [(n, c, h, h)], [dt], (n, c, h // 2 + 1, h // 2 + 1) if h % 2
                      else (n, c, h // 2, h // 2), dt)
+    if kind == "avgpool":
+        k = int(rng.integers(1, min(h, 3) + 1))
+        st = int(rng.integers(1, k + 1))
+        spec = PoolSpec("avg", n, c, h, h, kernel=(k, k), stride=(st, st), x_zp=zp, m=float(rng.random() / (k * k)),
+                        b=float(rng.integers(-3, 3)), lo=lo, hi=hi, in_dtype=dt, out_dtype=out_dt)
+        oh = (h - k) // st + 1
+        return Layer("gap", "avgpool4", spec, [(n, c, h, h)], [dt], (n, c, oh, oh), out_dt)
     spec = PoolSpec("global_avg", n, c, h, h, x_zp=zp, m=float(rng.random() / (h * h)),
                     b=float(rng.integers(-3, 3)), lo=lo, hi=hi, in_dtype=dt, out_dtype=out_dt)
-    return Layer("gap", "gap9", spec, [(n, c, h, h)], [dt], (n, c, 1, 1), out_dt)
+    out = (n, c) if kind == "gap2d" else (n, c, 1, 1)  # gap2d: a ReduceMean with keepdims=0
+    return Layer("gap", "gap9", spec, [(n, c, h, h)], [dt], out, out_dt)
 
 
 def _module(ly: Layer) -> tvm.IRModule:
@@ -71,7 +79,7 @@ def _module(ly: Layer) -> tvm.IRModule:
     return bb.get()
 
 
-KINDS_TESTED = ["conv", "dw", "linear", "linear4d", "add", "maxpool", "gap"]
+KINDS_TESTED = ["conv", "dw", "linear", "linear4d", "add", "maxpool", "gap", "gap2d", "avgpool"]
 
 
 @pytest.mark.parametrize("kind", KINDS_TESTED)
@@ -92,7 +100,8 @@ def test_each_form_is_matched_by_its_own_pattern_only():
     """Every kind's emitted ops are matched whole by exactly the pattern of its kind."""
     rng = np.random.default_rng(0)
     for kind, want in [("conv", "conv2d"), ("dw", "conv2d"), ("linear", "linear"), ("linear4d", "linear"),
-                       ("add", "add"), ("maxpool", "max_pool2d"), ("gap", "global_avg_pool")]:
+                       ("add", "add"), ("maxpool", "max_pool2d"), ("gap", "global_avg_pool"),
+                       ("gap2d", "global_avg_pool"), ("avgpool", "avg_pool2d")]:
         ly = _random_layer(rng, kind)
         table = [FusionPattern(f"ioso_npu.{name}", p) for name in KINDS for p in patterns(name, CFG)]
         mod = relax.transform.FuseOpsByPattern(table, bind_constants=True, annotate_codegen=False)(_module(ly))
