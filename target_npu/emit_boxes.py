@@ -149,8 +149,11 @@ def dram_box(bind: Binding, shape: tuple[int, ...], sbox: list[tuple[int, int]],
         raise EmitError(f"box {sbox} is not a 3-D DMA")
     ns = [int(np.prod([sbox[d][1] for d in g])) for g in outer] + [1] * (2 - len(outer))
     st = [bind.strides[g[-1]] for g in outer] + [0] * (2 - len(outer))
-    goff = sum(sbox[d][0] * bind.strides[d] for d in range(i, nd)) if bind.gdims else 0
-    off = bind.offset + sum(sbox[d][0] * bind.strides[d] for d in range(nd)) - goff
+    # a dim with no real rows (the box is all padding) reads nothing: its start counts as 0, so the offset
+    # stays inside the region (as the builder writes it)
+    start = [lo if ext > 0 else 0 for lo, ext in sbox]
+    goff = sum(start[d] * bind.strides[d] for d in range(i, nd)) if bind.gdims else 0
+    off = bind.offset + sum(start[d] * bind.strides[d] for d in range(nd)) - goff
     return off, goff, ns[0], ns[1], run, st[0], st[1], [g[0] if len(g) == 1 else -1 for g in outer]
 
 

@@ -132,7 +132,10 @@ def test_fake_quant_through_the_floor_equals_deploy(seed):
     randomise(qm, seed, 3)
     keys = set(qm.state_dict())
     with torch.no_grad():
-        exact_gamma, deployed = qm(x), qm.deploy(x)
+        floored_by_default, deployed = qm(x), qm.deploy(x)  # build_qmodel wires every layer's input quantizer
+        for m in qm.layers():
+            m.set_input_quantizer(None)
+        exact_gamma = qm(x)  # without it: the exact factor
         _wire(qm)
         floored = qm(x)
     assert set(qm.state_dict()) == keys  # the input quantizer is not a submodule of the layer
@@ -142,6 +145,7 @@ def test_fake_quant_through_the_floor_equals_deploy(seed):
         return torch.round(t / s).to(torch.int64)
 
     assert torch.equal(ints(floored), ints(deployed))  # every logit
+    assert torch.equal(ints(floored_by_default), ints(deployed))
     assert not torch.equal(ints(exact_gamma), ints(deployed))  # the exact factor is not what the NPU computes
     loss = qm(x).pow(2).sum()  # gradients flow through the floor (straight-through)
     loss.backward()

@@ -241,3 +241,27 @@ def test_depthwise_with_scaled_groups_lowers_through_tir():
     assert [(g.sign, g.cols) for g in prog.instrs if isinstance(g, GroupShiftAdd)][:2] == [(-1, 16), (0, 16)]
     x = rng.integers(-128, 128, (1, 32, 5, 5)).astype(np.int8)
     assert np.array_equal(_run(prog, x), _want(spec, x))
+
+
+def test_an_all_padding_load_stays_inside_its_region():
+    """A tile whose input rows are all padding reads no DRAM byte; its LOAD's offset stays inside the region
+    (it once pointed past the end, which the simulator refuses), and the layer stays exact."""
+    import numpy as np
+
+    from hw_model import reference as ref
+    from hw_model.cycles import simulate
+    from hw_model.isa import Load
+    from hw_model.layer_specs import ConvSpec, Tiling
+    from hw_model.layers_alu import pack_inputs, unpack_output
+    from target_npu.codegen import layer_program
+
+    rng = np.random.default_rng(0)
+    spec = ConvSpec(1, 17, 3, 3, 1, rng.integers(-8, 8, (1, 17, 1, 1)).astype(np.int8), np.ones(1, np.float32),
+                    np.zeros(1, np.float32), pads=(1, 1, 1, 1))
+    prog = layer_program(spec, Tiling(1, 1, 1, "ob_outer", 1), CFG)
+    size = prog.regions["x"].size
+    assert all(i.dram_offset < size for i in prog.instrs if isinstance(i, Load) and i.region == "x")
+    x = rng.integers(-128, 128, (1, 17, 3, 3)).astype(np.int8)
+    got = unpack_output(prog, simulate(prog, pack_inputs(prog, x), CFG, mode="func").outputs["out"])
+    want = ref.conv2d(x, 0, spec.weight, spec.m, spec.b, -128, 127, pads=(1, 1, 1, 1))
+    assert np.array_equal(got, want)

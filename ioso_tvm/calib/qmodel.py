@@ -171,6 +171,9 @@ def build_qmodel(model: nn.Module, input_shape: tuple[int, ...], wbits: int, abi
         ops["input"].outq.bits = first_last_bits
     else:
         ops["input"].outq.bits = abits
+    for st in program:  # fake-quant then shifts each hardened ISG group's integer partial sum as the NPU does
+        if isinstance(ops[st.op], QLayer):
+            ops[st.op].set_input_quantizer(_quantizer_of(ops, program, st.inputs[0]))
     blocks = _find_blocks(program, owners, ops, layerwise=False, output=output)
     return QuantModel(ops, program, output, blocks, input_shape, cfg)
 
