@@ -64,3 +64,37 @@ def test_quantize_static_model_runs_on_the_npu(name, tmp_path):
         assert np.array_equal(got, contract.run(x))  # the NPU is the contract, exactly
         assert np.abs(got - theirs).max() <= ORT_STEPS * step * (1 + 1e-6)
         assert got.argmax() == theirs.argmax()
+
+
+def test_a_torch_ao_quantized_model_runs_on_the_npu(tmp_path):
+    """torch.ao.quantization (eager mode, fbgemm qconfig) converted and exported by torch.onnx: a QDQ graph whose
+    convs and Linear all run on the NPU, exactly as the contract."""
+    import warnings
+
+    import torch.ao.quantization as tq
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.dq = tq.QuantStub(), tq.DeQuantStub()
+            self.c1, self.relu = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU()
+            self.c2, self.fc = torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.Linear(16 * 8 * 8, 10)
+
+        def forward(self, x):
+            return self.dq(self.fc(self.c2(self.relu(self.c1(self.q(x)))).flatten(1)))
+
+    torch.manual_seed(0)
+    m = Net().eval()
+    m.qconfig = tq.get_default_qconfig("fbgemm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
+        prepared = tq.prepare(m)
+        for _ in range(4):
+            prepared(torch.randn(1, 3, 8, 8))
+        path = tmp_path / "tao.onnx"
+        torch.onnx.export(tq.convert(prepared), torch.randn(1, 3, 8, 8), path, dynamo=False, opset_version=17,
+                          input_names=["input"])
+    cm, contract = ioso_tvm.compile(path), ioso_tvm.compile(path, offload=False)
+    assert cm.offload_summary()["mac_share"] == 1.0
+    x = np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    assert np.array_equal(cm.run(x), contract.run(x))
