@@ -442,6 +442,7 @@ def _pool(kernel: int, hw: int = 6):
 
 
 FOLDED = [  # id, builder: what the docs call supported folds into NPU layers, equal to offload=False
+    ("AveragePool 2x2 (int32 window sum, NORM)", _pool(2)),
     ("conv auto_pad SAME_UPPER stride 1", _auto_pad("SAME_UPPER", 1)),
     ("conv auto_pad SAME_UPPER stride 2 (odd pixel at the end)", _auto_pad("SAME_UPPER", 2)),
     ("conv auto_pad SAME_LOWER stride 2 (odd pixel at the start)", _auto_pad("SAME_LOWER", 2)),
@@ -497,15 +498,12 @@ def _dynamic_auto_pad():
 
 
 REASONS = [  # id, builder, input_shapes, the reason in the report
-    ("AveragePool 2x2", _pool(2), None,
-     r"AveragePool kernel \[2, 2\], pads \[0, 0, 0, 0\] on a 6x6 input: the NPU runs "
-                                          r"only global average pools"),
     ("auto_pad on an input of unknown size", _dynamic_auto_pad, {"input": [1, 16, 6, 6]},
      r"conv input goes through a separate pad op \(ONNX auto_pad=SAME_\*"),
     ("Pad node before the conv", _pad_node, None, r"separate pad op .*or a Pad node"),
     ("weight zero point 1", _weight_zp, None, r"weight zero point is not 0"),
     ("Sigmoid before the quantizer", _after_input("Sigmoid"), None,
-     r"sigmoid before the quantizer is not an NPU layer"),
+     r"Sigmoid runs on the CPU: the NPU's ACT stage only clips"),
     ("add of a float constant", _after_input("Add", np.float32(0.5)), None,
      r"a quantized tensor times / plus a constant is not an NPU layer"),
     ("max pool that requantizes", _after_input("MaxPool", kernel_shape=[2, 2], strides=[2, 2]), None,

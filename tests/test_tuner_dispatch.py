@@ -158,6 +158,15 @@ def test_cli_passes_tune_flags(tmp_path, monkeypatch, capsys):
 
     got = {}
     monkeypatch.setattr(tuner_pkg, "tune_model", lambda *a, **k: got.update(k))
+    real_find_spec = cli.importlib.util.find_spec
+    ray_installed = {"yes": True}  # the tune itself is stubbed: only the executor choice is under test
+
+    def find_spec(name, *a):
+        if name == "ray":
+            return object() if ray_installed["yes"] else None
+        return real_find_spec(name, *a)
+
+    monkeypatch.setattr(cli.importlib.util, "find_spec", find_spec)
     model = tmp_path / "m.onnx"
     onnx.save(_two_conv_model(), str(model))
     warm = tmp_path / "old.jsonl"
@@ -171,6 +180,11 @@ def test_cli_passes_tune_flags(tmp_path, monkeypatch, capsys):
     assert got["executor"] == "serial" and got["ray_address"] is None
     assert cli.main([*argv, "--executor", "serial"]) == 2
     assert "--ray-address needs --executor ray" in capsys.readouterr().err
+    ray_installed["yes"] = False  # without Ray: the default measures in-process, asking for Ray is one line
+    assert cli.main([*argv[:-4], "-o", str(tmp_path / "s.jsonl")]) == 0
+    assert got["executor"] == "serial"
+    assert cli.main([*argv[:-4], "--executor", "ray", "-o", str(tmp_path / "s.jsonl")]) == 2
+    assert "needs Ray" in capsys.readouterr().err
     assert cli.main([*argv, "--early-stopping", "0"]) == 2
     assert "--early-stopping must be positive, got 0" in capsys.readouterr().err
 
