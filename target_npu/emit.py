@@ -36,6 +36,7 @@ from target_npu.emit_boxes import (
     dram_box,
     mem_check,
     mem_of,
+    moving_loop,
     op_point,
     pack_weights,
     sign_runs,
@@ -290,10 +291,7 @@ class ConvEmitter:
         self.checked.add(layout)
 
         def loop_in(p: str, d: int, skip: tuple[str | None, ...] = ()) -> str | None:
-            vs = [v for v in c.ops[p][1][d][1] if v in inner and v not in skip]
-            if len(vs) > 1:
-                raise EmitError(f"{c.name}: dim {d} of {p} moves with loops {vs}")
-            return vs[0] if vs else None
+            return moving_loop(c, p, d, inner, skip)
 
         def ext(v: str | None) -> int:
             return 1 if v is None else exts[v]

@@ -40,6 +40,7 @@ from target_npu.emit_boxes import (
     dense_strides,
     dram_box,
     mem_check,
+    moving_loop,
     src_box,
     tiles,
 )
@@ -236,10 +237,7 @@ class AluEmitter:
             return 0 if v is None else addr(p, move=v) - addr(p)
 
         def loop_in(p: str, d: int, skip: tuple[str | None, ...] = ()) -> str | None:
-            vs = [v for v in c.ops[p][1][d][1] if v in own and v not in skip]
-            if len(vs) > 1:
-                raise EmitError(f"{c.name}: dim {d} of {p} moves with loops {vs}")
-            return vs[0] if vs else None
+            return moving_loop(c, p, d, own, skip)
 
         def ext(v: str | None) -> int:
             return 1 if v is None else exts[v]

@@ -122,6 +122,15 @@ def mem_of(nest: Nest) -> dict[str, str]:
     return out
 
 
+def moving_loop(b: Blk, operand: str, dim: int, loops: Any, skip: tuple[str | None, ...] = ()) -> str | None:
+    """The one loop of ``loops`` (minus ``skip``) that moves dim ``dim`` of ``operand`` of call site ``b``
+    (None: no such loop); EmitError if two do."""
+    vs = [v for v in b.ops[operand][1][dim][1] if v in loops and v not in skip]
+    if len(vs) > 1:
+        raise EmitError(f"{b.name}: dim {dim} of {operand} moves with loops {vs}")
+    return vs[0] if vs else None
+
+
 def op_point(op: tuple[str, list[Aff], list[int]], env: dict[str, int]) -> list[int]:
     return [at(a, env) for a in op[1]]
 
