@@ -194,21 +194,23 @@ class CompiledModel:
     def offload_summary(self) -> dict[str, Any]:
         """How much of the model the NPU runs: layers and MACs on the NPU of those folded (the input quantizer
         excluded), the share of MACs, and the CPU reasons ranked by the MACs they keep off the NPU."""
-        rows = [r for r in self.report()["layers"] if r["kind"] != "input" and r["device"] != "removed"]
-        macs = sum(r["macs"] for r in rows)
-        npu = [r for r in rows if r["device"] == "npu"]
-        npu_macs = sum(r["macs"] for r in npu)
+        # from the partition alone (no cycle simulation): a layer is on the NPU, on the CPU with a reason, or
+        # removed from the graph (dead code), as report() classifies it
+        kept = [i for i, ly in enumerate(self.layers) if ly.kind != "input" and (self.npu[i] or i in self.cpu_reasons)]
+        macs = sum(self.layers[i].macs() for i in kept)
+        npu = [i for i in kept if self.npu[i]]
+        npu_macs = sum(self.layers[i].macs() for i in npu)
         reasons: dict[str, list] = {}
-        for r in rows:
-            if r["device"] == "cpu":
-                entry = reasons.setdefault(str(r["cpu_reason"]), [0, []])
-                entry[0] += r["macs"]
-                entry[1].append(r["source"] or r["name"])
+        for i in kept:
+            if not self.npu[i]:
+                entry = reasons.setdefault(str(self.cpu_reasons[i]), [0, []])
+                entry[0] += self.layers[i].macs()
+                entry[1].append(self.layers[i].source or self.layers[i].name)
         n_qdq = len(self.fallbacks)
         share = npu_macs / macs if macs else 0.0
-        line = (f"{len(npu)} of {len(rows)} layers ({100 * share:.1f} % of MACs) on the NPU"
+        line = (f"{len(npu)} of {len(kept)} layers ({100 * share:.1f} % of MACs) on the NPU"
                 + (f"; {n_qdq} QDQ chain(s) left in float on the CPU" if n_qdq else ""))
-        return {"npu_layers": len(npu), "layers": len(rows), "npu_macs": npu_macs, "macs": macs, "mac_share": share,
+        return {"npu_layers": len(npu), "layers": len(kept), "npu_macs": npu_macs, "macs": macs, "mac_share": share,
                 "qdq_fallbacks": n_qdq, "line": line,
                 "top_reasons": sorted(([m, why, names] for why, (m, names) in reasons.items()), reverse=True)}
 
