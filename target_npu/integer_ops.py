@@ -191,15 +191,16 @@ def patterns(kind: str, cfg: NPUConfig) -> list[DFPattern]:
 
 
 # ------------------------------------------------------------------------ reading the names
-def _bindings(func: relax.Function) -> dict[str, Any]:
+def bindings_of(func: relax.Function) -> dict[str, Any]:
+    """Binding name -> bound value of ``func``'s dataflow (the integer forms are found by these names)."""
     return {b.var.name: b.value for blk in func.body.blocks for b in blk.bindings}
 
 
 def layer_name_of(func: relax.Function) -> str:
     """Name of the layer a composite function holds (from its ``<name>_clip`` binding); ValueError if none."""
-    names = [n.removesuffix("_clip") for n in _bindings(func) if n.endswith("_clip")]
+    names = [n.removesuffix("_clip") for n in bindings_of(func) if n.endswith("_clip")]
     if len(names) != 1:
-        raise ValueError(f"composite function holds {len(names)} integer layers (bindings {list(_bindings(func))})")
+        raise ValueError(f"composite function holds {len(names)} integer layers (bindings {list(bindings_of(func))})")
     return names[0]
 
 
@@ -226,7 +227,7 @@ def rewrite_layers(mod: tvm.IRModule, layers: list[Any], make: Make, which: set[
     Operands: the first arguments of the layer's ``<name>_in<k>`` bindings when it is in integer form,
     else ``layer.inputs`` (the integer tensors ``FoldQDQ`` found under the QDQ chain)."""
     func = mod["main"]
-    bindings = _bindings(func)
+    bindings = bindings_of(func)
     by_var = {layers[i].out_name: i for i in which}
     if len(by_var) != len(which):
         raise ValueError("two layers bind the same output variable")

@@ -14,7 +14,7 @@ from typing import Any
 
 from tvm import relax
 
-from target_npu.integer_ops import layer_name_of, operands_of
+from target_npu.integer_ops import bindings_of, layer_name_of, operands_of
 
 
 @dataclass(frozen=True)
@@ -86,8 +86,7 @@ def read_region(func: relax.Function, symbol: str, index_of_name: Callable[[str]
                 try:
                     name = layer_name_of(inner)
                     idx = index_of_name(name)
-                    bindings = {x.var.name: x.value for blk2 in inner.body.blocks for x in blk2.bindings}
-                    operands = operands_of(bindings, name, num_inputs(idx))
+                    operands = operands_of(bindings_of(inner), name, num_inputs(idx))
                 except ValueError as e:
                     raise ValueError(f"NPU region {symbol}: {e}") from None
                 # the layer's operands, through the composite's parameters: a tensor read twice (x + x)
